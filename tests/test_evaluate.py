@@ -1,0 +1,175 @@
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from valdocmb import evaluate
+from valdocmb.evaluate import missing_score, score_case, subject_id, summarize
+
+from conftest import make_image
+
+SHAPE = (20, 30, 30)
+
+
+def cube(array, centre, half=1, value=1.0):
+    z, y, x = centre
+    array[z - half:z + half + 1, y - half:y + half + 1, x - half:x + half + 1] = value
+    return array
+
+
+def empty():
+    return np.zeros(SHAPE, np.float32)
+
+
+def score(ref, pred, spacing=(1.0, 1.0, 1.0), **kw):
+    return score_case(make_image(ref, spacing), make_image(pred, spacing), "sub-001", **kw)
+
+
+def test_perfect_prediction():
+    ref = cube(cube(empty(), (5, 5, 5)), (14, 20, 20))
+    s = score(ref, ref.copy())
+    assert (s.tp, s.fp, s.fn) == (2, 0, 0)
+    assert s.f1 == 1.0 and s.dice == 1.0 and s.count_diff == 0 and s.volume_diff == 0
+
+
+def test_two_predictions_claiming_one_reference():
+    # Reference: one 3x3x3 cube (27 voxels). Predictions: two single voxels inside it -> both claim it.
+    ref = cube(empty(), (10, 10, 10))
+    pred = empty()
+    pred[10, 10, 9] = 1
+    pred[10, 10, 11] = 1
+    s = score(ref, pred)
+    assert (s.n_ref, s.n_pred, s.tp, s.fp, s.fn) == (1, 2, 1, 1, 0)
+    assert s.f1 == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))
+    # Dice of the reference against the union of both claims: 2*2 / (27 + 2)
+    assert s.dice == pytest.approx(4 / 29)
+    assert s.count_diff == 1
+    assert s.volume_diff == pytest.approx(25.0)
+
+
+def test_prediction_claims_the_nearest_reference():
+    ref = cube(cube(empty(), (10, 10, 5)), (10, 10, 12))
+    pred = empty()
+    pred[10, 10, 11] = 1      # 6 voxels from the first centre, 1 from the second (and inside it)
+    s = score(ref, pred, distance_mm=10)
+    assert (s.tp, s.fp, s.fn) == (1, 0, 1)
+    assert s.dice == pytest.approx(2 * 1 / (27 + 1))
+
+
+@pytest.mark.parametrize("threshold,matched", [(4.99, False), (5.0, False), (5.01, True)])
+def test_distance_just_under_and_over_the_threshold(threshold, matched):
+    ref = cube(empty(), (10, 10, 10))
+    pred = cube(empty(), (10, 10, 15), half=0)   # centroids exactly 5 mm apart along x
+    s = score(ref, pred, distance_mm=threshold)
+    assert (s.tp, s.fp, s.fn) == ((1, 0, 0) if matched else (0, 1, 1))
+    assert s.f1 == (1.0 if matched else 0.0)
+
+
+def test_distance_is_in_millimetres_with_anisotropic_voxels():
+    ref = cube(empty(), (10, 10, 10))
+    pred = cube(empty(), (12, 10, 10), half=0)   # 2 slices away: 6 mm at 3 mm slices
+    assert score(ref, pred, spacing=(0.5, 0.5, 3.0), distance_mm=5).tp == 0
+    assert score(ref, pred, spacing=(0.5, 0.5, 2.0), distance_mm=5).tp == 1
+
+
+def test_distance_follows_the_direction_matrix():
+    ref = cube(empty(), (10, 10, 10))
+    pred = cube(empty(), (10, 10, 14), half=0)   # 4 voxels along x
+    direction = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], float)  # x axis along world z
+    ref_img = make_image(ref, (2.0, 1.0, 1.0), direction=direction)
+    pred_img = make_image(pred, (2.0, 1.0, 1.0), direction=direction)
+    assert score_case(ref_img, pred_img, distance_mm=7.9).tp == 0   # 4 voxels x 2 mm = 8 mm
+    assert score_case(ref_img, pred_img, distance_mm=8.1).tp == 1
+
+
+def test_empty_reference_and_empty_prediction():
+    s = score(empty(), empty())
+    assert math.isnan(s.f1) and math.isnan(s.dice)
+    assert s.count_diff == 0 and s.volume_diff == 0 and (s.tp, s.fp, s.fn) == (0, 0, 0)
+
+
+def test_empty_reference_with_false_positives():
+    s = score(empty(), cube(empty(), (5, 5, 5)))
+    assert math.isnan(s.f1) and math.isnan(s.dice)
+    assert (s.fp, s.count_diff, s.volume_diff) == (1, 1, 27)
+
+
+def test_empty_prediction_with_reference():
+    s = score(cube(empty(), (5, 5, 5)), empty())
+    assert s.f1 == 0 and s.dice == 0 and s.fn == 1 and s.count_diff == 1
+
+
+def test_probability_map_threshold_and_volume():
+    ref = cube(empty(), (10, 10, 10), half=0)        # 1 voxel of 2 mm^3
+    pred = empty()
+    pred[10, 10, 10] = 0.9
+    pred[10, 10, 11] = 0.6
+    pred[10, 10, 12] = 0.4                           # below 0.5: neither detected nor counted in volume
+    s = score(ref, pred, spacing=(1.0, 1.0, 2.0))
+    assert (s.n_pred, s.tp, s.fp) == (1, 1, 0)
+    assert s.volume_diff == pytest.approx(abs(0.9 + 0.6 - 1.0) * 2.0)
+    assert s.dice == pytest.approx(2 * 1 / (1 + 2))
+
+
+@pytest.mark.parametrize("connectivity,components", [(26, 1), (18, 2), (6, 2)])
+def test_connectivity(connectivity, components):
+    pred = empty()
+    pred[5, 5, 5] = pred[6, 6, 6] = 1     # corner neighbours
+    s = score(empty(), pred, connectivity=connectivity)
+    assert s.n_pred == components
+
+
+def test_size_mismatch_is_an_error():
+    with pytest.raises(Exception, match="size"):
+        score_case(make_image(empty()), make_image(np.zeros((5, 5, 5), np.float32)), "sub-9")
+
+
+def test_summary_median_iqr_pooled_and_worst_values_for_missing():
+    a = score(cube(empty(), (5, 5, 5)), cube(empty(), (5, 5, 5)))                     # F1 1
+    b = score(cube(cube(empty(), (5, 5, 5)), (15, 20, 20)), cube(empty(), (5, 5, 5)))   # F1 2/3
+    c = score(empty(), cube(empty(), (5, 5, 5)))                                      # F1 NaN, 1 FP
+    d = missing_score("sub-004", n_ref=3)                                             # F1 0
+    summary = summarize([a, b, c, d])
+    assert summary["f1"]["n"] == 3
+    assert summary["f1"]["median"] == pytest.approx(2 / 3)
+    assert summary["f1"]["q1"] == pytest.approx(np.percentile([1, 2 / 3, 0], 25))
+    assert summary["count_diff"]["median"] == pytest.approx(1.0)    # values 0, 1, 1, 100000
+    assert d.volume_diff == 100000 and d.dice == 0
+    pooled = summary["pooled"]
+    assert (pooled["tp"], pooled["fp"], pooled["fn"]) == (2, 1, 4)
+    assert pooled["sensitivity"] == pytest.approx(2 / 6)
+    assert pooled["precision"] == pytest.approx(2 / 3)
+    assert pooled["fp_per_scan"] == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("sub-101_space-T2S_CMB.nii.gz", "sub-101"),
+    ("sub-101_space-T2S_prediction.nii.gz", "sub-101"),
+    ("patient7_CMB.mha", "patient7"),
+    ("patient7.nii", "patient7"),
+])
+def test_subject_id(name, expected):
+    assert subject_id(name) == expected
+
+
+def test_cli_pairs_by_subject_and_scores_missing_as_worst(tmp_path, capsys):
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred" / "images"
+    ref_dir.mkdir()
+    pred_dir.mkdir(parents=True)
+    lesion = cube(empty(), (8, 8, 8))
+    for sid in ("sub-101", "sub-102"):
+        sitk.WriteImage(make_image(lesion), str(ref_dir / f"{sid}_space-T2S_CMB.nii.gz"))
+        # a scan beside the labels (a VALDO training folder) must be ignored
+        sitk.WriteImage(make_image(lesion * 50), str(ref_dir / f"{sid}_space-T2S_desc-masked_T2S.nii.gz"))
+    sitk.WriteImage(make_image(lesion), str(pred_dir / "sub-101_space-T2S_prediction.nii.gz"))
+    csv_path = tmp_path / "scores.csv"
+
+    code = evaluate.main(["--reference", str(ref_dir), "--prediction", str(tmp_path / "pred"),
+                          "--csv", str(csv_path)])
+    out = capsys.readouterr().out
+    assert code == 1                       # a prediction is missing
+    assert "sub-101" in out and "sub-102" in out and "missing" in out
+    rows = csv_path.read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("sub-101,ok,1.0")
+    assert "100000.0" in rows[2]

@@ -1,0 +1,183 @@
+"""Each input layout end to end through the runner (with a stand-in segmenter): names, geometry, results.json."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from valdocmb import run
+from valdocmb.imageio import same_geometry
+from valdocmb.layouts import detect_layout
+
+from conftest import DarkSpotSegmenter, brain_like, make_image, rotation
+
+GEOMETRIES = {
+    "sub-101": ((0.449, 0.449, 4.0), (1.0, 2.0, 3.0), None),
+    "sub-201": ((0.488, 0.488, 0.8), (-90.0, 120.0, -70.0), rotation(0, 8, 0)),
+    "sub-301": ((1.0, 1.0, 3.0), (0.0, 0.0, 0.0), np.diag([-1.0, -1.0, 1.0])),
+}
+
+
+def scan_for(sid, seed=0):
+    spacing, origin, direction = GEOMETRIES[sid]
+    array = brain_like((17, 40, 36), seed=seed, dark_spots=((8, 20, 18),))
+    return make_image(array, spacing, origin, direction)
+
+
+def run_main(input_dir, output_dir, *extra):
+    return run.main(["--input", str(input_dir), "--output", str(output_dir), *extra], method=DarkSpotSegmenter())
+
+
+def check_mask(mask_path, scan):
+    mask = sitk.ReadImage(str(mask_path))
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    assert same_geometry(mask, scan)
+    values = sitk.GetArrayFromImage(mask)
+    assert set(np.unique(values)) <= {0, 1}
+    # The dark spot is found where it was put, through preprocessing and its inverse.
+    assert values[8, 20, 18] == 1 and values.sum() < 200
+
+
+def test_valdo2021_layout(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    scans = {}
+    for sid in GEOMETRIES:
+        scans[sid] = scan_for(sid)
+        sitk.WriteImage(scans[sid], str(inp / f"{sid}_space-T2S_desc-masked_T2S.nii.gz"))
+    sitk.WriteImage(scans["sub-101"], str(inp / "sub-101_space-T2S_desc-masked_T1.nii.gz"))
+    sitk.WriteImage(scans["sub-101"], str(inp / "sub-101_space-T2S_CMB.nii.gz"))  # a label: ignored
+    assert detect_layout(inp) == "valdo2021"
+
+    assert run_main(inp, out) == 0
+    for sid, scan in scans.items():
+        check_mask(out / "images" / f"{sid}_space-T2S_prediction.nii.gz", scan)
+    results = json.loads((out / "results.json").read_text())
+    assert results[0] == {
+        "outputs": [{"type": "metaio_image", "filename": ["sub-101_space-T2S_prediction.nii.gz"]}],
+        "inputs": [{"type": "metaio_image", "filename": ["sub-101_space-T2S_desc-masked_T2S.nii.gz",
+                                                         "sub-101_space-T2S_desc-masked_T1.nii.gz"]}],
+        "error_messages": [],
+    }
+    assert [r["outputs"][0]["filename"][0] for r in results] == [
+        f"{sid}_space-T2S_prediction.nii.gz" for sid in GEOMETRIES]
+    assert sorted(p.name for p in out.iterdir()) == ["images", "results.json"]
+
+
+def test_valdo2021_bad_cases_do_not_stop_the_batch(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "sub-101_space-T2S_desc-masked_T2S.nii.gz"))
+    (inp / "sub-102_space-T2S_desc-masked_T2S.nii.gz").write_bytes(b"garbage")           # corrupt
+    sitk.WriteImage(make_image(np.zeros((5, 5, 5), np.float32)),
+                    str(inp / "sub-103_space-T2S_desc-masked_T2S.nii.gz"))                 # all zero
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "sub-104_space-T2S_desc-masked_FLAIR.nii.gz"))  # not T2*
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "sub-105_space-T2S_desc-masked_T2.nii.gz"))     # no T2*
+
+    assert run_main(inp, out) == 1
+    assert (out / "images" / "sub-101_space-T2S_prediction.nii.gz").exists()
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["sub-101_space-T2S_prediction.nii.gz"]
+    results = json.loads((out / "results.json").read_text())
+    errors = {r["inputs"][0]["filename"][0]: r["error_messages"] for r in results}
+    assert errors["sub-101_space-T2S_desc-masked_T2S.nii.gz"] == []
+    assert "sub-102_space-T2S_desc-masked_T2S.nii.gz: cannot be read" in errors[
+        "sub-102_space-T2S_desc-masked_T2S.nii.gz"][0]
+    assert "no non-zero finite voxel" in errors["sub-103_space-T2S_desc-masked_T2S.nii.gz"][0]
+    assert "sub-104_space-T2S_desc-masked_FLAIR.nii.gz: not a VALDO T2* file name" in errors[
+        "sub-104_space-T2S_desc-masked_FLAIR.nii.gz"][0]
+    assert "sub-105 has sub-105_space-T2S_desc-masked_T2.nii.gz but no T2* scan" in errors[
+        "sub-105_space-T2S_desc-masked_T2.nii.gz"][0]
+    failed = [r for r in results if r["error_messages"]]
+    assert all(r["outputs"] == [] for r in failed) and len(failed) == 4
+
+
+def gc_input(inp, sockets):
+    entries = []
+    for slug, image in sockets.items():
+        folder = inp / "images" / slug
+        folder.mkdir(parents=True)
+        if image is not None:
+            sitk.WriteImage(image, str(folder / "5f9c2a1e-0d3b-4c55-9e7a-1b2c3d4e5f60.mha"))
+        entries.append({"interface": {"slug": slug, "kind": "Image", "relative_path": f"images/{slug}",
+                                      "super_kind": "Image"}, "image": {"pk": "x"}, "value": None, "file": None})
+    entries.append({"interface": {"slug": "age", "kind": "Integer", "relative_path": "age.json"},
+                    "value": 70, "image": None, "file": None})
+    (inp / "inputs.json").write_text(json.dumps(entries))
+
+
+def test_grand_challenge_sockets(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    scan = scan_for("sub-201")
+    gc_input(inp, {"t1-brain-mri": scan_for("sub-301"), "t2-star-brain-mri": scan})
+    assert detect_layout(inp) == "gc"
+    assert run_main(inp, out) == 0
+    check_mask(out / "images" / "cerebral-microbleed-segmentation" / "output.mha", scan)
+    assert not (out / "results.json").exists()
+
+
+def test_grand_challenge_output_path_and_socket_are_options(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    scan = scan_for("sub-101")
+    gc_input(inp, {"brain-a": scan, "brain-b": scan_for("sub-301")})
+    assert run_main(inp, out) == 2                    # ambiguous sockets: the run cannot start
+    assert run_main(inp, out, "--input-socket", "brain-a", "--output-socket-path", "images/cmb") == 0
+    check_mask(out / "images" / "cmb" / "output.mha", scan)
+
+
+def test_grand_challenge_missing_image_fails(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    gc_input(inp, {"t2-star-brain-mri": None})
+    assert run_main(inp, out) == 1
+    assert not (out / "images").exists()
+
+
+def test_plain_folder_of_mixed_formats(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    names = {"patient A.nii.gz": "sub-101", "b.nii": "sub-201", "c.mha": "sub-301", "d.nrrd": "sub-101"}
+    for name, sid in names.items():
+        sitk.WriteImage(scan_for(sid), str(inp / name))
+    (inp / "notes.txt").write_text("not an image")
+    assert detect_layout(inp) == "folder"
+    assert run_main(inp, out) == 0
+    expected = {"patient A_CMB.nii.gz", "b_CMB.nii", "c_CMB.mha", "d_CMB.nrrd"}
+    assert {p.name for p in out.iterdir()} == expected
+    for name, sid in names.items():
+        stem = name.split(".")[0]
+        ext = name[len(stem):]
+        check_mask(out / f"{stem}_CMB{ext}", scan_for(sid))
+
+
+def test_plain_folder_continues_past_a_broken_scan(tmp_path, capfd):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    (inp / "a_broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    sitk.WriteImage(sitk.JoinSeries([scan_for("sub-101")] * 2), str(inp / "b_4d.nii.gz"))
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "c_good.nii.gz"))
+    assert run_main(inp, out) == 1
+    assert [p.name for p in out.iterdir()] == ["c_good_CMB.nii.gz"]
+    log = capfd.readouterr().err
+    assert "a_broken.nii.gz: cannot be read" in log and "b_4d.nii.gz: is 4D with 2 volumes" in log
+    assert "1 failed" not in log and "2 failed" in log
+
+
+def test_missing_input_folder_and_empty_folder(tmp_path):
+    assert run_main(tmp_path / "nope", tmp_path / "out") == 2
+    (tmp_path / "empty").mkdir()
+    assert run_main(tmp_path / "empty", tmp_path / "out") == 2
+
+
+def test_method_loading_error_is_reported(tmp_path, monkeypatch):
+    inp = tmp_path / "input"
+    inp.mkdir()
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "a.nii.gz"))
+    code = run.main(["--input", str(inp), "--output", str(tmp_path / "out"), "--weights", str(tmp_path / "none")])
+    assert code == 2
+
+
+def test_environment_variables_choose_defaults(monkeypatch):
+    monkeypatch.setenv("CMB_METHOD", "nnunet")
+    monkeypatch.setenv("CMB_DEVICE", "cpu")
+    args = run.build_parser().parse_args([])
+    assert (args.method, args.device, str(args.input), str(args.output)) == ("nnunet", "cpu", "/input", "/output")

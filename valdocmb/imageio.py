@@ -1,0 +1,203 @@
+"""Reading scans and writing masks with SimpleITK, with the checks that turn bad files into clear errors.
+
+Every reader raises CaseError with the file's path in the message; every writer is atomic (a temporary file
+in the same folder, then a rename), so a crash never leaves a half-written mask that looks like a result.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CaseError
+
+log = logging.getLogger(__name__)
+
+# Extensions recognised as images, longest first so ".nii.gz" wins over ".gz".
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def image_extension(path: str | Path) -> str | None:
+    """The image extension of `path` (lower-cased), or None if it is not an image file name."""
+    name = str(path).lower()
+    for ext in IMAGE_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    return None
+
+
+def strip_image_extension(name: str) -> str:
+    ext = image_extension(name)
+    return name[: -len(ext)] if ext else name
+
+
+def read_scan(path: str | Path) -> sitk.Image:
+    """Read one 3D scalar scan as float32; refuse what cannot be a 3D T2* volume, naming the file."""
+    path = Path(path)
+    image = _read_checked(path)
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if not np.any(finite & (array != 0)):
+        raise CaseError(f"{path}: scan contains no non-zero finite voxel (all zero or all NaN)")
+    n_bad = array.size - int(finite.sum())
+    if n_bad:
+        log.warning("%s: %d non-finite voxels (NaN/Inf) are treated as background", path, n_bad)
+    return image
+
+
+def read_mask(path: str | Path) -> sitk.Image:
+    """Read a 3D label or probability image as float32 (values kept; callers threshold)."""
+    path = Path(path)
+    image = _read_checked(path)
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(array)):
+        raise CaseError(f"{path}: mask contains NaN or Inf values")
+    return image
+
+
+def _read_checked(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise CaseError(f"{path}: file not found")
+    if not path.is_file():
+        raise CaseError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise CaseError(f"{path}: empty file (0 bytes)")
+    if image_extension(path) is None:
+        raise CaseError(f"{path}: unsupported file type; expected one of {', '.join(IMAGE_EXTENSIONS)}")
+    _check_not_truncated(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()
+        reason = next((line for line in reason if "ERROR" in line or "rror" in line), reason[-1] if reason else "")
+        raise CaseError(f"{path}: cannot be read as an image (corrupt or truncated?): {reason.strip()}") from None
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(
+            f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar (grey-value) "
+            "image is needed"
+        )
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 4:
+        if size[3] != 1:
+            raise CaseError(f"{path}: is 4D with {size[3]} volumes (size {size}); give one 3D T2* volume per file")
+        image = sitk.Extract(image, size[:3] + (0,), (0, 0, 0, 0))
+        size = image.GetSize()
+    elif dim != 3:
+        raise CaseError(f"{path}: is {dim}D (size {size}); a 3D volume is needed")
+    if min(size) < 2:
+        raise CaseError(f"{path}: is a single slice (size {size}); a 3D volume is needed")
+    spacing = image.GetSpacing()
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise CaseError(f"{path}: invalid voxel spacing {spacing}")
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+        raise CaseError(f"{path}: direction matrix is not orthonormal: {image.GetDirection()}")
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    return image
+
+
+def _check_not_truncated(path: Path) -> None:
+    """ITK reads a truncated file without complaint (the missing voxels become 0), so check completeness first."""
+    if path.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                while stream.read(1 << 24):
+                    pass
+        except (EOFError, OSError, zlib.error) as exc:
+            raise CaseError(f"{path}: cannot be read as an image (corrupt or truncated gzip stream: {exc})") from None
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # the full read reports the problem
+    if _header_says_compressed(path):
+        return
+    expected = int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents() * _pixel_bytes(reader)
+    data_file = path.with_suffix(".raw") if image_extension(path) == ".mhd" else path
+    if data_file.is_file() and data_file.stat().st_size < expected:
+        raise CaseError(f"{path}: truncated: {data_file.stat().st_size} bytes hold less than the "
+                        f"{expected} bytes of voxel data its header declares")
+
+
+def _header_says_compressed(path: Path) -> bool:
+    """MetaImage `CompressedData = True` or NRRD `encoding: gzip|bzip2`, read from the text header."""
+    ext = image_extension(path)
+    if ext not in (".mha", ".mhd", ".nrrd", ".nhdr"):
+        return False
+    with open(path, "rb") as fh:
+        header = fh.read(8192).decode("latin-1").lower()
+    header = header.split("elementdatafile")[0] if ext in (".mha", ".mhd") else header.split("\n\n")[0]
+    for line in header.splitlines():
+        key, _, value = line.replace("=", ":").partition(":")
+        if key.strip() in ("compresseddata", "encoding") and value.strip() not in ("false", "raw"):
+            return True
+    return False
+
+
+def _pixel_bytes(reader: sitk.ImageFileReader) -> int:
+    name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    for token, size in (("64", 8), ("32", 4), ("16", 2), ("8", 1), ("double", 8), ("float", 4)):
+        if token in name:
+            return size
+    return 1
+
+
+def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A uint8 0/1 image from a (z, y, x) array, carrying the reference's exact geometry."""
+    if mask.shape != reference.GetSize()[::-1]:
+        raise ValueError(f"mask shape {mask.shape} does not match image size {reference.GetSize()[::-1]}")
+    image = sitk.GetImageFromArray((mask > 0).astype(np.uint8))
+    image.CopyInformation(reference)
+    return image
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:
+    """True if two images share size, spacing, origin and direction (within `tol`)."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )
+
+
+def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write `image` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    ext = image_extension(path)
+    if ext is None:
+        raise ValueError(f"{path}: not an image file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{ext}"
+    try:
+        sitk.WriteImage(image, str(tmp), compress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

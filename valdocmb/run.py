@@ -1,0 +1,131 @@
+"""The container's job: find the cases in the input folder, segment each, write masks, report per case.
+
+A broken scan never costs the other cases their results: each case's error is logged with the file's name,
+recorded (in results.json for the VALDO layout), and the process exits 1 at the end if any case failed.
+Exit codes: 0 all cases written, 1 some case failed, 2 the run could not start (bad folder, bad method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .errors import CaseError
+from .imageio import read_scan, same_geometry, write_image_atomic, write_text_atomic
+from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
+from .logs import setup_logging
+
+log = logging.getLogger("valdocmb")
+
+METHODS = ("three-stage", "nnunet")
+
+
+def default_weights_dir() -> Path:
+    """Weights uploaded to grand-challenge (/opt/ml/model) win over the ones baked into the image."""
+    uploaded = Path("/opt/ml/model")
+    if uploaded.is_dir() and any(uploaded.iterdir()):
+        return uploaded
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="process.py", description="Cerebral microbleed segmentation (VALDO Task 2)")
+    parser.add_argument("--input", type=Path, default=Path(env("CMB_INPUT", "/input")), help="input folder")
+    parser.add_argument("--output", type=Path, default=Path(env("CMB_OUTPUT", "/output")), help="output folder")
+    parser.add_argument("--layout", choices=LAYOUTS, default=env("CMB_LAYOUT", "auto"),
+                        help="input layout (default: detected)")
+    parser.add_argument("--method", choices=METHODS, default=env("CMB_METHOD", "three-stage"))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=env("CMB_DEVICE", "auto"))
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="weights folder (default: /opt/ml/model when present, else the baked-in weights/)")
+    parser.add_argument("--input-socket", default=None, help="grand-challenge: slug of the T2* image socket")
+    parser.add_argument("--output-socket-path", default=GC_DEFAULT_OUTPUT_PATH,
+                        help="grand-challenge: relative path of the output mask socket")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def load_method(name: str, weights_dir: Path, device: str):
+    """The segmenter for `name`: an object with segment(image, timings) -> uint8 mask on the input grid."""
+    from .methods import load  # imported here so `--help` and I/O errors need no torch
+
+    return load(name, weights_dir, device)
+
+
+def process_case(case: Case, method, timings: dict) -> None:
+    image = read_scan(case.input_path)
+    size, spacing = image.GetSize(), tuple(round(s, 3) for s in image.GetSpacing())
+    log.info("  input %s, spacing %s mm", "x".join(map(str, size)), spacing)
+    mask = method.segment(image, timings)
+    if not same_geometry(mask, image):
+        raise AssertionError(f"{case.input_path}: method returned a mask whose geometry differs from the input")
+    values = np.unique(sitk.GetArrayViewFromImage(mask))
+    if mask.GetPixelID() != sitk.sitkUInt8 or not set(values.tolist()) <= {0, 1}:
+        raise AssertionError(f"{case.input_path}: method returned a non-binary mask ({values[:5]})")
+    write_image_atomic(mask, case.output_path)
+
+
+def run(args: argparse.Namespace, method=None) -> int:
+    try:
+        layout, cases = discover(args.input, args.output, args.layout, args.input_socket, args.output_socket_path)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    runnable = [c for c in cases if c.error is None]
+    log.info("valdocmb %s: %d case(s) in %s (layout %s), method %s", __version__, len(cases), args.input,
+             layout, args.method)
+
+    if method is None and runnable:
+        weights = args.weights or default_weights_dir()
+        try:
+            method = load_method(args.method, weights, args.device)
+        except CaseError as exc:
+            log.error("cannot start method %s: %s", args.method, exc)
+            return 2
+
+    results, failed = [], 0
+    for index, case in enumerate(cases, 1):
+        start = time.perf_counter()
+        log.info("[%d/%d] %s", index, len(cases), case.case_id)
+        error = case.error
+        if error is None:
+            timings: dict = {}
+            try:
+                process_case(case, method, timings)
+            except CaseError as exc:
+                error = str(exc)
+            except Exception as exc:  # a bug or an unforeseen input: report it for this case and go on
+                log.debug("%s", traceback.format_exc())
+                error = f"{case.input_path}: unexpected {type(exc).__name__}: {exc}"
+        if error:
+            failed += 1
+            log.error("  FAILED: %s", error)
+        else:
+            log.info("  wrote %s (%.1f s)", case.output_path, time.perf_counter() - start)
+        results.append(valdo_results_entry(case, error))
+
+    if layout == "valdo2021":
+        write_text_atomic(json.dumps(results, indent=2), args.output / "results.json")
+    log.info("done: %d of %d case(s) written, %d failed", len(cases) - failed, len(cases), failed)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None, method=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run(args, method)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -103,6 +103,14 @@ class Preprocessed:
                 raise AssertionError("reorientation did not restore the input size")
         return self.original.apply_to(out)  # exact input geometry, free of round-off
 
+    def voxel_to_world(self, zyx) -> np.ndarray:
+        """Physical (x, y, z) mm of (N, 3) or (3,) voxel indices (z, y, x) of the cropped processing grid."""
+        zyx = np.asarray(zyx, float)
+        start = np.array([s.start for s in self.crop], float)
+        xyz = (zyx + start)[..., ::-1]
+        direction = np.asarray(self.grid.direction).reshape(3, 3)
+        return np.asarray(self.grid.origin) + (xyz * np.asarray(self.grid.spacing)) @ direction.T
+
     def from_original(self, image: sitk.Image, interpolation: str = "nearest") -> np.ndarray:
         """Map an input-grid image (e.g. a label mask) onto the cropped processing grid."""
         if image.GetSize() != self.original.size:

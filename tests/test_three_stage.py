@@ -1,0 +1,186 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from models.discrimination import DiscriminationCNN
+from models.screening import ScreeningFCN
+from models.segmentation import SegmentationUNet
+from valdocmb import run
+from valdocmb.errors import CaseError
+from valdocmb.patches import add_patches, extract_patches
+from valdocmb.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
+from valdocmb.weights import load_weights, save_weights, sha256
+
+from conftest import make_image, rotation
+from fixed_weights import dark_spot_discrimination, dark_spot_screening, dark_spot_segmentation
+
+
+def randomised(net, seed=0):
+    """Random weights and non-trivial batch-norm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("shape,tile", [((13, 15, 17), (3, 4, 5)), ((16, 20, 20), (24, 48, 48)), ((9, 11, 30), (2, 2, 7))])
+def test_screening_fcn_equals_patch_classifier_everywhere(shape, tile):
+    net = randomised(ScreeningFCN())
+    pipeline = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu", ThreeStageConfig(tile=tile))
+    volume = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    scores = pipeline.screen(volume, np.ones(shape, bool))
+    assert scores.shape == tuple(-(-np.array(shape) // 2))   # one score per even voxel, borders included
+
+    centres = np.argwhere(np.ones(scores.shape, bool)) * 2
+    patches = extract_patches(volume, centres, ScreeningFCN.patch_size)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(patches)[:, None])
+    assert logits.shape[2:] == (1, 1, 1)
+    expected = torch.softmax(logits[:, :, 0, 0, 0], 1)[:, 1].numpy().reshape(scores.shape)
+    np.testing.assert_allclose(scores, expected, atol=2e-6)
+
+
+def test_screening_skips_tiles_outside_the_brain():
+    net = randomised(ScreeningFCN())
+    pipeline = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu", ThreeStageConfig(tile=(2, 2, 2)))
+    volume = np.random.default_rng(2).normal(size=(12, 12, 12)).astype(np.float32)
+    brain = np.zeros(volume.shape, bool)
+    brain[:4, :4, :4] = True
+    scores = pipeline.screen(volume, brain)
+    assert np.all(scores[2:, :, :] == 0) and np.all(scores[:, 2:, :] == 0)
+    assert np.all(scores[:2, :2, :2] > 0)
+
+
+def test_networks_take_the_documented_patch_sizes():
+    assert DiscriminationCNN()(torch.zeros(2, 1, 20, 24, 24)).shape == (2, 2)
+    assert SegmentationUNet()(torch.zeros(2, 1, 24, 32, 32)).shape == (2, 2, 24, 32, 32)
+    assert ScreeningFCN()(torch.zeros(1, 1, 16, 20, 20)).shape == (1, 2, 1, 1, 1)
+
+
+def test_non_maximum_suppression_keeps_the_highest_of_neighbours():
+    pipeline = ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), SegmentationUNet(), "cpu",
+                                  ThreeStageConfig(screening_threshold=0.1, nms_radius=2))
+    scores = np.zeros((10, 10, 10), np.float32)
+    scores[5, 5, 5], scores[5, 5, 6], scores[5, 5, 8] = 0.9, 0.95, 0.5   # 8 is 2 away from 6: suppressed
+    scores[1, 1, 1] = 0.3
+    scores[8, 8, 8] = 0.05                                                # below threshold
+    found = pipeline.find_candidates(scores)
+    assert [c.centre for c in found] == [(10, 10, 12), (2, 2, 2)]        # score voxels x stride 2
+    assert [c.screening_score for c in found] == pytest.approx([0.95, 0.3])
+
+
+def test_add_patches_inverts_extract_patches_at_borders():
+    volume = np.arange(7 * 8 * 9, dtype=np.float32).reshape(7, 8, 9)
+    centres = [(0, 0, 0), (6, 7, 8), (3, 4, 4)]
+    patches = extract_patches(volume, centres, (4, 6, 6))
+    total, counts = np.zeros_like(volume), np.zeros_like(volume)
+    add_patches(total, counts, patches, centres)
+    covered = counts > 0
+    np.testing.assert_array_equal(total[covered] / counts[covered], volume[covered])
+    assert extract_patches(volume, [(0, 0, 0)], (4, 6, 6))[0, 0, 0, 0] == 0   # outside reads as zero
+
+
+def dark_blob_scan(spacing=(0.98, 0.98, 1.6), direction=None, blob=(9, 20, 14), seed=3):
+    """A head filling the grid (no brain edge), noise around 100, one dark blob darkest at its centre."""
+    shape = (20, 36, 30)
+    rng = np.random.default_rng(seed)
+    array = rng.normal(100.0, 4.0, shape).astype(np.float32)
+    if blob is not None:
+        zz, yy, xx = np.indices(shape)
+        r_mm = np.sqrt(((zz - blob[0]) * spacing[2]) ** 2 + ((yy - blob[1]) * spacing[1]) ** 2
+                       + ((xx - blob[2]) * spacing[0]) ** 2)
+        array -= 85.0 * np.exp(-(r_mm**2) / 2.0)
+    return make_image(array, spacing, (4.0, -7.0, 2.0), direction)
+
+
+def fixed_pipeline(**config):
+    return ThreeStagePipeline(dark_spot_screening(), dark_spot_discrimination(), dark_spot_segmentation(), "cpu",
+                              ThreeStageConfig(**config))
+
+
+@pytest.mark.parametrize("direction", [None, rotation(0, 0, 30), np.diag([-1.0, 1.0, -1.0])])
+def test_dark_blob_comes_out_where_it_was_put(direction):
+    blob = (9, 20, 14)
+    scan = dark_blob_scan(direction=direction, blob=blob)
+    pipeline = fixed_pipeline()
+    mask = pipeline.segment(scan, {})
+    assert mask.GetSize() == scan.GetSize() and mask.GetOrigin() == scan.GetOrigin()
+    assert mask.GetDirection() == scan.GetDirection() and mask.GetSpacing() == scan.GetSpacing()
+    labels, n = ndimage.label(sitk.GetArrayFromImage(mask))
+    assert n == 1
+    centre = ndimage.center_of_mass(labels > 0)
+    assert np.allclose(centre, blob, atol=1.0)
+    detection = pipeline.last_detection
+    assert len(detection.survivors) >= 1 and all(c.discrimination_score >= 0.5 for c in detection.survivors)
+    # The strongest candidate itself (not only the U-Net's local response) sits on the blob in world space.
+    best = max(detection.survivors, key=lambda c: c.screening_score)
+    blob_world = scan.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in blob[::-1]))
+    assert np.linalg.norm(detection.preprocessed.voxel_to_world(best.centre) - blob_world) < 1.5
+
+
+def test_nothing_found_in_a_scan_without_blob():
+    mask = fixed_pipeline().segment(dark_blob_scan(blob=None), {})
+    assert sitk.GetArrayFromImage(mask).sum() == 0
+
+
+def test_thresholds_are_parameters():
+    scan = dark_blob_scan()
+    assert sitk.GetArrayFromImage(fixed_pipeline(discrimination_threshold=1.01).segment(scan, {})).sum() == 0
+    assert sitk.GetArrayFromImage(fixed_pipeline(screening_threshold=1.01).segment(scan, {})).sum() == 0
+    assert sitk.GetArrayFromImage(fixed_pipeline(segmentation_threshold=1.01).segment(scan, {})).sum() == 0
+
+
+def save_fixed_weights(folder):
+    nets = {"screening": dark_spot_screening(), "discrimination": dark_spot_discrimination(),
+            "segmentation": dark_spot_segmentation()}
+    for name, net in nets.items():
+        save_weights(net, folder / WEIGHT_FILES[name], {"target_spacing": [0.49, 0.49, 0.8]})
+
+
+def test_process_py_runs_the_three_stage_method_from_weights(tmp_path):
+    weights, inp, out = tmp_path / "weights", tmp_path / "in", tmp_path / "out"
+    save_fixed_weights(weights)
+    inp.mkdir()
+    sitk.WriteImage(dark_blob_scan(), str(inp / "sub-201_space-T2S_desc-masked_T2S.nii.gz"))
+    code = run.main(["--input", str(inp), "--output", str(out), "--weights", str(weights), "--device", "cpu"])
+    assert code == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "images" / "sub-201_space-T2S_prediction.nii.gz")))
+    assert mask[9, 20, 14] == 1 and ndimage.label(mask)[1] == 1
+
+
+def test_weight_files_are_checked(tmp_path):
+    save_fixed_weights(tmp_path)
+    with pytest.raises(CaseError, match="segmentation.pt: weight file missing"):
+        (tmp_path / WEIGHT_FILES["segmentation"]).unlink()
+        ThreeStagePipeline.from_weights(tmp_path, "cpu")
+    (tmp_path / WEIGHT_FILES["segmentation"]).write_bytes(b"not a torch file")
+    with pytest.raises(CaseError, match="segmentation.pt: cannot be loaded"):
+        ThreeStagePipeline.from_weights(tmp_path, "cpu")
+    with pytest.raises(CaseError, match="holds a ScreeningFCN, expected DiscriminationCNN"):
+        load_weights(DiscriminationCNN(), tmp_path, WEIGHT_FILES["screening"])
+    (tmp_path / "MANIFEST.json").write_text(
+        '{"files": {"three_stage/screening.pt": {"sha256": "%s"}}}' % ("0" * 64))
+    with pytest.raises(CaseError, match="sha256 differs"):
+        load_weights(ScreeningFCN(), tmp_path, WEIGHT_FILES["screening"])
+    real = sha256(tmp_path / WEIGHT_FILES["screening"])
+    (tmp_path / "MANIFEST.json").write_text('{"files": {"three_stage/screening.pt": {"sha256": "%s"}}}' % real)
+    load_weights(ScreeningFCN(), tmp_path, WEIGHT_FILES["screening"])
+
+
+def test_saved_weights_hold_no_optimizer_state(tmp_path):
+    save_weights(ScreeningFCN(), tmp_path / "s.pt", {"note": "x"})
+    checkpoint = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert set(checkpoint) == {"architecture", "state_dict", "meta"}
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(CaseError, match="no CUDA device"):
+        ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), SegmentationUNet(), "cuda")

@@ -1,0 +1,233 @@
+"""Three-stage CMB detection (Chen & Dou, VALDO 2021): screening FCN -> candidates -> discrimination -> U-Net.
+
+All stages work on the preprocessed volume (`valdocmb.preprocess`), in (z, y, x) voxel coordinates of its cropped
+processing grid:
+
+1. Screening: the fully convolutional net runs over the whole volume (in tiles, skipping tiles with no brain).
+   Score voxel (i, j, k) is the CMB probability of the 20x20x16 patch centred at voxel (2i, 2j, 2k): the volume is
+   zero-padded by half a patch in front, so patch starts 2i - 8 (z) / 2j - 10 (y, x) line up with the pooling stride.
+2. Candidates: scores >= threshold, greedy non-maximum suppression in a window of +-nms_radius score voxels.
+3. Discrimination: each candidate's 24x24x20 neighbourhood, at the centre and translated by +-shift voxels along
+   each axis; the mean CMB probability must reach the threshold.
+4. Segmentation: the U-Net's probabilities on each survivor's 32x32x24 neighbourhood, averaged where patches
+   overlap, mapped back to the input grid (linear interpolation) and thresholded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from models.discrimination import DiscriminationCNN
+from models.screening import ScreeningFCN
+from models.segmentation import SegmentationUNet
+
+from .errors import CaseError
+from .logs import timed
+from .patches import add_patches, extract_patches
+from .preprocess import DEFAULT_TARGET_SPACING, Preprocessed, preprocess
+from .weights import load_weights
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = {
+    "screening": "three_stage/screening.pt",
+    "discrimination": "three_stage/discrimination.pt",
+    "segmentation": "three_stage/segmentation.pt",
+}
+
+
+@dataclass
+class ThreeStageConfig:
+    screening_threshold: float = 0.1
+    nms_radius: int = 2                    # in score voxels (one score voxel = 2 processing voxels)
+    max_candidates: int = 2000
+    discrimination_threshold: float = 0.5
+    discrimination_shift: int = 1          # translations of the centre by +-shift voxels along each axis (0: none)
+    segmentation_threshold: float = 0.5
+    target_spacing: tuple = DEFAULT_TARGET_SPACING
+    tile: tuple = (24, 48, 48)             # screening tile in score voxels (z, y, x)
+    batch_size: int = 64
+
+
+@dataclass
+class Candidate:
+    centre: tuple                          # (z, y, x) voxel of the cropped processing grid
+    screening_score: float
+    discrimination_score: float = math.nan
+
+
+@dataclass
+class Detection:
+    """Everything one run produced, on the cropped processing grid (the lesion table uses it)."""
+
+    preprocessed: Preprocessed
+    probability: np.ndarray
+    candidates: list[Candidate] = field(default_factory=list)
+    survivors: list[Candidate] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CaseError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class ThreeStagePipeline:
+    def __init__(self, screening: ScreeningFCN, discrimination: DiscriminationCNN, segmentation: SegmentationUNet,
+                 device: str | torch.device = "cpu", config: ThreeStageConfig | None = None):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.config = config or ThreeStageConfig()
+        self.screening = screening.eval().to(self.device)
+        self.discrimination = discrimination.eval().to(self.device)
+        self.segmentation = segmentation.eval().to(self.device)
+        self.last_detection: Detection | None = None
+
+    @classmethod
+    def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None):
+        nets = {"screening": ScreeningFCN(), "discrimination": DiscriminationCNN(),
+                "segmentation": SegmentationUNet()}
+        metas = {name: load_weights(net, weights_dir, WEIGHT_FILES[name]) for name, net in nets.items()}
+        config = config or ThreeStageConfig()
+        spacing = metas["screening"].get("target_spacing")
+        if spacing:
+            config.target_spacing = tuple(spacing)  # the grid the networks were trained on
+        pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config)
+        log.info("three-stage weights from %s on %s", weights_dir, pipeline.device)
+        return pipeline
+
+    # -- stage 1 ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def screen(self, volume: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:
+        """CMB probability at every even voxel: score[i, j, k] belongs to the patch centred at (2i, 2j, 2k)."""
+        patch = np.array(ScreeningFCN.patch_size)
+        stride = ScreeningFCN.stride
+        n = np.array(volume.shape)
+        m = -(-n // stride)                               # ceil(n / 2) centres per axis
+        before = patch // 2
+        after = stride * (m - 1) + patch - n - before
+        padded = np.pad(volume.astype(np.float32, copy=False), list(zip(before, after)))
+        centre_in_brain = (foreground if foreground is not None else volume != 0)[::stride, ::stride, ::stride]
+        scores = np.zeros(tuple(m), np.float32)
+        tile = np.array(self.config.tile)
+        for iz in range(0, m[0], tile[0]):
+            for iy in range(0, m[1], tile[1]):
+                for ix in range(0, m[2], tile[2]):
+                    lo = np.array([iz, iy, ix])
+                    hi = np.minimum(lo + tile, m)
+                    block = tuple(slice(a, b) for a, b in zip(lo, hi))
+                    if not centre_in_brain[block].any():
+                        continue
+                    region = tuple(slice(stride * a, stride * (b - 1) + p) for a, b, p in zip(lo, hi, patch))
+                    x = torch.from_numpy(np.ascontiguousarray(padded[region]))[None, None].to(self.device)
+                    logits = self.screening(x)[0]
+                    scores[block] = torch.softmax(logits, 0)[1].float().cpu().numpy()
+        return scores * centre_in_brain
+
+    # -- stage 2 ------------------------------------------------------------------------------------------------
+    def find_candidates(self, scores: np.ndarray) -> list[Candidate]:
+        """Thresholded scores, greedy non-maximum suppression, highest first; centres in processing voxels."""
+        cfg = self.config
+        above = np.argwhere(scores >= cfg.screening_threshold)
+        order = np.argsort(-scores[tuple(above.T)], kind="stable")
+        suppressed = np.zeros(scores.shape, bool)
+        r = cfg.nms_radius
+        candidates = []
+        for index in above[order]:
+            if suppressed[tuple(index)]:
+                continue
+            candidates.append(Candidate(tuple(int(v) for v in index * ScreeningFCN.stride),
+                                        float(scores[tuple(index)])))
+            suppressed[tuple(slice(max(v - r, 0), v + r + 1) for v in index)] = True
+            if len(candidates) == cfg.max_candidates:
+                log.warning("candidate limit %d reached; lower-scoring candidates dropped", cfg.max_candidates)
+                break
+        return candidates
+
+    # -- stage 3 ------------------------------------------------------------------------------------------------
+    def discrimination_shifts(self) -> np.ndarray:
+        s = self.config.discrimination_shift
+        shifts = [(0, 0, 0)]
+        if s:
+            for axis in range(3):
+                for sign in (-s, s):
+                    shift = [0, 0, 0]
+                    shift[axis] = sign
+                    shifts.append(tuple(shift))
+        return np.array(shifts)
+
+    def discriminate(self, volume: np.ndarray, centres) -> np.ndarray:
+        """Mean CMB probability of each centre over its translated neighbourhoods."""
+        centres = np.asarray(centres, int).reshape(-1, 3)
+        if len(centres) == 0:
+            return np.zeros(0, np.float32)
+        shifts = self.discrimination_shifts()
+        positions = (centres[:, None, :] + shifts[None]).reshape(-1, 3)
+        probs = self._classify(self.discrimination, volume, positions, DiscriminationCNN.patch_size)
+        return probs.reshape(len(centres), len(shifts)).mean(axis=1)
+
+    @torch.inference_mode()
+    def _classify(self, net, volume, positions, size) -> np.ndarray:
+        out = []
+        for start in range(0, len(positions), self.config.batch_size):
+            batch = extract_patches(volume, positions[start:start + self.config.batch_size], size)
+            logits = net(torch.from_numpy(batch)[:, None].to(self.device))
+            out.append(torch.softmax(logits, 1)[:, 1].float().cpu().numpy())
+        return np.concatenate(out)
+
+    # -- stage 4 ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def segment_candidates(self, volume: np.ndarray, centres) -> np.ndarray:
+        """Averaged U-Net CMB probability around each centre; 0 elsewhere."""
+        centres = np.asarray(centres, int).reshape(-1, 3)
+        total = np.zeros(volume.shape, np.float32)
+        counts = np.zeros(volume.shape, np.float32)
+        for start in range(0, len(centres), self.config.batch_size):
+            batch_centres = centres[start:start + self.config.batch_size]
+            batch = extract_patches(volume, batch_centres, SegmentationUNet.patch_size)
+            logits = self.segmentation(torch.from_numpy(batch)[:, None].to(self.device))
+            probs = torch.softmax(logits, 1)[:, 1].float().cpu().numpy()
+            add_patches(total, counts, probs, batch_centres)
+        return np.divide(total, counts, out=np.zeros_like(total), where=counts > 0)
+
+    # -- the whole path -----------------------------------------------------------------------------------------
+    def detect(self, image: sitk.Image, timings: dict) -> Detection:
+        cfg = self.config
+        with timed(timings, "preprocess", log):
+            pre = preprocess(image, cfg.target_spacing)
+        log.info("  processing grid %s voxels", "x".join(map(str, pre.array.shape[::-1])))
+        with timed(timings, "screening", log):
+            scores = self.screen(pre.array, pre.foreground)
+        with timed(timings, "candidates", log):
+            candidates = self.find_candidates(scores)
+        log.info("  %d candidate(s) at screening threshold %.2f", len(candidates), cfg.screening_threshold)
+        with timed(timings, "discrimination", log):
+            probs = self.discriminate(pre.array, [c.centre for c in candidates])
+            for candidate, p in zip(candidates, probs):
+                candidate.discrimination_score = float(p)
+            survivors = [c for c in candidates if c.discrimination_score >= cfg.discrimination_threshold]
+        log.info("  %d candidate(s) confirmed by discrimination", len(survivors))
+        with timed(timings, "segmentation", log):
+            probability = self.segment_candidates(pre.array, [c.centre for c in survivors]) * pre.foreground
+        return Detection(pre, probability, candidates, survivors)
+
+    def segment(self, image: sitk.Image, timings: dict) -> sitk.Image:
+        """The method interface used by the batch runner: uint8 0/1 mask with the input's geometry."""
+        detection = self.detect(image, timings)
+        with timed(timings, "to_input_grid", log):
+            probability = detection.preprocessed.to_original(detection.probability, "linear")
+            mask = sitk.Cast(probability >= self.config.segmentation_threshold, sitk.sitkUInt8)
+            mask.CopyInformation(image)
+        self.last_detection = detection
+        return mask
+
+    def describe(self) -> dict:
+        return {"method": "three-stage", "device": str(self.device), "config": asdict(self.config)}

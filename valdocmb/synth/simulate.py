@@ -67,7 +67,7 @@ CALCIFICATION_SITES_RAS = {
 
 @dataclass
 class SimulatedCase:
-    image: sitk.Image        # float32 magnitude, skull-stripped
+    image: sitk.Image        # int16 magnitude, skull-stripped (background 0, brain >= 1)
     label: sitk.Image        # uint8 visible-microbleed mask
     phase: sitk.Image | None
     meta: dict
@@ -179,7 +179,9 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
     noisy = np.hypot(signal + sigma * rng.standard_normal(signal.shape, np.float32),
                      sigma * rng.standard_normal(signal.shape, np.float32))
     scanner_scale = rng.uniform(200.0, 2000.0)
-    image_array = np.where(brain, noisy * np.float32(scanner_scale), np.float32(0)).astype(np.float32)
+    # stored as int16, as scanners do (scanner_scale keeps the brain's values in the hundreds to thousands)
+    scaled = np.clip(np.rint(noisy * np.float32(scanner_scale)), 1, np.iinfo(np.int16).max)
+    image_array = np.where(brain, scaled, 0).astype(np.int16)
     label &= brain.astype(np.uint8)
 
     image = _image_on(image_array, acq_grid)

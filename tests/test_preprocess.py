@@ -114,3 +114,13 @@ def test_to_original_refuses_wrong_shape():
     pre = preprocess(make_image(brain_like((10, 20, 20)), DEFAULT_TARGET_SPACING))
     with pytest.raises(ValueError, match="shape"):
         pre.to_original(np.zeros((3, 3, 3), np.float32))
+
+
+def test_voxel_world_mapping_round_trip():
+    scan = make_image(brain_like((13, 37, 41)), (0.9, 0.7, 3.1), (3.0, -5.0, 7.0), rotation(10, 0, 30))
+    pre = preprocess(scan)
+    voxels = np.array([[0, 0, 0], [5, 7, 9], [12.5, 3.25, 8]])
+    np.testing.assert_allclose(pre.world_to_voxel(pre.voxel_to_world(voxels)), voxels, atol=1e-9)
+    # the centre of input voxel (x=4, y=9, z=6) maps onto the same physical point
+    point = scan.TransformIndexToPhysicalPoint((4, 9, 6))
+    np.testing.assert_allclose(pre.voxel_to_world(pre.world_to_voxel(point)), point, atol=1e-9)

@@ -111,6 +111,14 @@ class Preprocessed:
         direction = np.asarray(self.grid.direction).reshape(3, 3)
         return np.asarray(self.grid.origin) + (xyz * np.asarray(self.grid.spacing)) @ direction.T
 
+    def world_to_voxel(self, points_xyz) -> np.ndarray:
+        """Continuous (z, y, x) indices on the cropped processing grid of physical (x, y, z) mm points."""
+        points = np.asarray(points_xyz, float)
+        start = np.array([s.start for s in self.crop], float)
+        direction = np.asarray(self.grid.direction).reshape(3, 3)
+        xyz = ((points - np.asarray(self.grid.origin)) @ direction) / np.asarray(self.grid.spacing)
+        return xyz[..., ::-1] - start
+
     def from_original(self, image: sitk.Image, interpolation: str = "nearest") -> np.ndarray:
         """Map an input-grid image (e.g. a label mask) onto the cropped processing grid."""
         if image.GetSize() != self.original.size:

@@ -1,0 +1,91 @@
+"""Training end to end on tiny cases: weights, manifest, resumption, and the pipeline loading the result."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from valdocmb import train
+from valdocmb.samples import CROP, augment, case_pool, draw_batch, find_training_cases
+from valdocmb.three_stage import WEIGHT_FILES, ThreeStagePipeline
+from valdocmb.weights import sha256
+
+from conftest import make_image
+
+
+def tiny_case(folder, subject, seed, blobs):
+    rng = np.random.default_rng(seed)
+    shape = (24, 40, 40)
+    array = rng.normal(100, 4, shape).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    zz, yy, xx = np.indices(shape)
+    for z, y, x in blobs:
+        r2 = (zz - z) ** 2 * 1.6**2 + ((yy - y) ** 2 + (xx - x) ** 2) * 0.49**2
+        array[r2 <= 1.5**2] = 20
+        label[r2 <= 1.5**2] = 1
+    sitk.WriteImage(make_image(array, (0.49, 0.49, 0.8)), str(folder / f"{subject}_space-T2S_desc-masked_T2S.nii.gz"))
+    sitk.WriteImage(make_image(label, (0.49, 0.49, 0.8)), str(folder / f"{subject}_space-T2S_CMB.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    tiny_case(folder, "sub-001", 1, [(12, 20, 20)])
+    tiny_case(folder, "sub-002", 2, [(8, 10, 12), (16, 30, 28)])
+    tiny_case(folder, "sub-003", 3, [])
+    return folder
+
+
+def test_pool_has_one_positive_per_lesion_and_random_negatives(data):
+    cases = find_training_cases(data)
+    assert [c[0] for c in cases] == ["sub-001", "sub-002", "sub-003"]
+    crops = case_pool(*cases[1], np.random.default_rng(0), negatives=5)
+    kinds = [c.kind for c in crops]
+    assert kinds.count("positive") == 2 and kinds.count("negative") == 5
+    positive = crops[0]
+    centre = tuple(np.array(CROP) // 2)
+    assert positive.label[centre] == 1 and positive.volume.shape == CROP
+    assert all(c.label[centre] == 0 for c in crops if c.kind == "negative")
+
+
+def test_augmentation_keeps_the_lesion_near_the_centre():
+    crop_volume = np.zeros(CROP, np.float16)
+    label = np.zeros(CROP, np.uint8)
+    c = np.array(CROP) // 2
+    label[c[0] - 1:c[0] + 2, c[1] - 2:c[1] + 3, c[2] - 2:c[2] + 3] = 1
+    crop = train.Crop(crop_volume, label, "positive", "x")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        _, patch_label = augment(crop, (16, 20, 20), rng)
+        assert patch_label.shape == (16, 20, 20)
+        assert patch_label[4:12, 6:14, 6:14].any()      # shifted by < 4 voxels, never out of the patch centre
+
+
+def test_batches_follow_the_proportions():
+    crops = {k: [train.Crop(np.zeros(CROP, np.float16), np.zeros(CROP, np.uint8), k, "x")]
+             for k in ("positive", "negative", "mined")}
+    _, classes, _ = draw_batch(crops, {"positive": 1, "negative": 2, "mined": 1}, 4000, (16, 20, 20),
+                               np.random.default_rng(0), augmentation=False)
+    assert abs(classes.mean() - 0.25) < 0.03
+
+
+def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(train.SCHEDULES, "smoke", train.Schedule(1, 32, 1, 32, 1, 32, 1, 8, 8))
+    out, work = tmp_path / "weights", tmp_path / "work"
+    args = ["--data", str(data), "--out", str(out), "--work", str(work), "--schedule", "smoke", "--workers", "1"]
+    assert train.main(args) == 0
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    for name, relative in WEIGHT_FILES.items():
+        entry = manifest["files"][relative]
+        assert entry["sha256"] == sha256(out / relative)
+        assert entry["training"]["cases"] == 3 and entry["training"]["schedule"] == "smoke"
+        assert set(torch.load(out / relative, weights_only=True)) == {"architecture", "state_dict", "meta"}
+    pipeline = ThreeStagePipeline.from_weights(out, "cpu")
+    assert pipeline.config.target_spacing == (0.49, 0.49, 0.8)
+
+    # a second run finds every stage's checkpoint complete and the pool cached: nothing is trained again
+    before = (work / "screening.ckpt").stat().st_mtime_ns
+    assert train.main(args) == 0
+    assert (work / "screening.ckpt").stat().st_mtime_ns == before

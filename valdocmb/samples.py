@@ -1,0 +1,124 @@
+"""Training samples for the three stages, as the paper describes, drawn from a per-case pool of crops.
+
+Each training case is preprocessed once (the same `preprocess` as inference) and reduced to a pool of crops on the
+processing grid, big enough for augmentation of the largest network input:
+- positives: one crop per connected component of the label, centred on its centroid;
+- random negatives: random brain voxels away from any lesion;
+- mimic crops: centred on the simulator's recorded veins and calcifications (when a *_sim.json is present), the
+  places where an initial screening model's false positives concentrate.
+Augmentation (per draw): translation < 4 voxels, in-plane rotation < 10 degrees, lateral (x) flip. Samples are
+re-drawn every iteration, so their count and the class proportion stay fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .imageio import read_mask, read_scan
+from .layouts import VALDO_LABEL, VALDO_T2S
+from .preprocess import DEFAULT_TARGET_SPACING, preprocess
+
+log = logging.getLogger(__name__)
+
+CROP = (36, 48, 48)          # z, y, x: room for +-4 voxel shifts and 10 degree turns of a 24x32x32 patch
+MAX_SHIFT = 3                # voxels ("< 4")
+MAX_ROTATION_DEG = 10.0
+
+
+@dataclass
+class Crop:
+    volume: np.ndarray        # float16 (CROP), processing grid
+    label: np.ndarray         # uint8 (CROP)
+    kind: str                 # "positive", "negative", "mimic"
+    case: str
+    meta: dict = field(default_factory=dict)
+
+
+def find_training_cases(folder: Path) -> list[tuple[str, Path, Path]]:
+    """(subject, scan, label) for each VALDO-named scan that has a label beside it."""
+    folder = Path(folder)
+    labels = {m.group(1): p for p in folder.iterdir() if (m := VALDO_LABEL.match(p.name))}
+    cases = []
+    for scan in sorted(folder.iterdir()):
+        m = VALDO_T2S.match(scan.name)
+        if m and m.group(1) in labels:
+            cases.append((m.group(1), scan, labels[m.group(1)]))
+    return cases
+
+
+def case_pool(subject: str, scan_path: Path, label_path: Path, rng: np.random.Generator,
+              negatives: int = 24, target_spacing=DEFAULT_TARGET_SPACING) -> list[Crop]:
+    pre = preprocess(read_scan(scan_path), target_spacing)
+    label = pre.from_original(read_mask(label_path), "nearest") >= 0.5
+    volume = pre.array
+    crops = []
+    components, n = ndimage.label(label, np.ones((3, 3, 3)))
+    for centre in ndimage.center_of_mass(label, components, range(1, n + 1)) if n else []:
+        crops.append(_crop(volume, label, np.round(centre).astype(int), "positive", subject))
+
+    lesion_zone = ndimage.binary_dilation(label, iterations=6) if n else np.zeros_like(label)
+    brain = np.argwhere(pre.foreground & ~lesion_zone)
+    for index in rng.choice(len(brain), size=min(negatives, len(brain)), replace=False):
+        crops.append(_crop(volume, label, brain[index], "negative", subject))
+
+    sim_json = scan_path.with_name(f"{subject}_space-T2S_sim.json")
+    if sim_json.is_file():
+        for obj in json.loads(sim_json.read_text())["objects"]:
+            if obj["type"] == "cmb":
+                continue
+            centre = np.round(pre.world_to_voxel(obj["centre_mm"])).astype(int)
+            if np.all(centre >= 0) and np.all(centre < volume.shape) and pre.foreground[tuple(centre)]:
+                crops.append(_crop(volume, label, centre, "mimic", subject, {"type": obj["type"]}))
+    return crops
+
+
+def _crop(volume, label, centre, kind, subject, meta=None) -> Crop:
+    size = np.array(CROP)
+    start = np.asarray(centre) - size // 2
+    pad = int(size.max())
+    sl = tuple(slice(s + pad, s + pad + n) for s, n in zip(start, size))
+    v = np.pad(volume, pad)[sl].astype(np.float16)
+    lab = np.pad(label.astype(np.uint8), pad)[sl]
+    return Crop(v, lab, kind, subject, meta or {})
+
+
+def augment(crop: Crop, patch_size, rng: np.random.Generator, augmentation: bool = True):
+    """A (volume, label) pair of `patch_size` from a crop: shifted, turned and flipped when augmenting."""
+    volume = crop.volume.astype(np.float32)
+    label = crop.label
+    if augmentation:
+        angle = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
+        if abs(angle) > 0.5:
+            volume = ndimage.rotate(volume, angle, axes=(1, 2), reshape=False, order=1, mode="constant")
+            label = ndimage.rotate(label, angle, axes=(1, 2), reshape=False, order=0, mode="constant")
+        if rng.random() < 0.5:
+            volume, label = volume[:, :, ::-1], label[:, :, ::-1]
+        shift = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=3)
+    else:
+        shift = np.zeros(3, int)
+    start = (np.array(CROP) - np.array(patch_size)) // 2 + shift
+    sl = tuple(slice(s, s + n) for s, n in zip(start, patch_size))
+    return np.ascontiguousarray(volume[sl]), np.ascontiguousarray(label[sl])
+
+
+def draw_batch(pools: dict[str, list[Crop]], proportions: dict[str, float], count: int, patch_size,
+               rng: np.random.Generator, augmentation: bool = True):
+    """`count` samples in the given proportions of pools: (N, 1, *patch) volumes, (N,) classes, (N, *patch) labels."""
+    kinds = [k for k in proportions if pools.get(k)]
+    weights = np.array([proportions[k] for k in kinds], float)
+    chosen = rng.choice(len(kinds), size=count, p=weights / weights.sum())
+    volumes = np.empty((count, 1, *patch_size), np.float32)
+    labels = np.empty((count, *patch_size), np.uint8)
+    classes = np.empty(count, np.int64)
+    for i, k in enumerate(chosen):
+        pool = pools[kinds[k]]
+        crop = pool[rng.integers(len(pool))]
+        volumes[i, 0], labels[i] = augment(crop, patch_size, rng, augmentation)
+        classes[i] = int(kinds[k] == "positive")
+    return volumes, classes, labels

@@ -1,0 +1,295 @@
+"""Train the three stages from a VALDO-layout folder and write inference weights plus weights/MANIFEST.json.
+
+    python -m valdocmb.train --data DIR --out weights [--schedule cpu|gpu|paper] [--device auto] [--seed 0]
+    python -m valdocmb.train --data DIR --folds 5 ...        # k-fold cross-validation with VALDO scoring
+
+Protocol (Chen & Dou): screening first on positives and random negatives (the initial model), false positives mined
+with it, then screening again on positives : random negatives : mined false positives = 1:2:1; discrimination on
+positives and mined false positives; segmentation (U-Net) on positives and mined false positives. Screening and
+discrimination: cross entropy weighted 0.25 (background) / 0.75 (CMB), SGD with Nesterov momentum 0.99, learning
+rate 1e-2 with poly decay (1 - it/max)^0.9. Segmentation: soft Dice loss, Adam. Samples are re-drawn every
+iteration. Each stage checkpoints after every iteration (model, optimizer, random state) under --work and resumes
+from there; the final weights hold inference state only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.discrimination import DiscriminationCNN
+from models.screening import ScreeningFCN
+from models.segmentation import SegmentationUNet
+
+from . import __version__
+from .logs import setup_logging
+from .samples import CROP, Crop, case_pool, draw_batch, find_training_cases
+from .three_stage import WEIGHT_FILES, resolve_device
+from .weights import MANIFEST, save_weights
+
+log = logging.getLogger("valdocmb.train")
+
+CLASS_WEIGHTS = (0.25, 0.75)
+
+
+@dataclass
+class Schedule:
+    """Iterations and samples per iteration of each stage (the paper: 150 x 0.2 M, 80 x 0.1 M, 100 x 8 k)."""
+
+    initial_iterations: int
+    initial_samples: int
+    screening_iterations: int
+    screening_samples: int
+    discrimination_iterations: int
+    discrimination_samples: int
+    segmentation_iterations: int
+    segmentation_samples: int
+    batch_size: int = 64
+    mining_threshold: float = 0.1
+
+
+SCHEDULES = {
+    "paper": Schedule(30, 200_000, 150, 200_000, 80, 100_000, 100, 8_000, 128),
+    "gpu": Schedule(10, 20_000, 40, 20_000, 30, 10_000, 40, 2_000, 128),
+    "cpu": Schedule(6, 2_048, 24, 3_072, 16, 2_048, 16, 384, 64),
+    "smoke": Schedule(1, 64, 1, 64, 1, 64, 1, 16, 16),
+}
+
+
+# -- sample pools ---------------------------------------------------------------------------------------------------
+def _pool_job(args):
+    subject, scan, label, seed = args
+    return case_pool(subject, scan, label, np.random.default_rng(seed))
+
+
+def build_pools(cases, seed: int, workers: int, cache: Path | None = None) -> list[Crop]:
+    if cache and cache.is_file():
+        log.info("sample pool from %s", cache)
+        return pickle.loads(cache.read_bytes())
+    jobs = [(s, scan, lab, int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+            for i, (s, scan, lab) in enumerate(cases)]
+    crops, start = [], time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, case_crops in enumerate(pool.map(_pool_job, jobs), 1):
+            crops.extend(case_crops)
+            if i % 10 == 0 or i == len(jobs):
+                log.info("pool: %d/%d cases, %d crops, %.0f s", i, len(jobs), len(crops), time.perf_counter() - start)
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
+    return crops
+
+
+def by_kind(crops: list[Crop]) -> dict[str, list[Crop]]:
+    pools: dict[str, list[Crop]] = {}
+    for crop in crops:
+        pools.setdefault(crop.kind, []).append(crop)
+    return pools
+
+
+# -- losses and loops -----------------------------------------------------------------------------------------------
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    prob = torch.softmax(logits, 1)[:, 1]
+    target = target.float()
+    dims = tuple(range(1, prob.dim()))
+    intersection = (prob * target).sum(dims)
+    return (1 - (2 * intersection + eps) / (prob.sum(dims) + target.sum(dims) + eps)).mean()
+
+
+def _checkpoint(path: Path, net, optimizer, iteration: int, rng, history) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                "rng": rng.bit_generator.state, "history": history}, tmp)
+    tmp.replace(path)
+
+
+def run_stage(name: str, net: nn.Module, pools, proportions, patch_size, iterations: int, samples: int,
+              schedule: Schedule, device, work: Path, seed: int, segmentation: bool = False) -> list[dict]:
+    """Train one stage with resumable per-iteration checkpoints; returns the per-iteration history."""
+    net.to(device)
+    if segmentation:
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        loss_fn = soft_dice_loss
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+        weights = torch.tensor(CLASS_WEIGHTS, device=device)
+        loss_fn = lambda logits, target: nn.functional.cross_entropy(logits, target, weight=weights)  # noqa: E731
+    base_lr = optimizer.param_groups[0]["lr"]
+    rng = np.random.default_rng(seed)
+    ckpt = work / f"{name}.ckpt"
+    start, history = 0, []
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        start, history = state["iteration"], state["history"]
+        log.info("%s: resuming at iteration %d/%d", name, start, iterations)
+    for iteration in range(start, iterations):
+        t0 = time.perf_counter()
+        if not segmentation:
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * (1 - iteration / iterations) ** 0.9
+        volumes, classes, labels = draw_batch(pools, proportions, samples, patch_size, rng)
+        net.train()
+        order = rng.permutation(samples)
+        losses, correct = [], 0
+        for b in range(0, samples, schedule.batch_size):
+            idx = order[b:b + schedule.batch_size]
+            if len(idx) < 2:
+                continue  # batch norm needs two samples
+            x = torch.from_numpy(volumes[idx]).to(device)
+            logits = net(x)
+            if segmentation:
+                loss = loss_fn(logits, torch.from_numpy(labels[idx]).to(device))
+            else:
+                logits = logits.reshape(len(idx), 2)
+                target = torch.from_numpy(classes[idx]).to(device)
+                loss = loss_fn(logits, target)
+                correct += int((logits.argmax(1) == target).sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        entry = {"iteration": iteration + 1, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
+                 "seconds": round(time.perf_counter() - t0, 2)}
+        if not segmentation:
+            entry["accuracy"] = correct / samples
+        history.append(entry)
+        log.info("%s %3d/%d  loss %.4f%s  lr %.2e  %.1f s", name, iteration + 1, iterations, entry["loss"],
+                 f"  acc {entry['accuracy']:.3f}" if "accuracy" in entry else "", entry["lr"], entry["seconds"])
+        _checkpoint(ckpt, net, optimizer, iteration + 1, rng, history)
+    return history
+
+
+@torch.inference_mode()
+def mine_false_positives(screening: ScreeningFCN, crops: list[Crop], threshold: float, device) -> list[Crop]:
+    """Crops (mimic or random negative) whose centre region the screening model scores >= threshold."""
+    screening.eval()
+    region = np.array(ScreeningFCN.patch_size) + 4          # scores at a 3x3x3 neighbourhood, stride 2
+    start = (np.array(CROP) - region) // 2
+    sl = tuple(slice(s, s + n) for s, n in zip(start, region))
+    mined = []
+    for b in range(0, len(crops), 128):
+        batch = crops[b:b + 128]
+        x = torch.from_numpy(np.stack([c.volume[sl].astype(np.float32) for c in batch]))[:, None].to(device)
+        scores = torch.softmax(screening(x), 1)[:, 1].amax(dim=(1, 2, 3)).cpu().numpy()
+        mined.extend(Crop(c.volume, c.label, "mined", c.case, {**c.meta, "score": float(s)})
+                     for c, s in zip(batch, scores) if s >= threshold)
+    return mined
+
+
+def train_all(crops: list[Crop], schedule: Schedule, device, work: Path, seed: int) -> tuple[dict, dict]:
+    """All three stages on a pool; returns (trained networks, training record)."""
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    pools = by_kind(crops)
+    log.info("pool: %s", {k: len(v) for k, v in pools.items()})
+    if not pools.get("positive"):
+        raise SystemExit("no positive sample (no microbleed label) in the training data")
+    record: dict = {"pool": {k: len(v) for k, v in pools.items()}}
+
+    screening = ScreeningFCN()
+    record["initial_screening"] = run_stage(
+        "screening_initial", screening, pools, {"positive": 1, "negative": 2, "mimic": 1},
+        ScreeningFCN.patch_size, schedule.initial_iterations, schedule.initial_samples, schedule, device, work, seed)
+    candidates = pools.get("mimic", []) + pools.get("negative", [])
+    mined = mine_false_positives(screening, candidates, schedule.mining_threshold, device)
+    log.info("mined %d false positives from %d mimic/negative crops", len(mined), len(candidates))
+    if len(mined) < 20:  # a strong initial model leaves few: the mimic crops are the hard negatives then
+        mined += [Crop(c.volume, c.label, "mined", c.case, c.meta) for c in pools.get("mimic", [])]
+    pools["mined"] = mined
+    record["mined_false_positives"] = len(mined)
+
+    record["screening"] = run_stage(
+        "screening", screening, pools, {"positive": 1, "negative": 2, "mined": 1}, ScreeningFCN.patch_size,
+        schedule.screening_iterations, schedule.screening_samples, schedule, device, work, seed + 1)
+    discrimination = DiscriminationCNN()
+    record["discrimination"] = run_stage(
+        "discrimination", discrimination, pools, {"positive": 1, "mined": 1}, DiscriminationCNN.patch_size,
+        schedule.discrimination_iterations, schedule.discrimination_samples, schedule, device, work, seed + 2)
+    segmentation = SegmentationUNet()
+    record["segmentation"] = run_stage(
+        "segmentation", segmentation, pools, {"positive": 3, "mined": 1}, SegmentationUNet.patch_size,
+        schedule.segmentation_iterations, schedule.segmentation_samples, schedule, device, work, seed + 3,
+        segmentation=True)
+    nets = {"screening": screening, "discrimination": discrimination, "segmentation": segmentation}
+    return {k: v.cpu().eval() for k, v in nets.items()}, record
+
+
+def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
+    """Inference weights and their manifest entries (merged into an existing MANIFEST.json)."""
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
+    for name, net in nets.items():
+        relative = WEIGHT_FILES[name]
+        digest = save_weights(net, out / relative, {"target_spacing": list(meta["target_spacing"])})
+        manifest["files"][relative] = {
+            "sha256": digest, "bytes": (out / relative).stat().st_size, "architecture": type(net).__name__,
+            "method": "three-stage", "stage": name, "training": {k: v for k, v in meta.items()},
+            "final_iteration": record[name][-1] if record.get(name) else None,
+        }
+    manifest["three_stage_training"] = {"pool": record["pool"], "mined_false_positives": record["mined_false_positives"]}
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m valdocmb.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="VALDO-layout folder with *_CMB.nii.gz labels")
+    parser.add_argument("--out", type=Path, default=Path("weights"), help="weights folder to write")
+    parser.add_argument("--work", type=Path, default=Path("runs/train"), help="checkpoints, pool cache, logs")
+    parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="cpu")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="processes building the sample pool")
+    parser.add_argument("--max-cases", type=int, default=None, help="use only the first N cases")
+    parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of final training")
+    args = parser.parse_args(argv)
+    setup_logging()
+    device = resolve_device(args.device)
+    cases = find_training_cases(args.data)[: args.max_cases]
+    if not cases:
+        log.error("%s: no scan with a label (sub-*_space-T2S_desc-masked_T2S.nii.gz + _CMB.nii.gz)", args.data)
+        return 2
+    schedule = SCHEDULES[args.schedule]
+    log.info("training on %d cases from %s, schedule %s %s, device %s", len(cases), args.data, args.schedule,
+             asdict(schedule), device)
+    started = time.perf_counter()
+    crops = build_pools(cases, args.seed, args.workers, args.work / f"pool_{len(cases)}_seed{args.seed}.pkl")
+
+    if args.folds:
+        from .crossval import cross_validate
+
+        return cross_validate(cases, crops, args.folds, schedule, device, args.work, args.seed)
+
+    nets, record = train_all(crops, schedule, device, args.work, args.seed)
+    meta = {
+        "data": str(args.data), "cases": len(cases), "subjects": [c[0] for c in cases],
+        "schedule": args.schedule, "schedule_detail": asdict(schedule), "seed": args.seed,
+        "command": "python -m valdocmb.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": str(device), "hardware": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+        "wall_time_s": round(time.perf_counter() - started), "package_version": __version__,
+        "torch": torch.__version__, "target_spacing": [0.49, 0.49, 0.8],
+    }
+    write_weights(nets, args.out, record, meta)
+    (args.work / "history.json").write_text(json.dumps(record, indent=1))
+    log.info("weights written to %s (%.0f s)", args.out, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

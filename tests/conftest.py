@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
+from valdocmb.methods import SegmentationResult
 from valdocmb.preprocess import preprocess
 
 
@@ -41,13 +42,14 @@ class DarkSpotSegmenter:
     def __init__(self, z_threshold: float = -4.0):
         self.z_threshold = z_threshold
 
-    def segment(self, image: sitk.Image, timings: dict) -> sitk.Image:
+    def segment(self, image: sitk.Image, timings: dict) -> SegmentationResult:
         pre = preprocess(image)
         probability = ((pre.array < self.z_threshold) & pre.foreground).astype(np.float32)
         back = pre.to_original(probability, "linear")
         mask = sitk.Cast(sitk.BinaryThreshold(back, 0.5, 1e9, 1, 0), sitk.sitkUInt8)
         mask.CopyInformation(image)
-        return mask
+        timings["segment"] = 0.0
+        return SegmentationResult(mask, back, [], {"method": "dark-spot stand-in"})
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Each input layout end to end through the runner (with a stand-in segmenter): names, geometry, results.json."""
 
+import csv
 import json
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_valdo2021_layout(tmp_path):
     }
     assert [r["outputs"][0]["filename"][0] for r in results] == [
         f"{sid}_space-T2S_prediction.nii.gz" for sid in GEOMETRIES]
-    assert sorted(p.name for p in out.iterdir()) == ["images", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["images", "results.json", "run.json"]  # no reports by default
 
 
 def test_valdo2021_bad_cases_do_not_stop_the_batch(tmp_path):
@@ -114,6 +115,9 @@ def test_grand_challenge_sockets(tmp_path):
     assert run_main(inp, out) == 0
     check_mask(out / "images" / "cerebral-microbleed-segmentation" / "output.mha", scan)
     assert not (out / "results.json").exists()
+    assert json.loads((out / "number-of-cerebral-microbleeds.json").read_text()) == 1
+    lesions = json.loads((out / "cerebral-microbleeds.json").read_text())
+    assert lesions["cmb_count"] == 1 and len(lesions["lesions"]) == 1
 
 
 def test_grand_challenge_output_path_and_socket_are_options(tmp_path):
@@ -142,7 +146,8 @@ def test_plain_folder_of_mixed_formats(tmp_path):
     assert detect_layout(inp) == "folder"
     assert run_main(inp, out) == 0
     expected = {"patient A_CMB.nii.gz", "b_CMB.nii", "c_CMB.mha", "d_CMB.nrrd"}
-    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in out.glob("*_CMB.*")} == expected
+    assert {"summary.csv", "index.html", "run.json", "qc"} <= {p.name for p in out.iterdir()}
     for name, sid in names.items():
         stem = name.split(".")[0]
         ext = name[len(stem):]
@@ -156,7 +161,10 @@ def test_plain_folder_continues_past_a_broken_scan(tmp_path, capfd):
     sitk.WriteImage(sitk.JoinSeries([scan_for("sub-101")] * 2), str(inp / "b_4d.nii.gz"))
     sitk.WriteImage(scan_for("sub-101"), str(inp / "c_good.nii.gz"))
     assert run_main(inp, out) == 1
-    assert [p.name for p in out.iterdir()] == ["c_good_CMB.nii.gz"]
+    assert [p.name for p in out.glob("*_CMB.nii.gz")] == ["c_good_CMB.nii.gz"]
+    summary = {row["case"]: row for row in csv.DictReader(open(out / "summary.csv"))}
+    assert summary["a_broken"]["status"] == "failed" and "cannot be read" in summary["a_broken"]["error"]
+    assert summary["b_4d"]["status"] == "failed" and summary["c_good"]["status"] == "ok"
     log = capfd.readouterr().err
     assert "a_broken.nii.gz: cannot be read" in log and "b_4d.nii.gz: is 4D with 2 volumes" in log
     assert "1 failed" not in log and "2 failed" in log

@@ -11,7 +11,8 @@ from valdocmb.synth import __main__ as synth_cli
 from valdocmb.synth.simulate import simulate_case
 
 SMALL = {"name": "small", "spacing": (1.5, 1.5, 2.5), "size": (100, 110, 52), "b0_tesla": 3.0, "te_ms": 25.0}
-BUSY = dict(cmb_free_fraction=0.0, cmb_mean_extra=6.0, veins=(2, 4), calcifications=(1, 2))
+BUSY = dict(cmb_free_fraction=0.0, cmb_mean_extra=6.0, cmb_moment_ppm_mm3=(8.0, 30.0), veins=(2, 4),
+            calcifications=(1, 2))
 
 
 @pytest.fixture(scope="module")

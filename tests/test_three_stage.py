@@ -109,7 +109,7 @@ def test_dark_blob_comes_out_where_it_was_put(direction):
     blob = (9, 20, 14)
     scan = dark_blob_scan(direction=direction, blob=blob)
     pipeline = fixed_pipeline()
-    mask = pipeline.segment(scan, {})
+    mask = pipeline.segment(scan, {}).mask
     assert mask.GetSize() == scan.GetSize() and mask.GetOrigin() == scan.GetOrigin()
     assert mask.GetDirection() == scan.GetDirection() and mask.GetSpacing() == scan.GetSpacing()
     labels, n = ndimage.label(sitk.GetArrayFromImage(mask))
@@ -125,15 +125,15 @@ def test_dark_blob_comes_out_where_it_was_put(direction):
 
 
 def test_nothing_found_in_a_scan_without_blob():
-    mask = fixed_pipeline().segment(dark_blob_scan(blob=None), {})
+    mask = fixed_pipeline().segment(dark_blob_scan(blob=None), {}).mask
     assert sitk.GetArrayFromImage(mask).sum() == 0
 
 
 def test_thresholds_are_parameters():
     scan = dark_blob_scan()
-    assert sitk.GetArrayFromImage(fixed_pipeline(discrimination_threshold=1.01).segment(scan, {})).sum() == 0
-    assert sitk.GetArrayFromImage(fixed_pipeline(screening_threshold=1.01).segment(scan, {})).sum() == 0
-    assert sitk.GetArrayFromImage(fixed_pipeline(segmentation_threshold=1.01).segment(scan, {})).sum() == 0
+    assert sitk.GetArrayFromImage(fixed_pipeline(discrimination_threshold=1.01).segment(scan, {}).mask).sum() == 0
+    assert sitk.GetArrayFromImage(fixed_pipeline(screening_threshold=1.01).segment(scan, {}).mask).sum() == 0
+    assert sitk.GetArrayFromImage(fixed_pipeline(segmentation_threshold=1.01).segment(scan, {}).mask).sum() == 0
 
 
 def save_fixed_weights(folder):

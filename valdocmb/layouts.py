@@ -112,8 +112,8 @@ def _discover_folder(input_dir: Path, output_dir: Path) -> list[Case]:
         if ext is None or path.suffix.lower() in (".raw", ".zraw"):
             continue  # not an image (or the data file of a .mhd header)
         stem = path.name[: -len(ext)]
-        if stem.endswith(FOLDER_MASK_SUFFIX):
-            continue  # one of our own masks, or a label next to its scan
+        if stem.endswith(FOLDER_MASK_SUFFIX) or f"{FOLDER_MASK_SUFFIX}_" in stem:
+            continue  # one of our own outputs (mask, labels, probability), or a label next to its scan
         # .mhd/.nhdr keep their data in a second file; write the single-file equivalent instead.
         out_ext = {".mhd": ".mha", ".nhdr": ".nrrd"}.get(ext, ext)
         cases.append(Case(stem, path, output_dir / f"{stem}{FOLDER_MASK_SUFFIX}{out_ext}", [path.name]))

@@ -45,7 +45,7 @@ def spheres(shape, centres, spacing_zyx, radius_mm: float) -> np.ndarray:
 
 def stage_masks(pipeline: ThreeStagePipeline, image: sitk.Image, radius_mm: float) -> tuple[dict, dict]:
     timings: dict = {}
-    final = pipeline.segment(image, timings)
+    final = pipeline.segment(image, timings).mask
     detection = pipeline.last_detection
     pre = detection.preprocessed
     spacing_zyx = np.array(pre.grid.spacing)[::-1]

@@ -30,9 +30,10 @@ from models.segmentation import SegmentationUNet
 
 from .errors import CaseError
 from .logs import timed
+from .methods import SegmentationResult
 from .patches import add_patches, extract_patches
 from .preprocess import DEFAULT_TARGET_SPACING, Preprocessed, preprocess
-from .weights import load_weights
+from .weights import load_weights, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class ThreeStagePipeline:
         self.discrimination = discrimination.eval().to(self.device)
         self.segmentation = segmentation.eval().to(self.device)
         self.last_detection: Detection | None = None
+        self.weights_info: dict = {}
 
     @classmethod
     def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None):
@@ -101,6 +103,8 @@ class ThreeStagePipeline:
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on
         pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config)
+        pipeline.weights_info = {"folder": str(weights_dir),
+                                 **{name: weights_digest(weights_dir, WEIGHT_FILES[name]) for name in nets}}
         log.info("three-stage weights from %s on %s", weights_dir, pipeline.device)
         return pipeline
 
@@ -219,15 +223,21 @@ class ThreeStagePipeline:
             probability = self.segment_candidates(pre.array, [c.centre for c in survivors]) * pre.foreground
         return Detection(pre, probability, candidates, survivors)
 
-    def segment(self, image: sitk.Image, timings: dict) -> sitk.Image:
-        """The method interface used by the batch runner: uint8 0/1 mask with the input's geometry."""
+    def segment(self, image: sitk.Image, timings: dict) -> SegmentationResult:
+        """The method interface used by the batch runner: mask, probability and detections on the input grid."""
         detection = self.detect(image, timings)
         with timed(timings, "to_input_grid", log):
             probability = detection.preprocessed.to_original(detection.probability, "linear")
             mask = sitk.Cast(probability >= self.config.segmentation_threshold, sitk.sitkUInt8)
             mask.CopyInformation(image)
         self.last_detection = detection
-        return mask
+        centres = np.array([c.centre for c in detection.survivors], float).reshape(-1, 3)
+        world = detection.preprocessed.voxel_to_world(centres)
+        detections = [{"world_mm": [round(float(v), 3) for v in w], "screening_score": c.screening_score,
+                       "discrimination_score": c.discrimination_score} for c, w in zip(detection.survivors, world)]
+        info = {**self.describe(), "candidates": len(detection.candidates), "confirmed": len(detection.survivors)}
+        return SegmentationResult(mask, probability, detections, info)
 
     def describe(self) -> dict:
-        return {"method": "three-stage", "device": str(self.device), "config": asdict(self.config)}
+        return {"method": "three-stage", "device": str(self.device), "config": asdict(self.config),
+                "weights": self.weights_info}

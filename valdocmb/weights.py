@@ -47,6 +47,12 @@ def manifest_entry(weights_dir: Path, relative: str) -> dict | None:
     return files.get(relative)
 
 
+def weights_digest(weights_dir: Path, relative: str) -> str:
+    """The file's sha256 as the manifest records it (computed when the manifest has no entry)."""
+    entry = manifest_entry(weights_dir, relative)
+    return entry["sha256"] if entry and entry.get("sha256") else sha256(Path(weights_dir) / relative)
+
+
 def load_weights(model: torch.nn.Module, weights_dir: Path, relative: str) -> dict:
     """Load `weights_dir/relative` into `model` (strictly); returns the file's meta dict."""
     path = Path(weights_dir) / relative

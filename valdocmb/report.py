@@ -1,0 +1,135 @@
+"""What a researcher gets back besides the mask: per-lesion tables, a labelled mask, a batch summary, run.json.
+
+Lesions are the connected components (26-neighbourhood) of the final mask on the input grid, numbered 1..n in
+order of decreasing maximum probability (then volume), the same numbers as in the labelled mask and the QC pictures.
+Screening and discrimination scores come from the confirmed candidates whose centre falls inside (or within 2 mm of)
+the lesion.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from . import __version__
+from .methods import SegmentationResult
+
+LESION_FIELDS = ("id", "voxel_x", "voxel_y", "voxel_z", "world_x_mm", "world_y_mm", "world_z_mm", "volume_mm3",
+                 "volume_voxels", "max_probability", "mean_probability", "screening_score", "discrimination_score")
+SUMMARY_FIELDS = ("case", "input", "mask", "status", "error", "cmb_count", "total_volume_mm3", "method", "weights",
+                  "seconds")
+
+
+@dataclass
+class Lesion:
+    id: int
+    voxel_x: float
+    voxel_y: float
+    voxel_z: float
+    world_x_mm: float
+    world_y_mm: float
+    world_z_mm: float
+    volume_mm3: float
+    volume_voxels: int
+    max_probability: float
+    mean_probability: float
+    screening_score: float | None
+    discrimination_score: float | None
+
+
+def lesion_table(result: SegmentationResult, match_mm: float = 2.0) -> tuple[np.ndarray, list[Lesion]]:
+    """(labelled (z, y, x) uint16 array, lesions) from a segmentation result."""
+    mask = sitk.GetArrayFromImage(result.mask) > 0
+    labels, n = ndimage.label(mask, np.ones((3, 3, 3)))
+    probability = (sitk.GetArrayFromImage(result.probability) if result.probability is not None
+                   else mask.astype(np.float32))
+    index = range(1, n + 1)
+    if n == 0:
+        return labels.astype(np.uint16), []
+    maxima = ndimage.maximum(probability, labels, index)
+    means = ndimage.mean(probability, labels, index)
+    counts = ndimage.sum(mask, labels, index)
+    centres = ndimage.center_of_mass(mask, labels, index)
+    image = result.mask
+    voxel_mm3 = float(np.prod(image.GetSpacing()))
+    scores = _candidate_scores(result.detections, labels, image, centres, match_mm)
+
+    order = sorted(range(n), key=lambda i: (-maxima[i], -counts[i]))
+    renumbered = np.zeros(n + 1, np.uint16)
+    lesions = []
+    for new_id, old in enumerate(order, 1):
+        renumbered[old + 1] = new_id
+        z, y, x = centres[old]
+        world = image.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
+        screening, discrimination = scores.get(old + 1, (None, None))
+        lesions.append(Lesion(new_id, round(x, 2), round(y, 2), round(z, 2), *(round(w, 2) for w in world),
+                              round(counts[old] * voxel_mm3, 3), int(counts[old]), round(float(maxima[old]), 4),
+                              round(float(means[old]), 4), screening, discrimination))
+    return renumbered[labels], lesions
+
+
+def _candidate_scores(detections, labels, image, centres, match_mm):
+    """Best stage scores of the detections lying in (or within match_mm of) each labelled lesion."""
+    scores: dict[int, tuple] = {}
+    if not detections:
+        return scores
+    centres_world = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in c[::-1]))
+                              for c in centres])
+    for det in detections:
+        index = image.TransformPhysicalPointToIndex(det["world_mm"])
+        inside = all(0 <= i < s for i, s in zip(index, image.GetSize()))
+        lesion = int(labels[index[2], index[1], index[0]]) if inside else 0
+        if lesion == 0:
+            distances = np.linalg.norm(centres_world - np.asarray(det["world_mm"]), axis=1)
+            if distances.min() > match_mm:
+                continue
+            lesion = int(np.argmin(distances)) + 1
+        best = scores.get(lesion, (-1.0, -1.0))
+        scores[lesion] = (round(max(best[0], det["screening_score"]), 4),
+                          round(max(best[1], det["discrimination_score"]), 4))
+    return scores
+
+
+def lesions_csv(lesions: list[Lesion]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LESION_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for lesion in lesions:
+        writer.writerow({k: ("" if v is None else v) for k, v in asdict(lesion).items()})
+    return buffer.getvalue()
+
+
+def lesions_json(lesions: list[Lesion], case_id: str) -> str:
+    return json.dumps({"case": case_id, "cmb_count": len(lesions), "lesions": [asdict(l) for l in lesions]},
+                      indent=1)
+
+
+def summary_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def run_record(args, method_info: dict, cases: list[dict], started: str, seconds: float) -> dict:
+    """Everything needed to trace a result: versions, parameters, device, per-case stage timings."""
+    import torch
+
+    return {
+        "valdocmb": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "simpleitk": sitk.Version_VersionString(), "numpy": np.__version__, "platform": platform.platform(),
+        "started": started, "seconds": round(seconds, 2),
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "method": method_info, "cases": cases,
+    }

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .imageio import write_text_atomic
 
@@ -58,8 +59,8 @@ def qc_png(image: sitk.Image, labels: np.ndarray, lesions, path: Path, title: st
         crop = array[z, y0:y + hy, x0:x + hx]
         ax.imshow(crop, cmap="gray", vmin=vmin, vmax=vmax, aspect=spacing[1] / spacing[0])
         outline = labels_o[z, y0:y + hy, x0:x + hx]
-        if (outline == lesion_id).any():
-            ax.contour(outline == lesion_id, [0.5], colors="red", linewidths=0.9)
+        if (outline == lesion_id).any():  # one voxel outside the lesion, so small foci stay visible
+            ax.contour(ndimage.binary_dilation(outline == lesion_id), [0.5], colors="red", linewidths=0.9)
         others = (outline > 0) & (outline != lesion_id)
         if others.any():
             ax.contour(others, [0.5], colors="orange", linewidths=0.6)

@@ -70,25 +70,34 @@ SCHEDULES = {
 
 # -- sample pools ---------------------------------------------------------------------------------------------------
 def _pool_job(args):
-    subject, scan, label, seed = args
-    return case_pool(subject, scan, label, np.random.default_rng(seed))
+    subject, scan, label, seed, cache = args
+    path = cache / f"{subject}.pkl" if cache else None
+    if path and path.is_file():
+        return pickle.loads(path.read_bytes())
+    crops = case_pool(subject, scan, label, np.random.default_rng(seed))
+    if path:
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.replace(path)
+    return crops
+
+
+def _case_seed(seed: int, subject: str) -> int:
+    digits = int("".join(ch for ch in subject if ch.isdigit()) or 0)
+    return int(np.random.SeedSequence([seed, digits]).generate_state(1)[0])
 
 
 def build_pools(cases, seed: int, workers: int, cache: Path | None = None) -> list[Crop]:
-    if cache and cache.is_file():
-        log.info("sample pool from %s", cache)
-        return pickle.loads(cache.read_bytes())
-    jobs = [(s, scan, lab, int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
-            for i, (s, scan, lab) in enumerate(cases)]
+    """Every case's crops; each case's pool is cached in `cache` (one file per subject) and reused."""
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+    jobs = [(s, scan, lab, _case_seed(seed, s), cache) for s, scan, lab in cases]
     crops, start = [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for i, case_crops in enumerate(pool.map(_pool_job, jobs), 1):
             crops.extend(case_crops)
             if i % 10 == 0 or i == len(jobs):
                 log.info("pool: %d/%d cases, %d crops, %.0f s", i, len(jobs), len(crops), time.perf_counter() - start)
-    if cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
     return crops
 
 
@@ -257,6 +266,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes building the sample pool")
     parser.add_argument("--max-cases", type=int, default=None, help="use only the first N cases")
     parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of final training")
+    parser.add_argument("--pool-only", action="store_true", help="build (and cache) the sample pool, then stop")
     args = parser.parse_args(argv)
     setup_logging()
     device = resolve_device(args.device)
@@ -268,8 +278,10 @@ def main(argv=None) -> int:
     log.info("training on %d cases from %s, schedule %s %s, device %s", len(cases), args.data, args.schedule,
              asdict(schedule), device)
     started = time.perf_counter()
-    crops = build_pools(cases, args.seed, args.workers, args.work / f"pool_{len(cases)}_seed{args.seed}.pkl")
+    crops = build_pools(cases, args.seed, args.workers, args.work / f"pool_seed{args.seed}")
 
+    if args.pool_only:
+        return 0
     if args.folds:
         from .crossval import cross_validate
 

@@ -1,36 +1,29 @@
-"""Writes the tiny scoring example under tests/data/example (reference masks and a prediction folder).
+"""Writes the example shipped under tests/data/example: one simulated scan (VALDO layout) and its reference.
 
     python tests/data/make_example.py
+
+A 128 x 144 x 36 grid of 1 x 1 x 3 mm (3 T, TE 23 ms, like the ALFA cohort) centred on the brain, small enough for
+the quick start to run on a CPU in well under a minute, with several visible microbleeds and the usual mimics.
 """
 
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
+from valdocmb.synth.simulate import simulate_case
+
 HERE = Path(__file__).parent / "example"
-
-
-def write(array, path, spacing=(0.488, 0.488, 0.8)):
-    image = sitk.GetImageFromArray(array.astype(np.uint8))
-    image.SetSpacing(spacing)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), True)
+GRID = {"name": "example", "spacing": (1.0, 1.0, 3.0), "size": (128, 144, 36), "b0_tesla": 3.0, "te_ms": 23.0}
+SEED = 2024
 
 
 def main():
-    shape = (24, 48, 48)
-    ref1 = np.zeros(shape)
-    ref1[10:13, 20:25, 20:25] = 1          # a ~2.4 mm microbleed
-    ref1[4:6, 8:11, 30:33] = 1             # a small one
-    pred1 = np.zeros(shape)
-    pred1[10:13, 21:25, 20:24] = 1         # found, slightly smaller
-    pred1[18:20, 40:42, 10:12] = 1         # a false positive
-    ref2 = np.zeros(shape)                 # a subject without microbleeds, predicted empty
-    write(ref1, HERE / "reference" / "sub-001_space-T2S_CMB.nii.gz")
-    write(ref2, HERE / "reference" / "sub-002_space-T2S_CMB.nii.gz")
-    write(pred1, HERE / "prediction" / "images" / "sub-001_space-T2S_prediction.nii.gz")
-    write(ref2, HERE / "prediction" / "images" / "sub-002_space-T2S_prediction.nii.gz")
+    case = simulate_case(SEED, GRID, cmb_free_fraction=0.0, cmb_mean_extra=4.0, cmb_moment_ppm_mm3=(4.0, 30.0))
+    (HERE / "input").mkdir(parents=True, exist_ok=True)
+    (HERE / "reference").mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(case.image, str(HERE / "input" / "sub-001_space-T2S_desc-masked_T2S.nii.gz"), True)
+    sitk.WriteImage(case.label, str(HERE / "reference" / "sub-001_space-T2S_CMB.nii.gz"), True)
+    print(case.meta["counts"])
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
+from . import __version__, report
 from .errors import CaseError
 from .imageio import image_extension, read_scan, same_geometry, write_image_atomic, write_text_atomic
 from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
 from .logs import setup_logging
 from .methods import SegmentationResult
+from .qc import overview_html, qc_png
 
 log = logging.getLogger("valdocmb")
 
@@ -92,16 +93,12 @@ def sibling(mask_path: Path, suffix: str, ext: str | None = None) -> Path:
 
 def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, args, layout: str, row: dict) -> None:
     """Per-case extras: lesion table (CSV, JSON), labelled mask, QC picture, probability map, GC value outputs."""
-    from . import report
-
     labels, lesions = report.lesion_table(result)
     row.update(cmb_count=len(lesions), total_volume_mm3=round(sum(l.volume_mm3 for l in lesions), 3))
     if layout == "gc":  # value sockets: the count and the lesion list
         write_text_atomic(json.dumps(len(lesions)), args.output / "number-of-cerebral-microbleeds.json")
         write_text_atomic(report.lesions_json(lesions, case.case_id), args.output / "cerebral-microbleeds.json")
     if reports_on(args, layout):
-        from .qc import qc_png
-
         write_text_atomic(report.lesions_csv(lesions), sibling(case.output_path, "_lesions", ".csv"))
         write_text_atomic(report.lesions_json(lesions, case.case_id), sibling(case.output_path, "_lesions", ".json"))
         labelled = sitk.GetImageFromArray(labels)
@@ -161,7 +158,7 @@ def run(args: argparse.Namespace, method=None) -> int:
         else:
             log.info("  wrote %s (%.1f s)", case.output_path, seconds)
         row.update(status="failed" if error else "ok", error=error or "", seconds=round(seconds, 2),
-                   weights=json.dumps((method_info.get("weights") or {}), sort_keys=True) if method_info else "")
+                   weights=(method_info.get("weights") or {}).get("version", ""))
         rows.append(row)
         case_records.append({"case": case.case_id, "status": row["status"], "error": error,
                              "seconds": round(seconds, 2), "timings": {k: round(v, 3) for k, v in timings.items()}})
@@ -170,14 +167,9 @@ def run(args: argparse.Namespace, method=None) -> int:
     if layout == "valdo2021":
         write_text_atomic(json.dumps(results, indent=2), args.output / "results.json")
     if reports_on(args, layout):
-        from . import report
-        from .qc import overview_html
-
         write_text_atomic(report.summary_csv(rows), args.output / "summary.csv")
         overview_html(rows, args.output / "index.html")
     if runnable:
-        from . import report
-
         record = report.run_record(args, method_info, case_records, started, time.perf_counter() - start_time)
         write_text_atomic(json.dumps(record, indent=1, default=str), args.output / "run.json")
     log.info("done: %d of %d case(s) written, %d failed", len(cases) - failed, len(cases), failed)

@@ -15,6 +15,7 @@ processing grid:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -103,8 +104,9 @@ class ThreeStagePipeline:
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on
         pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config)
-        pipeline.weights_info = {"folder": str(weights_dir),
-                                 **{name: weights_digest(weights_dir, WEIGHT_FILES[name]) for name in nets}}
+        digests = {name: weights_digest(weights_dir, WEIGHT_FILES[name]) for name in nets}
+        version = hashlib.sha256("".join(digests[name] for name in sorted(digests)).encode()).hexdigest()[:12]
+        pipeline.weights_info = {"folder": str(weights_dir), "version": version, "sha256": digests}
         log.info("three-stage weights from %s on %s", weights_dir, pipeline.device)
         return pipeline
 

@@ -63,7 +63,7 @@ class Schedule:
 SCHEDULES = {
     "paper": Schedule(30, 200_000, 150, 200_000, 80, 100_000, 100, 8_000, 128),
     "gpu": Schedule(10, 20_000, 40, 20_000, 30, 10_000, 40, 2_000, 128),
-    "cpu": Schedule(6, 2_048, 24, 3_072, 16, 2_048, 16, 384, 64),
+    "cpu": Schedule(3, 2_048, 12, 2_048, 8, 2_048, 10, 256, 64),
     "smoke": Schedule(1, 64, 1, 64, 1, 64, 1, 16, 16),
 }
 
@@ -137,6 +137,7 @@ def run_stage(name: str, net: nn.Module, pools, proportions, patch_size, iterati
         loss_fn = lambda logits, target: nn.functional.cross_entropy(logits, target, weight=weights)  # noqa: E731
     base_lr = optimizer.param_groups[0]["lr"]
     rng = np.random.default_rng(seed)
+    work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{name}.ckpt"
     start, history = 0, []
     if ckpt.is_file():

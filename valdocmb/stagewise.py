@@ -26,6 +26,7 @@ from .logs import setup_logging
 from .run import default_weights_dir
 from .samples import find_training_cases
 from .three_stage import ThreeStagePipeline
+from .weights import MANIFEST
 
 log = logging.getLogger("valdocmb.stagewise")
 STAGES = ("screening", "discrimination", "segmentation")
@@ -102,16 +103,34 @@ def main(argv=None) -> int:
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--mark-radius", type=float, default=1.5)
     parser.add_argument("--json", type=Path, help="write the summary here")
+    parser.add_argument("--record", action="store_true",
+                        help="record the figures as the validation entry of the weights' MANIFEST.json")
     args = parser.parse_args(argv)
     setup_logging()
-    pipeline = ThreeStagePipeline.from_weights(args.weights or default_weights_dir(), args.device)
+    weights = args.weights or default_weights_dir()
+    pipeline = ThreeStagePipeline.from_weights(weights, args.device)
     cases = find_training_cases(args.data)[: args.max_cases]
     rows = evaluate_stages(pipeline, cases, args.mark_radius)
     summary = report(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1, default=float))
+    if args.record:
+        record_validation(weights / MANIFEST, summary, args, [c[0] for c in cases], str(pipeline.device))
     return 0
+
+
+def record_validation(manifest_path: Path, summary: dict, args, subjects: list[str], device: str) -> None:
+    """Store the figures under "validation" in the manifest (NaN written as null)."""
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
+    clean = json.loads(json.dumps(summary, default=float).replace("NaN", "null"))
+    manifest["validation"] = {
+        "data": str(args.data), "subjects": subjects, "device": device,
+        "command": "python -m valdocmb.stagewise " + " ".join(sys.argv[1:]),
+        "note": "simulated hold-out cases never used in training; per grid and after each stage",
+        "summary": clean,
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
 
 
 if __name__ == "__main__":

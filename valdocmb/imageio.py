@@ -154,13 +154,18 @@ def _pixel_bytes(reader: sitk.ImageFileReader) -> int:
     return 1
 
 
-def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """A uint8 0/1 image from a (z, y, x) array, carrying the reference's exact geometry."""
-    if mask.shape != reference.GetSize()[::-1]:
-        raise ValueError(f"mask shape {mask.shape} does not match image size {reference.GetSize()[::-1]}")
-    image = sitk.GetImageFromArray((mask > 0).astype(np.uint8))
+def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """An image of a (z, y, x) array carrying the reference's exact geometry."""
+    if array.shape[:3] != reference.GetSize()[::-1]:
+        raise ValueError(f"array shape {array.shape} does not match image size {reference.GetSize()[::-1]}")
+    image = sitk.GetImageFromArray(array)
     image.CopyInformation(reference)
     return image
+
+
+def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A uint8 0/1 image from a (z, y, x) array, carrying the reference's exact geometry."""
+    return image_like((mask > 0).astype(np.uint8), reference)
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .imageio import write_text_atomic
+from .imageio import image_like, write_text_atomic
 
 MAX_PANELS = 24
 HALF_WIDTH_MM = 20.0
@@ -27,9 +27,7 @@ def qc_png(image: sitk.Image, labels: np.ndarray, lesions, path: Path, title: st
 
     # Show the scan in LPS axis order so every picture reads the same way (patient left on the right).
     oriented = sitk.DICOMOrient(image, "LPS")
-    labels_image = sitk.GetImageFromArray(labels)
-    labels_image.CopyInformation(image)
-    labels_o = sitk.GetArrayFromImage(sitk.DICOMOrient(labels_image, "LPS"))
+    labels_o = sitk.GetArrayFromImage(sitk.DICOMOrient(image_like(labels, image), "LPS"))
     array = sitk.GetArrayFromImage(oriented).astype(np.float32)
     array[~np.isfinite(array)] = 0
     inside = array[array != 0]

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from . import __version__, report
 from .errors import CaseError
-from .imageio import image_extension, read_scan, same_geometry, write_image_atomic, write_text_atomic
+from .imageio import image_extension, image_like, read_scan, same_geometry, write_image_atomic, write_text_atomic
 from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
 from .logs import setup_logging
 from .methods import SegmentationResult
@@ -101,9 +101,7 @@ def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, arg
     if reports_on(args, layout):
         write_text_atomic(report.lesions_csv(lesions), sibling(case.output_path, "_lesions", ".csv"))
         write_text_atomic(report.lesions_json(lesions, case.case_id), sibling(case.output_path, "_lesions", ".json"))
-        labelled = sitk.GetImageFromArray(labels)
-        labelled.CopyInformation(image)
-        write_image_atomic(labelled, sibling(case.output_path, "_labels"))
+        write_image_atomic(image_like(labels, image), sibling(case.output_path, "_labels"))
         picture = qc_png(image, labels, lesions, args.output / "qc" / f"{case.case_id}.png", case.case_id)
         row["qc"] = str(picture.relative_to(args.output))
     if args.probability and result.probability is not None:

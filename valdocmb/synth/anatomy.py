@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..imageio import image_like
 from .physics import field_shift_ppm
 
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -113,8 +114,8 @@ def load_template() -> Template:
     regions[parenchyma & brainstem] = BRAINSTEM
 
     arrays = [gm_a, wm_a, brain_a, iron_a, air_field]
-    channels = sitk.Compose([_like(a.astype(np.float32), t1) for a in arrays])
-    return Template(channels, _like(regions, t1))
+    channels = sitk.Compose([image_like(a.astype(np.float32), t1) for a in arrays])
+    return Template(channels, image_like(regions, t1))
 
 
 def _world_ras(reference: sitk.Image) -> list[np.ndarray]:
@@ -127,12 +128,6 @@ def _world_ras(reference: sitk.Image) -> list[np.ndarray]:
     return [-lps[0], -lps[1], lps[2]]
 
 
-def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(array)
-    image.CopyInformation(reference)
-    return image
-
-
 def _air_field(reference: sitk.Image) -> np.ndarray:
     """Field shift (ppm) of the air spaces, via the dipole kernel on a 2 mm grid, back on the template grid."""
     coarse = sitk.Resample(reference, [s // 2 for s in reference.GetSize()], sitk.Transform(), sitk.sitkLinear,
@@ -140,7 +135,7 @@ def _air_field(reference: sitk.Image) -> np.ndarray:
     air = _ellipsoids(coarse, AIR_SPACES, softness_mm=2.0) * CHI_AIR_MINUS_TISSUE_PPM
     field = field_shift_ppm(air, (2.0, 2.0, 2.0), pad_factor=1.5)
     # The template's direction flips x and y, which leaves the z-derivative structure of the kernel unchanged.
-    field_image = _like(field, coarse)
+    field_image = image_like(field, coarse)
     return sitk.GetArrayFromImage(sitk.Resample(field_image, reference, sitk.Transform(), sitk.sitkLinear))
 
 

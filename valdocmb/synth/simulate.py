@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..imageio import image_like
 from . import anatomy
 from .objects import Source, render
 from .physics import GAMMA_BAR_HZ_PER_T, gre_magnitude, tissue_parameters
@@ -184,9 +185,9 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
     image_array = np.where(brain, scaled, 0).astype(np.int16)
     label &= brain.astype(np.uint8)
 
-    image = _image_on(image_array, acq_grid)
-    label_image = _image_on(label, acq_grid)
-    phase_image = _image_on(np.where(brain, phase, 0).astype(np.float32), acq_grid) if with_phase else None
+    image = image_like(image_array, acq_grid)
+    label_image = image_like(label, acq_grid)
+    phase_image = image_like(np.where(brain, phase, 0).astype(np.float32), acq_grid) if with_phase else None
     cmbs = [r for r in records if r["type"] == "cmb"]
     meta = {
         "seed": int(seed), "acquisition": {**acq, "snr_wm": round(float(snr), 3),
@@ -211,12 +212,6 @@ def _rounded(value):
     return round(float(value), 4)
 
 
-def _image_on(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(array)
-    image.CopyInformation(grid)
-    return image
-
-
 def _average_slices(array: np.ndarray, n: int) -> np.ndarray:
     if n == 1:
         return array
@@ -224,7 +219,7 @@ def _average_slices(array: np.ndarray, n: int) -> np.ndarray:
 
 
 def _to_grid(array: np.ndarray, source_grid: sitk.Image, target_grid: sitk.Image) -> np.ndarray:
-    image = _image_on(array.astype(np.float32), source_grid)
+    image = image_like(array.astype(np.float32), source_grid)
     return sitk.GetArrayFromImage(sitk.Resample(image, target_grid, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                 sitk.sitkFloat32, True))
 

@@ -57,6 +57,7 @@ class Schedule:
     segmentation_iterations: int
     segmentation_samples: int
     batch_size: int = 64
+    segmentation_batch_size: int = 16     # the U-Net needs more, smaller steps than the classifiers
     mining_threshold: float = 0.1
 
 
@@ -110,11 +111,11 @@ def by_kind(crops: list[Crop]) -> dict[str, list[Crop]]:
 
 # -- losses and loops -----------------------------------------------------------------------------------------------
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice of the CMB class over the whole batch (patches without a lesion still count as background)."""
     prob = torch.softmax(logits, 1)[:, 1]
     target = target.float()
-    dims = tuple(range(1, prob.dim()))
-    intersection = (prob * target).sum(dims)
-    return (1 - (2 * intersection + eps) / (prob.sum(dims) + target.sum(dims) + eps)).mean()
+    intersection = (prob * target).sum()
+    return 1 - (2 * intersection + eps) / (prob.sum() + target.sum() + eps)
 
 
 def _checkpoint(path: Path, net, optimizer, iteration: int, rng, history) -> None:
@@ -136,6 +137,7 @@ def run_stage(name: str, net: nn.Module, pools, proportions, patch_size, iterati
         weights = torch.tensor(CLASS_WEIGHTS, device=device)
         loss_fn = lambda logits, target: nn.functional.cross_entropy(logits, target, weight=weights)  # noqa: E731
     base_lr = optimizer.param_groups[0]["lr"]
+    batch_size = schedule.segmentation_batch_size if segmentation else schedule.batch_size
     rng = np.random.default_rng(seed)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{name}.ckpt"
@@ -156,8 +158,8 @@ def run_stage(name: str, net: nn.Module, pools, proportions, patch_size, iterati
         net.train()
         order = rng.permutation(samples)
         losses, correct = [], 0
-        for b in range(0, samples, schedule.batch_size):
-            idx = order[b:b + schedule.batch_size]
+        for b in range(0, samples, batch_size):
+            idx = order[b:b + batch_size]
             if len(idx) < 2:
                 continue  # batch norm needs two samples
             x = torch.from_numpy(volumes[idx]).to(device)
@@ -289,13 +291,15 @@ def main(argv=None) -> int:
         return cross_validate(cases, crops, args.folds, schedule, device, args.work, args.seed)
 
     nets, record = train_all(crops, schedule, device, args.work, args.seed)
+    stage_seconds = sum(e["seconds"] for v in record.values() if isinstance(v, list) for e in v)
     meta = {
         "data": str(args.data), "cases": len(cases), "subjects": [c[0] for c in cases],
         "schedule": args.schedule, "schedule_detail": asdict(schedule), "seed": args.seed,
         "command": "python -m valdocmb.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device), "hardware": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
-        "wall_time_s": round(time.perf_counter() - started), "package_version": __version__,
+        "wall_time_s": round(time.perf_counter() - started), "training_iterations_s": round(stage_seconds),
+        "package_version": __version__,
         "torch": torch.__version__, "target_spacing": [0.49, 0.49, 0.8],
     }
     write_weights(nets, args.out, record, meta)

@@ -4,7 +4,6 @@ import csv
 import json
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from valdocmb import run

@@ -182,6 +182,10 @@ def collect(folder: Path, prefer_labels: bool = False) -> dict[str, Path]:
     return by_id
 
 
+def _reference_count(reference: sitk.Image, connectivity: int) -> int:
+    return label_components(sitk.GetArrayFromImage(reference) >= 0.5, connectivity)[1]
+
+
 def evaluate_folders(reference_dir: Path, prediction_dir: Path, distance_mm: float = 5.0,
                      connectivity: int = 26) -> list[CaseScore]:
     references = collect(reference_dir, prefer_labels=True)
@@ -199,16 +203,14 @@ def evaluate_folders(reference_dir: Path, prediction_dir: Path, distance_mm: flo
             scores.append(missing_score(sid, 0, f"error: {exc}"))
             continue
         if sid not in predictions:
-            n_ref = label_components(sitk.GetArrayFromImage(reference) >= 0.5, connectivity)[1]
             log.warning("%s: no prediction; scored with worst values", sid)
-            scores.append(missing_score(sid, n_ref))
+            scores.append(missing_score(sid, _reference_count(reference, connectivity)))
             continue
         try:
             scores.append(score_case(reference, read_mask(predictions[sid]), sid, distance_mm, connectivity))
         except CaseError as exc:
             log.error("%s", exc)
-            n_ref = label_components(sitk.GetArrayFromImage(reference) >= 0.5, connectivity)[1]
-            scores.append(missing_score(sid, n_ref, f"error: {exc}"))
+            scores.append(missing_score(sid, _reference_count(reference, connectivity), f"error: {exc}"))
     return scores
 
 

@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from .imageio import read_mask, read_scan
 from .layouts import VALDO_LABEL, VALDO_T2S
+from .patches import extract_patches
 from .preprocess import DEFAULT_TARGET_SPACING, preprocess
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,15 @@ def case_pool(subject: str, scan_path: Path, label_path: Path, rng: np.random.Ge
     pre = preprocess(read_scan(scan_path), target_spacing)
     label = pre.from_original(read_mask(label_path), "nearest") >= 0.5
     volume = pre.array
-    crops = []
+    sites: list[tuple] = []   # (centre voxel, kind, meta)
     components, n = ndimage.label(label, np.ones((3, 3, 3)))
     for centre in ndimage.center_of_mass(label, components, range(1, n + 1)) if n else []:
-        crops.append(_crop(volume, label, np.round(centre).astype(int), "positive", subject))
+        sites.append((np.round(centre).astype(int), "positive", {}))
 
     lesion_zone = ndimage.binary_dilation(label, iterations=6) if n else np.zeros_like(label)
     brain = np.argwhere(pre.foreground & ~lesion_zone)
     for index in rng.choice(len(brain), size=min(negatives, len(brain)), replace=False):
-        crops.append(_crop(volume, label, brain[index], "negative", subject))
+        sites.append((brain[index], "negative", {}))
 
     sim_json = scan_path.with_name(f"{subject}_space-T2S_sim.json")
     if sim_json.is_file():
@@ -74,18 +75,13 @@ def case_pool(subject: str, scan_path: Path, label_path: Path, rng: np.random.Ge
                 continue
             centre = np.round(pre.world_to_voxel(obj["centre_mm"])).astype(int)
             if np.all(centre >= 0) and np.all(centre < volume.shape) and pre.foreground[tuple(centre)]:
-                crops.append(_crop(volume, label, centre, "mimic", subject, {"type": obj["type"]}))
-    return crops
-
-
-def _crop(volume, label, centre, kind, subject, meta=None) -> Crop:
-    size = np.array(CROP)
-    start = np.asarray(centre) - size // 2
-    pad = int(size.max())
-    sl = tuple(slice(s + pad, s + pad + n) for s, n in zip(start, size))
-    v = np.pad(volume, pad)[sl].astype(np.float16)
-    lab = np.pad(label.astype(np.uint8), pad)[sl]
-    return Crop(v, lab, kind, subject, meta or {})
+                sites.append((centre, "mimic", {"type": obj["type"]}))
+    if not sites:
+        return []
+    centres = [site[0] for site in sites]
+    volumes = extract_patches(volume, centres, CROP).astype(np.float16)
+    labels = extract_patches(label.astype(np.uint8), centres, CROP).astype(np.uint8)
+    return [Crop(v, lab, kind, subject, meta) for v, lab, (_, kind, meta) in zip(volumes, labels, sites)]
 
 
 def augment(crop: Crop, patch_size, rng: np.random.Generator, augmentation: bool = True):

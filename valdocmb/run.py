@@ -25,12 +25,11 @@ from .errors import CaseError
 from .imageio import image_extension, image_like, read_scan, same_geometry, write_image_atomic, write_text_atomic
 from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
 from .logs import setup_logging
+from .methods import NAMES as METHODS
 from .methods import SegmentationResult
 from .qc import overview_html, qc_png
 
 log = logging.getLogger("valdocmb")
-
-METHODS = ("three-stage", "nnunet")
 
 
 def default_weights_dir() -> Path:

@@ -188,3 +188,20 @@ def test_environment_variables_choose_defaults(monkeypatch):
     monkeypatch.setenv("CMB_DEVICE", "cpu")
     args = run.build_parser().parse_args([])
     assert (args.method, args.device, str(args.input), str(args.output)) == ("nnunet", "cpu", "/input", "/output")
+
+
+def test_no_network_while_running(tmp_path):
+    import socket
+    import urllib.request
+
+    import pytest
+
+    from valdocmb.offline import no_network
+
+    before = socket.socket.connect
+    with no_network(), pytest.raises(OSError, match="valdocmb runs offline"):
+        urllib.request.urlopen("http://127.0.0.1:9/model.pth", timeout=2)
+    with no_network():
+        left, right = socket.socketpair()  # local pipes (AF_UNIX) stay allowed
+        left.close(), right.close()
+    assert socket.socket.connect is before  # restored afterwards

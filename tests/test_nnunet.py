@@ -221,3 +221,24 @@ def test_ensemble_keeps_what_the_mean_probability_keeps():
     np.testing.assert_allclose(sitk.GetArrayFromImage(combined.probability).ravel(), [0.85, 0.55, 0.45, 0.5])
     assert combined.detections == three.detections and combined.info["weights"]["version"] == "v+v"
     assert same_geometry(combined.mask, image)
+
+
+def test_method_ensemble_runs_both_methods_from_one_weights_folder(trained, tmp_path):
+    from test_three_stage import save_fixed_weights
+
+    weights = tmp_path / "weights"
+    subprocess.run(["cp", "-r", str(trained["weights"]), str(weights)], check=True)
+    save_fixed_weights(weights)  # hand-set three-stage weights that find dark spots
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    scan = scan_for("sub-201")
+    sitk.WriteImage(scan, str(inputs / "case.nii.gz"))
+    code = run.main(["--input", str(inputs), "--output", str(tmp_path / "out"), "--method", "ensemble",
+                     "--weights", str(weights), "--device", "cpu"])
+    assert code == 0
+    check_output(tmp_path / "out" / "case_CMB.nii.gz", scan)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["method"]["method"] == "ensemble"
+    assert set(record["method"]["members"]) == {"three-stage", "nnunet"}
+    timings = record["cases"][0]["timings"]
+    assert "three-stage.screening" in timings and "nnunet.nnunet" in timings

@@ -12,6 +12,9 @@ import SimpleITK as sitk
 from .errors import CaseError
 
 NAMES = ("three-stage", "nnunet", "ensemble")
+# nnU-Net inference defaults, chosen by measurement (README, "nnU-Net baseline")
+NNUNET_TILE_STEP = 0.5
+NNUNET_MIRRORING = False
 
 
 @dataclass
@@ -58,7 +61,7 @@ class EnsembleMethod:
         return SegmentationResult(mask, probability, detections, info)
 
 
-def load(name: str, weights_dir: Path, device: str):
+def load(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None):
     if name == "three-stage":
         from .three_stage import ThreeStagePipeline
 
@@ -66,7 +69,8 @@ def load(name: str, weights_dir: Path, device: str):
     if name == "nnunet":
         from .nnunet_method import NnUNetMethod
 
-        return NnUNetMethod.from_weights(weights_dir, device)
+        return NnUNetMethod.from_weights(weights_dir, device, **(nnunet_options or {}))
     if name == "ensemble":
-        return EnsembleMethod({member: load(member, weights_dir, device) for member in ("three-stage", "nnunet")})
+        return EnsembleMethod({member: load(member, weights_dir, device, nnunet_options)
+                               for member in ("three-stage", "nnunet")})
     raise CaseError(f"unknown method {name!r}")

@@ -22,7 +22,7 @@ import torch
 
 from .errors import CaseError
 from .logs import timed
-from .methods import SegmentationResult
+from .methods import NNUNET_MIRRORING, NNUNET_TILE_STEP, SegmentationResult
 from .weights import manifest_entry, sha256
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 MODEL_DIR = "nnunet"                 # inside the weights folder
 CONFIGURATION = "3d_fullres"
 TRAINING_ORIENTATION = "LPS"
-DEFAULT_TILE_STEP = 0.5
-DEFAULT_MIRRORING = False
+DEFAULT_TILE_STEP = NNUNET_TILE_STEP
+DEFAULT_MIRRORING = NNUNET_MIRRORING
 
 
 def nnunet_environment(root: Path | None = None) -> None:

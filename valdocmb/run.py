@@ -26,7 +26,8 @@ from .imageio import image_extension, image_like, read_scan, same_geometry, writ
 from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
 from .logs import setup_logging
 from .methods import NAMES as METHODS
-from .methods import SegmentationResult
+from .methods import NNUNET_MIRRORING, NNUNET_TILE_STEP, SegmentationResult
+from .offline import no_network
 from .qc import overview_html, qc_png
 
 log = logging.getLogger("valdocmb")
@@ -58,15 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lesion tables, labelled masks, QC pictures, summary.csv and index.html "
                         "(auto: on for a plain folder, off in the grand-challenge layouts)")
     parser.add_argument("--probability", action="store_true", help="also write each scan's probability map")
+    parser.add_argument("--nnunet-tile-step", type=float, default=NNUNET_TILE_STEP,
+                        help="nnU-Net sliding-window step as a fraction of the patch (default %(default)s)")
+    parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,
+                        help="nnU-Net test-time mirroring (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
-def load_method(name: str, weights_dir: Path, device: str):
+def load_method(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None):
     """The segmenter for `name`: an object with segment(image, timings) -> SegmentationResult."""
     from .methods import load  # imported here so `--help` and I/O errors need no torch
 
-    return load(name, weights_dir, device)
+    return load(name, weights_dir, device, nnunet_options)
 
 
 def process_case(case: Case, method, timings: dict) -> tuple[sitk.Image, SegmentationResult]:
@@ -125,7 +130,8 @@ def run(args: argparse.Namespace, method=None) -> int:
     if method is None and runnable:
         weights = args.weights or default_weights_dir()
         try:
-            method = load_method(args.method, weights, args.device)
+            method = load_method(args.method, weights, args.device,
+                                 {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring})
         except CaseError as exc:
             log.error("cannot start method %s: %s", args.method, exc)
             return 2
@@ -176,7 +182,8 @@ def run(args: argparse.Namespace, method=None) -> int:
 def main(argv: list[str] | None = None, method=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    return run(args, method)
+    with no_network():
+        return run(args, method)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""Side by side on labelled scans: the three-stage pipeline, nnU-Net and their ensemble, in one run on one machine.
+
+Each method segments every case (timed); the ensemble combines the two results already computed (its time is
+their sum). Every mask is scored with the official VALDO rules. Prints per-case rows and a summary per method
+(median F1 and Dice with IQR, pooled sensitivity / precision / FP per scan, seconds per case) and writes them as
+JSON and CSV; --record stores the summary under "comparison" in the weights' MANIFEST.json.
+
+  python -m valdocmb.compare --data data/holdout --device cpu --max-cases 10 --out runs/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import score_case, summarize
+from .imageio import read_mask, read_scan
+from .logs import setup_logging
+from .methods import EnsembleMethod
+from .nnunet_method import DEFAULT_MIRRORING, DEFAULT_TILE_STEP, NnUNetMethod
+from .run import default_weights_dir
+from .samples import find_training_cases
+from .stagewise import grid_of
+from .three_stage import ThreeStagePipeline
+from .weights import MANIFEST
+
+log = logging.getLogger("valdocmb.compare")
+
+METHODS = ("three-stage", "nnunet", "ensemble")
+
+
+def compare(cases, members: dict, ensemble: EnsembleMethod) -> list[dict]:
+    rows = []
+    for index, (subject, scan_path, label_path) in enumerate(cases, 1):
+        scan, reference = read_scan(scan_path), read_mask(label_path)
+        results, seconds = {}, {}
+        for name, method in members.items():
+            start = time.perf_counter()
+            results[name] = method.segment(scan, {})
+            seconds[name] = time.perf_counter() - start
+        start = time.perf_counter()
+        results["ensemble"] = ensemble.combine(scan, results)
+        seconds["ensemble"] = sum(seconds.values()) + time.perf_counter() - start
+        grid = grid_of(scan_path, subject)
+        for name in METHODS:
+            score = score_case(reference, results[name].mask, subject)
+            rows.append({"subject": subject, "grid": grid, "method": name, "seconds": round(seconds[name], 2),
+                         **asdict(score)})
+        line = "  ".join(f"{r['method']} TP {r['tp']} FP {r['fp']} FN {r['fn']} ({r['seconds']:.0f} s)"
+                         for r in rows[-3:])
+        log.info("[%d/%d] %s %s: %s", index, len(cases), subject, grid, line)
+    return rows
+
+
+def summary_of(rows: list[dict]) -> dict:
+    from .evaluate import CaseScore
+
+    out = {}
+    for name in METHODS:
+        mine = [r for r in rows if r["method"] == name]
+        scores = [CaseScore(**{k: r[k] for k in CaseScore.__dataclass_fields__}) for r in mine]
+        out[name] = {**summarize(scores), "seconds_per_case": float(np.mean([r["seconds"] for r in mine]))}
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | cases | median F1 (IQR) | median Dice (IQR) | sensitivity | precision | FP/scan | s/case |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        f1, dice, pooled = s["f1"], s["dice"], s["pooled"]
+        lines.append(f"| {name} | {s['cases']} | {f1['median']:.2f} ({f1['q1']:.2f}-{f1['q3']:.2f}) | "
+                     f"{dice['median']:.2f} ({dice['q1']:.2f}-{dice['q3']:.2f}) | {pooled['sensitivity']:.2f} | "
+                     f"{pooled['precision']:.2f} | {pooled['fp_per_scan']:.1f} | {s['seconds_per_case']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m valdocmb.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="VALDO-layout folder with *_CMB.nii.gz labels")
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--tile-step", type=float, default=DEFAULT_TILE_STEP, help="nnU-Net sliding-window step")
+    parser.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRRORING,
+                        help="nnU-Net test-time mirroring")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--record", action="store_true", help="store the summary in the weights' MANIFEST.json")
+    args = parser.parse_args(argv)
+    setup_logging()
+    weights = args.weights or default_weights_dir()
+    cases = find_training_cases(args.data)[: args.max_cases]
+    if not cases:
+        log.error("%s: no scan with a label", args.data)
+        return 2
+    members = {"three-stage": ThreeStagePipeline.from_weights(weights, args.device),
+               "nnunet": NnUNetMethod.from_weights(weights, args.device, tile_step=args.tile_step,
+                                                   mirroring=args.mirroring)}
+    rows = compare(cases, members, EnsembleMethod(members))
+    summary = summary_of(rows)
+    print(table(summary))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "cases.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    record = {"data": str(args.data), "subjects": [c[0] for c in cases],
+              "device": str(members["three-stage"].device),
+              "nnunet": {"tile_step": args.tile_step, "mirroring": args.mirroring},
+              "command": "python -m valdocmb.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "summary": json.loads(json.dumps(summary, default=float).replace("NaN", "null"))}
+    (args.out / "summary.json").write_text(json.dumps(record, indent=1))
+    (args.out / "summary.md").write_text(table(summary) + "\n")
+    if args.record:
+        manifest_path = weights / MANIFEST
+        manifest = json.loads(manifest_path.read_text())
+        manifest["comparison"] = record
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -242,3 +242,22 @@ def test_method_ensemble_runs_both_methods_from_one_weights_folder(trained, tmp_
     assert set(record["method"]["members"]) == {"three-stage", "nnunet"}
     timings = record["cases"][0]["timings"]
     assert "three-stage.screening" in timings and "nnunet.nnunet" in timings
+
+
+def test_compare_scores_each_method_and_their_ensemble_on_the_same_cases(data):
+    from valdocmb.compare import compare, summary_of, table
+    from valdocmb.samples import find_training_cases
+
+    from conftest import DarkSpotSegmenter
+
+    members = {"three-stage": DarkSpotSegmenter(), "nnunet": DarkSpotSegmenter(z_threshold=-1e9)}  # finds nothing
+    rows = compare(find_training_cases(data)[:2], members, EnsembleMethod(members))
+    assert [r["method"] for r in rows] == ["three-stage", "nnunet", "ensemble"] * 2
+    by = {(r["subject"], r["method"]): r for r in rows}
+    assert by["sub-001", "three-stage"]["tp"] == 1 and by["sub-002", "three-stage"]["tp"] == 2
+    assert by["sub-001", "nnunet"]["tp"] == 0 and by["sub-001", "nnunet"]["fn"] == 1
+    # mean of 1 and 0 is 0.5: kept, so the ensemble equals the method that found them
+    assert by["sub-002", "ensemble"]["tp"] == 2 and by["sub-002", "ensemble"]["fp"] == by["sub-002", "three-stage"]["fp"]
+    summary = summary_of(rows)
+    assert summary["ensemble"]["pooled"]["tp"] == 3 and summary["nnunet"]["pooled"]["sensitivity"] == 0
+    assert "| ensemble | 2 |" in table(summary)

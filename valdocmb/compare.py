@@ -34,10 +34,8 @@ from .weights import MANIFEST
 
 log = logging.getLogger("valdocmb.compare")
 
-METHODS = ("three-stage", "nnunet", "ensemble")
 
-
-def compare(cases, members: dict, ensemble: EnsembleMethod) -> list[dict]:
+def compare(cases, members: dict, ensemble: EnsembleMethod | None) -> list[dict]:
     rows = []
     for index, (subject, scan_path, label_path) in enumerate(cases, 1):
         scan, reference = read_scan(scan_path), read_mask(label_path)
@@ -46,16 +44,17 @@ def compare(cases, members: dict, ensemble: EnsembleMethod) -> list[dict]:
             start = time.perf_counter()
             results[name] = method.segment(scan, {})
             seconds[name] = time.perf_counter() - start
-        start = time.perf_counter()
-        results["ensemble"] = ensemble.combine(scan, results)
-        seconds["ensemble"] = sum(seconds.values()) + time.perf_counter() - start
+        if ensemble is not None:
+            start = time.perf_counter()
+            results["ensemble"] = ensemble.combine(scan, results)
+            seconds["ensemble"] = sum(seconds.values()) + time.perf_counter() - start
         grid = grid_of(scan_path, subject)
-        for name in METHODS:
+        for name in results:
             score = score_case(reference, results[name].mask, subject)
             rows.append({"subject": subject, "grid": grid, "method": name, "seconds": round(seconds[name], 2),
                          **asdict(score)})
         line = "  ".join(f"{r['method']} TP {r['tp']} FP {r['fp']} FN {r['fn']} ({r['seconds']:.0f} s)"
-                         for r in rows[-3:])
+                         for r in rows[-len(results):])
         log.info("[%d/%d] %s %s: %s", index, len(cases), subject, grid, line)
     return rows
 
@@ -64,7 +63,7 @@ def summary_of(rows: list[dict]) -> dict:
     from .evaluate import CaseScore
 
     out = {}
-    for name in METHODS:
+    for name in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == name]
         scores = [CaseScore(**{k: r[k] for k in CaseScore.__dataclass_fields__}) for r in mine]
         out[name] = {**summarize(scores), "seconds_per_case": float(np.mean([r["seconds"] for r in mine]))}
@@ -88,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", choices=("three-stage", "nnunet"), default=["three-stage", "nnunet"],
+                        help="the ensemble is scored too when both are run")
     parser.add_argument("--tile-step", type=float, default=DEFAULT_TILE_STEP, help="nnU-Net sliding-window step")
     parser.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRRORING,
                         help="nnU-Net test-time mirroring")
@@ -100,10 +101,13 @@ def main(argv=None) -> int:
     if not cases:
         log.error("%s: no scan with a label", args.data)
         return 2
-    members = {"three-stage": ThreeStagePipeline.from_weights(weights, args.device),
-               "nnunet": NnUNetMethod.from_weights(weights, args.device, tile_step=args.tile_step,
-                                                   mirroring=args.mirroring)}
-    rows = compare(cases, members, EnsembleMethod(members))
+    members = {}
+    if "three-stage" in args.methods:
+        members["three-stage"] = ThreeStagePipeline.from_weights(weights, args.device)
+    if "nnunet" in args.methods:
+        members["nnunet"] = NnUNetMethod.from_weights(weights, args.device, tile_step=args.tile_step,
+                                                      mirroring=args.mirroring)
+    rows = compare(cases, members, EnsembleMethod(members) if len(members) == 2 else None)
     summary = summary_of(rows)
     print(table(summary))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     record = {"data": str(args.data), "subjects": [c[0] for c in cases],
-              "device": str(members["three-stage"].device),
+              "device": str(next(iter(members.values())).device),
               "nnunet": {"tile_step": args.tile_step, "mirroring": args.mirroring},
               "command": "python -m valdocmb.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
               "summary": json.loads(json.dumps(summary, default=float).replace("NaN", "null"))}

@@ -21,22 +21,24 @@ from valdocmb.imageio import same_geometry
 SCAN = "sub-001_space-T2S_desc-masked_T2S.nii.gz"
 REFERENCE = "sub-001_space-T2S_CMB.nii.gz"
 GC_SOCKET = "t2-star-weighted-brain-mri"
+FOLDER_SCAN = "patient-001_t2star.nii.gz"  # not a VALDO name, so the plain-folder layout is detected
 
 # what each layout must produce (relative to its output folder)
 OUTPUTS = {
     "valdo2021": "images/sub-001_space-T2S_prediction.nii.gz",
     "gc": "images/cerebral-microbleed-segmentation/output.mha",
-    "folder": "sub-001_space-T2S_desc-masked_T2S_CMB.nii.gz",
+    "folder": "patient-001_t2star_CMB.nii.gz",
 }
 
 
 def prepare(example: Path, work: Path) -> None:
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # NIfTI header fields that .mha cannot hold
     scan = sitk.ReadImage(str(example / "input" / SCAN))
     for layout in OUTPUTS:
         (work / layout / "input").mkdir(parents=True, exist_ok=True)
         (work / layout / "output").mkdir(parents=True, exist_ok=True)
     shutil.copy(example / "input" / SCAN, work / "valdo2021" / "input" / SCAN)
-    shutil.copy(example / "input" / SCAN, work / "folder" / "input" / SCAN)
+    shutil.copy(example / "input" / SCAN, work / "folder" / "input" / FOLDER_SCAN)
     socket = work / "gc" / "input" / "images" / GC_SOCKET
     socket.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(scan, str(socket / "3a1f5c2e-7b9d-4e6f-8a0b-1c2d3e4f5a6b.mha"), True)
@@ -75,6 +77,8 @@ def check(layout: str, method: str, example: Path, work: Path) -> list[str]:
         wanted = json.loads((example / "expected" / "results.json").read_text())
         if results != wanted:
             problems.append(f"valdo2021: results.json is {json.dumps(results)}, expected {json.dumps(wanted)}")
+    if layout == "folder" and not (output / "patient-001_t2star_CMB_lesions.csv").is_file():
+        problems.append("folder: the lesion table patient-001_t2star_CMB_lesions.csv is missing")
     if layout == "gc":
         count_path = output / "number-of-cerebral-microbleeds.json"
         count = json.loads(count_path.read_text()) if count_path.is_file() else None

@@ -3,17 +3,19 @@
 # (VALDO 2021, grand-challenge sockets, plain folder), and check the outputs: file names, geometry equal to the
 # input, binary values, results.json, and the detected CMBs against the example's reference.
 # Exits non-zero and prints what differed on any difference.
-#   ./test.sh [--no-build] [--method three-stage|nnunet|ensemble]
+#   ./test.sh [--no-build] [--method three-stage|nnunet|ensemble] [--layouts "valdo2021 gc folder"]
 #   CMB_ENGINE, CMB_IMAGE, CMB_BASE_IMAGE as for build.sh; CMB_GPU=1 passes the GPU in (docker/podman).
 set -euo pipefail
 cd "$(dirname "$0")"
 IMAGE="${CMB_IMAGE:-valdocmb:latest}"
 METHOD="${CMB_METHOD:-three-stage}"
 BUILD=1
+LAYOUTS="valdo2021 gc folder"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --no-build) BUILD=0 ;;
         --method) METHOD="$2"; shift ;;
+        --layouts) LAYOUTS="$2"; shift ;;
         *) echo "test.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -62,7 +64,7 @@ run_in_image() {
 status=0
 run_in_image "$PWD/tests:/tests:ro" "$WORK:/work" -- python /tests/container/check.py prepare /tests/data/example /work
 chmod -R a+rwX "$WORK"
-for layout in valdo2021 gc folder; do
+for layout in $LAYOUTS; do
     echo "== $layout: $METHOD" >&2
     start=$(date +%s)
     if ! run_in_image "$WORK/$layout/input:/input:ro" "$WORK/$layout/output:/output" --; then

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -15,6 +17,8 @@ from valdocmb.weights import load_weights, save_weights, sha256
 
 from conftest import make_image, rotation
 from fixed_weights import dark_spot_discrimination, dark_spot_screening, dark_spot_segmentation
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def randomised(net, seed=0):
@@ -184,3 +188,29 @@ def test_cuda_request_without_cuda_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(CaseError, match="no CUDA device"):
         ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), SegmentationUNet(), "cuda")
+
+
+def test_process_py_writes_only_to_the_output_and_temp_folders(tmp_path):
+    """As in the container: HOME, caches and TMPDIR point into one temp folder, the input is read-only."""
+    import os
+    import subprocess
+    import sys
+
+    weights, inp, out, scratch, cwd = (tmp_path / n for n in ("weights", "in", "out", "tmp", "cwd"))
+    save_fixed_weights(weights)
+    for folder in (inp, scratch, cwd):
+        folder.mkdir()
+    sitk.WriteImage(dark_blob_scan(), str(inp / "patient.nii.gz"))
+    inp.chmod(0o555)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    env = {**os.environ, "HOME": str(scratch), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(scratch / ".cache"),
+           "MPLCONFIGDIR": str(scratch / "matplotlib")}
+    done = subprocess.run([sys.executable, str(ROOT / "process.py"), "--input", str(inp), "--output", str(out),
+                           "--weights", str(weights), "--device", "cpu"], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+    inp.chmod(0o755)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == ""  # logs go to stderr, results to files
+    changed = [p for p in tmp_path.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns]
+    outside = [p for p in changed if not (p.is_relative_to(out) or p.is_relative_to(scratch))]
+    assert outside == [] and (out / "patient_CMB.nii.gz").is_file()

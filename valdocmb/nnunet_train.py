@@ -165,11 +165,13 @@ def bake(result_folders: dict, preprocessed: Path, weights_out: Path, record: di
         (weights_out / relative).parent.mkdir(parents=True, exist_ok=True)
         torch.save(inference, weights_out / relative)
         logging_record = checkpoint.get("logging", {})
+        epoch_seconds = [end - start for start, end in zip(logging_record.get("epoch_start_timestamps", []),
+                                                           logging_record.get("epoch_end_timestamps", []))]
         manifest["files"][relative] = {
             "sha256": sha256(weights_out / relative), "bytes": (weights_out / relative).stat().st_size,
             "architecture": "nnU-Net v2 " + CONFIGURATION + " (plans.json)", "method": "nnunet", "fold": str(fold),
             "stored_as": "float16 network weights only (no optimizer state)",
-            "training": record,
+            "training": {**record, "seconds": {**record["seconds"], "training": round(sum(epoch_seconds))}},
             "final_epoch": {key: round(float(values[-1]), 4) for key, values in logging_record.items()
                             if key in ("train_losses", "val_losses", "ema_fg_dice", "mean_fg_dice") and values},
         }
@@ -213,11 +215,14 @@ def main(argv=None) -> int:
         return 2
     converted = time.perf_counter()
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / folder.name
+    step_seconds_path = args.work / "step_seconds.json"  # kept so that a resumed run still reports them
     if not (preprocessed / ".valdocmb-preprocessed").is_file():
         log.info("nnU-Net fingerprint, planning and preprocessing of %s", folder.name)
         plan_and_preprocess(args.dataset_id, args.workers, args.gpu_memory_gb)
         (preprocessed / ".valdocmb-preprocessed").write_text("ok\n")
-    prepared = time.perf_counter()
+        step_seconds_path.write_text(json.dumps({"conversion": round(converted - started),
+                                                 "plan_and_preprocess": round(time.perf_counter() - converted)}))
+    step_seconds = json.loads(step_seconds_path.read_text()) if step_seconds_path.is_file() else {}
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())["configurations"][CONFIGURATION]
     log.info("3d_fullres plan: patch %s, spacing %s, batch %s", plans["patch_size"], plans["spacing"],
              plans["batch_size"])
@@ -228,7 +233,6 @@ def main(argv=None) -> int:
     with stdout_to_stderr():
         for fold in folds:
             results[fold] = train_fold(args.dataset_id, args.name, fold, schedule, device)
-    trained = time.perf_counter()
     record = {
         "data": str(args.data), "cases": json.loads((folder / "dataset.json").read_text())["numTraining"],
         "trainer": TRAINER_NAME, "schedule": schedule,
@@ -238,8 +242,7 @@ def main(argv=None) -> int:
         "command": "python -m valdocmb.nnunet_train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device), "hardware": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
-        "seconds": {"conversion": round(converted - started), "plan_and_preprocess": round(prepared - converted),
-                    "training": round(trained - prepared)},
+        "seconds": step_seconds,  # training seconds per fold are added by bake()
         "package_version": __version__, "torch": torch.__version__, "nnunetv2": _nnunet_version(),
     }
     bake(results, preprocessed, args.out, record)

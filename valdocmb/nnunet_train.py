@@ -235,6 +235,7 @@ def main(argv=None) -> int:
             results[fold] = train_fold(args.dataset_id, args.name, fold, schedule, device)
     record = {
         "data": str(args.data), "cases": json.loads((folder / "dataset.json").read_text())["numTraining"],
+        "subjects": sorted(p.name.removesuffix(".nii.gz") for p in (folder / "labelsTr").glob("*.nii.gz")),
         "trainer": TRAINER_NAME, "schedule": schedule,
         "nnunet_default_schedule": {"epochs": 1000, "iterations": 250, "val_iterations": 50},
         "gpu_memory_target_gb": args.gpu_memory_gb or 8, "plan": {k: plans[k] for k in ("patch_size", "spacing",

@@ -140,6 +140,20 @@ def train_fold(dataset_id: int, name: str, fold, schedule: dict, device: torch.d
     return output
 
 
+def half_precision(state: dict) -> dict:
+    """float16 copies (half the file; the predictor loads them into its float32 network). nnU-Net's state dict
+    names some tensors twice (aliases such as `conv.weight` and `all_modules.0.weight`): they stay one tensor, so
+    torch.save writes each once."""
+    copies: dict = {}
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key not in copies:
+            copies[key] = tensor.detach().cpu().half() if tensor.is_floating_point() else tensor.detach().cpu()
+        out[name] = copies[key]
+    return out
+
+
 def bake(result_folders: dict, preprocessed: Path, weights_out: Path, record: dict) -> dict:
     """Copy an inference-only model folder into the weights folder and record it in MANIFEST.json."""
     model_dir = weights_out / MODEL_DIR
@@ -154,9 +168,7 @@ def bake(result_folders: dict, preprocessed: Path, weights_out: Path, record: di
     for fold, folder in result_folders.items():
         checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
         inference = {
-            # float16 halves the file; the predictor loads it into its float32 network
-            "network_weights": {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
-                                for k, v in checkpoint["network_weights"].items()},
+            "network_weights": half_precision(checkpoint["network_weights"]),
             "trainer_name": checkpoint["trainer_name"],
             "inference_allowed_mirroring_axes": checkpoint.get("inference_allowed_mirroring_axes"),
             "init_args": {"configuration": CONFIGURATION, "fold": str(fold)},

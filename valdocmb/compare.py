@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--subjects", nargs="+", help="these subjects, in this order (default: all)")
     parser.add_argument("--methods", nargs="+", choices=("three-stage", "nnunet"), default=["three-stage", "nnunet"],
                         help="the ensemble is scored too when both are run")
     parser.add_argument("--tile-step", type=float, default=DEFAULT_TILE_STEP, help="nnU-Net sliding-window step")
@@ -97,7 +98,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     weights = args.weights or default_weights_dir()
-    cases = find_training_cases(args.data)[: args.max_cases]
+    cases = find_training_cases(args.data)
+    if args.subjects:
+        chosen = {subject: case for case in cases for subject in args.subjects if case[0] == subject}
+        cases = [chosen[s] for s in args.subjects if s in chosen]
+    cases = cases[: args.max_cases]
     if not cases:
         log.error("%s: no scan with a label", args.data)
         return 2
@@ -107,27 +112,35 @@ def main(argv=None) -> int:
     if "nnunet" in args.methods:
         members["nnunet"] = NnUNetMethod.from_weights(weights, args.device, tile_step=args.tile_step,
                                                       mirroring=args.mirroring)
-    rows = compare(cases, members, EnsembleMethod(members) if len(members) == 2 else None)
-    summary = summary_of(rows)
-    print(table(summary))
+    command = "python -m valdocmb.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
+    ensemble = EnsembleMethod(members) if len(members) == 2 else None
+    rows: list[dict] = []
+    for case in cases:  # results are rewritten after every case, so a long run can be read while it goes
+        rows += compare([case], members, ensemble)
+        record = write_results(rows, args, members, command)
+    print(table(record["summary_raw"]))
+    if args.record:
+        manifest_path = weights / MANIFEST
+        manifest = json.loads(manifest_path.read_text())
+        manifest["comparison"] = {k: v for k, v in record.items() if k != "summary_raw"}
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    return 0
+
+
+def write_results(rows: list[dict], args, members: dict, command: str) -> dict:
+    summary = summary_of(rows)
     with open(args.out / "cases.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    record = {"data": str(args.data), "subjects": [c[0] for c in cases],
+    record = {"data": str(args.data), "subjects": list(dict.fromkeys(r["subject"] for r in rows)),
               "device": str(next(iter(members.values())).device),
-              "nnunet": {"tile_step": args.tile_step, "mirroring": args.mirroring},
-              "command": "python -m valdocmb.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "nnunet": {"tile_step": args.tile_step, "mirroring": args.mirroring}, "command": command,
               "summary": json.loads(json.dumps(summary, default=float).replace("NaN", "null"))}
     (args.out / "summary.json").write_text(json.dumps(record, indent=1))
     (args.out / "summary.md").write_text(table(summary) + "\n")
-    if args.record:
-        manifest_path = weights / MANIFEST
-        manifest = json.loads(manifest_path.read_text())
-        manifest["comparison"] = record
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-    return 0
+    return {**record, "summary_raw": summary}
 
 
 if __name__ == "__main__":

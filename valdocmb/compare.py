@@ -35,9 +35,10 @@ from .weights import MANIFEST
 log = logging.getLogger("valdocmb.compare")
 
 
-def compare(cases, members: dict, ensemble: EnsembleMethod | None) -> list[dict]:
+def compare(cases, members: dict, ensemble: EnsembleMethod | None, first: int = 1, total: int | None = None
+            ) -> list[dict]:
     rows = []
-    for index, (subject, scan_path, label_path) in enumerate(cases, 1):
+    for index, (subject, scan_path, label_path) in enumerate(cases, first):
         scan, reference = read_scan(scan_path), read_mask(label_path)
         results, seconds = {}, {}
         for name, method in members.items():
@@ -55,7 +56,7 @@ def compare(cases, members: dict, ensemble: EnsembleMethod | None) -> list[dict]
                          **asdict(score)})
         line = "  ".join(f"{r['method']} TP {r['tp']} FP {r['fp']} FN {r['fn']} ({r['seconds']:.0f} s)"
                          for r in rows[-len(results):])
-        log.info("[%d/%d] %s %s: %s", index, len(cases), subject, grid, line)
+        log.info("[%d/%d] %s %s: %s", index, total or len(cases), subject, grid, line)
     return rows
 
 
@@ -116,8 +117,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ensemble = EnsembleMethod(members) if len(members) == 2 else None
     rows: list[dict] = []
-    for case in cases:  # results are rewritten after every case, so a long run can be read while it goes
-        rows += compare([case], members, ensemble)
+    for number, case in enumerate(cases, 1):  # results are rewritten after every case: readable while it runs
+        rows += compare([case], members, ensemble, number, len(cases))
         record = write_results(rows, args, members, command)
     print(table(record["summary_raw"]))
     if args.record:

@@ -261,3 +261,17 @@ def test_compare_scores_each_method_and_their_ensemble_on_the_same_cases(data):
     summary = summary_of(rows)
     assert summary["ensemble"]["pooled"]["tp"] == 3 and summary["nnunet"]["pooled"]["sensitivity"] == 0
     assert "| ensemble | 2 |" in table(summary)
+
+
+def test_compare_resumes_from_the_cases_already_scored(data, tmp_path):
+    from valdocmb.compare import main, read_rows
+
+    out = tmp_path / "compare"
+    assert main(["--data", str(data), "--device", "cpu", "--methods", "three-stage", "--max-cases", "1",
+                 "--weights", str(ROOT / "weights"), "--out", str(out)]) == 0
+    first = read_rows(out / "cases.csv")
+    assert [r["subject"] for r in first] == ["sub-001"] and isinstance(first[0]["tp"], int)
+    assert main(["--data", str(data), "--device", "cpu", "--methods", "three-stage", "--max-cases", "2",
+                 "--weights", str(ROOT / "weights"), "--out", str(out), "--resume"]) == 0
+    both = read_rows(out / "cases.csv")
+    assert both[0] == first[0] and [r["subject"] for r in both] == ["sub-001", "sub-002"]

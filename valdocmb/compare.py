@@ -96,6 +96,7 @@ def main(argv=None) -> int:
                         help="nnU-Net test-time mirroring")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--record", action="store_true", help="store the summary in the weights' MANIFEST.json")
+    parser.add_argument("--resume", action="store_true", help="keep the cases already in OUT/cases.csv, run the rest")
     args = parser.parse_args(argv)
     setup_logging()
     weights = args.weights or default_weights_dir()
@@ -116,9 +117,13 @@ def main(argv=None) -> int:
     command = "python -m valdocmb.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     ensemble = EnsembleMethod(members) if len(members) == 2 else None
-    rows: list[dict] = []
+    rows = read_rows(args.out / "cases.csv") if args.resume else []
+    done = {r["subject"] for r in rows}
+    if done:
+        log.info("resuming: %d case(s) already in %s", len(done), args.out / "cases.csv")
     for number, case in enumerate(cases, 1):  # results are rewritten after every case: readable while it runs
-        rows += compare([case], members, ensemble, number, len(cases))
+        if case[0] not in done:
+            rows += compare([case], members, ensemble, number, len(cases))
         record = write_results(rows, args, members, command)
     print(table(record["summary_raw"]))
     if args.record:
@@ -127,6 +132,22 @@ def main(argv=None) -> int:
         manifest["comparison"] = {k: v for k, v in record.items() if k != "summary_raw"}
         manifest_path.write_text(json.dumps(manifest, indent=2))
     return 0
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an earlier run's cases.csv, with the numbers as numbers again."""
+    if not path.exists():
+        return []
+    from .evaluate import CaseScore
+
+    types = {name: field.type for name, field in CaseScore.__dataclass_fields__.items()}
+    convert = {"int": int, "float": float, "str": str}
+    rows = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            row["seconds"] = float(row["seconds"])
+            rows.append({k: convert[types[k]](v) if k in types else v for k, v in row.items()})
+    return rows
 
 
 def write_results(rows: list[dict], args, members: dict, command: str) -> dict:

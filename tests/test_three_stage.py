@@ -190,6 +190,18 @@ def test_cuda_request_without_cuda_is_a_clear_error():
         ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), SegmentationUNet(), "cuda")
 
 
+def test_auto_device_says_why_a_cuda_build_runs_on_cpu(monkeypatch, caplog):
+    from valdocmb.three_stage import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert resolve_device("auto").type == "cpu"
+    assert "built for CUDA 13.0 but sees no usable GPU" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build: CPU is what was installed, nothing to say
+    assert resolve_device("auto").type == "cpu" and caplog.text == ""
+
+
 def test_process_py_writes_only_to_the_output_and_temp_folders(tmp_path):
     """As in the container: HOME, caches and TMPDIR point into one temp folder, the input is read-only."""
     import os

@@ -50,6 +50,22 @@ def test_table_rows_match_the_labelled_components_and_world_coordinates(directio
     assert (second.voxel_z, second.voxel_y, second.voxel_x) == pytest.approx(centre, abs=0.01)
 
 
+def test_a_lesion_takes_the_scores_of_the_candidate_whose_patch_reaches_it():
+    result, _ = result_with_two_lesions()
+    # the 18-voxel lesion (mask[3:5, 5:8, 5:8]) has its centre at index (x, y, z) = (6, 6, 3.5)
+    centre = np.array(result.mask.TransformContinuousIndexToPhysicalPoint((6.0, 6.0, 3.5)))
+    near = {"world_mm": list(centre + [0, 0, 6.0]), "screening_score": 0.5, "discrimination_score": 0.6,
+            "reach_mm": 7.0}                                   # 6 mm away, reaches 7 mm: its patch covers the lesion
+    nearer_but_short = {"world_mm": list(centre + [0, 4.0, 0]), "screening_score": 0.1, "discrimination_score": 0.2,
+                        "reach_mm": 3.0}                       # 4 mm away, reaches only 3 mm
+    result.detections += [near, nearer_but_short]
+    _, lesions = lesion_table(result)
+    assert (lesions[0].screening_score, lesions[0].discrimination_score) == (0.8, 0.9)   # the one inside wins
+    assert (lesions[1].screening_score, lesions[1].discrimination_score) == (0.5, 0.6)
+    near["reach_mm"] = 5.0                                     # now nothing reaches the lesion
+    assert lesion_table(result)[1][1].screening_score is None
+
+
 def test_folder_run_writes_tables_labels_qc_summary_and_run_json(tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()

@@ -77,24 +77,36 @@ def lesion_table(result: SegmentationResult, match_mm: float = 2.0) -> tuple[np.
 
 
 def _candidate_scores(detections, labels, image, centres, match_mm):
-    """Best stage scores of the detections lying in (or within match_mm of) each labelled lesion."""
+    """Stage scores for each labelled lesion, from the detections (candidates) that produced it.
+
+    The best scores of the detections lying inside the lesion; for a lesion with none inside, those of the nearest
+    detection whose reach (a detection's `reach_mm`: how far from its centre its segmentation patch extends; else
+    match_mm) covers the lesion's centre. A lesion no detection reaches has no scores.
+    """
     scores: dict[int, tuple] = {}
     if not detections:
         return scores
     centres_world = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in c[::-1]))
                               for c in centres])
+    positions = np.array([det["world_mm"] for det in detections], float)
+    reach = np.array([det.get("reach_mm", match_mm) for det in detections], float)
     for det in detections:
         index = image.TransformPhysicalPointToIndex(det["world_mm"])
         inside = all(0 <= i < s for i, s in zip(index, image.GetSize()))
         lesion = int(labels[index[2], index[1], index[0]]) if inside else 0
-        if lesion == 0:
-            distances = np.linalg.norm(centres_world - np.asarray(det["world_mm"]), axis=1)
-            if distances.min() > match_mm:
-                continue
-            lesion = int(np.argmin(distances)) + 1
-        best = scores.get(lesion, (-1.0, -1.0))
-        scores[lesion] = (round(max(best[0], det["screening_score"]), 4),
-                          round(max(best[1], det["discrimination_score"]), 4))
+        if lesion:
+            best = scores.get(lesion, (-1.0, -1.0))
+            scores[lesion] = (round(max(best[0], det["screening_score"]), 4),
+                              round(max(best[1], det["discrimination_score"]), 4))
+    for lesion, centre in enumerate(centres_world, 1):
+        if lesion in scores:
+            continue
+        distances = np.linalg.norm(positions - centre, axis=1)
+        distances[distances > reach] = np.inf
+        nearest = int(np.argmin(distances))
+        if np.isfinite(distances[nearest]):
+            det = detections[nearest]
+            scores[lesion] = (round(det["screening_score"], 4), round(det["discrimination_score"], 4))
     return scores
 
 

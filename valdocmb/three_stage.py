@@ -240,8 +240,12 @@ class ThreeStagePipeline:
         self.last_detection = detection
         centres = np.array([c.centre for c in detection.survivors], float).reshape(-1, 3)
         world = detection.preprocessed.voxel_to_world(centres)
+        # the U-Net segments a survivor's whole patch: a lesion this far from a survivor's centre can be its doing
+        spacing_zyx = np.array(self.config.target_spacing[::-1])
+        reach_mm = round(float(min(np.array(SegmentationUNet.patch_size) / 2 * spacing_zyx)), 2)
         detections = [{"world_mm": [round(float(v), 3) for v in w], "screening_score": c.screening_score,
-                       "discrimination_score": c.discrimination_score} for c, w in zip(detection.survivors, world)]
+                       "discrimination_score": c.discrimination_score, "reach_mm": reach_mm}
+                      for c, w in zip(detection.survivors, world)]
         info = {**self.describe(), "candidates": len(detection.candidates), "confirmed": len(detection.survivors)}
         return SegmentationResult(mask, probability, detections, info)
 

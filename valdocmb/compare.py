@@ -102,8 +102,8 @@ def main(argv=None) -> int:
     weights = args.weights or default_weights_dir()
     cases = find_training_cases(args.data)
     if args.subjects:
-        chosen = {subject: case for case in cases for subject in args.subjects if case[0] == subject}
-        cases = [chosen[s] for s in args.subjects if s in chosen]
+        by_subject = {case[0]: case for case in cases}
+        cases = [by_subject[s] for s in args.subjects if s in by_subject]
     cases = cases[: args.max_cases]
     if not cases:
         log.error("%s: no scan with a label", args.data)
@@ -119,12 +119,14 @@ def main(argv=None) -> int:
     ensemble = EnsembleMethod(members) if len(members) == 2 else None
     rows = read_rows(args.out / "cases.csv") if args.resume else []
     done = {r["subject"] for r in rows}
+    record = None
     if done:
         log.info("resuming: %d case(s) already in %s", len(done), args.out / "cases.csv")
-    for number, case in enumerate(cases, 1):  # results are rewritten after every case: readable while it runs
+        record = write_results(rows, args, members, command)
+    for number, case in enumerate(cases, 1):  # results are rewritten after every new case: readable while it runs
         if case[0] not in done:
             rows += compare([case], members, ensemble, number, len(cases))
-        record = write_results(rows, args, members, command)
+            record = write_results(rows, args, members, command)
     print(table(record["summary_raw"]))
     if args.record:
         manifest_path = weights / MANIFEST

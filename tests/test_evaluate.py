@@ -173,3 +173,29 @@ def test_cli_pairs_by_subject_and_scores_missing_as_worst(tmp_path, capsys):
     rows = csv_path.read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("sub-101,ok,1.0")
     assert "100000.0" in rows[2]
+
+
+def test_component_evidence_scores_every_subset_as_score_case_does():
+    """Scoring kept components from the evidence equals scoring the filtered mask, for every subset."""
+    import itertools
+
+    spacing = (0.6, 0.8, 1.5)
+    ref = cube(cube(cube(empty(), (5, 5, 5)), (14, 20, 20)), (10, 10, 22))
+    pred = empty()
+    pred[5, 4:7, 4:7] = 1.0                      # on reference A
+    pred[5:7, 8, 5] = 1.0                        # a second, nearer-than-5-mm claim on A
+    cube(pred, (14, 21, 21))                     # on B, shifted by one voxel
+    cube(pred, (3, 25, 3), half=0)               # far from everything
+    pred[11, 10, 25] = 1.0                       # within 5 mm of C, no overlap
+    reference, prediction = make_image(ref, spacing), make_image(pred, spacing)
+    labels, n = evaluate.label_components(pred >= 0.5)
+    assert n == 5
+    evidence = evaluate.component_evidence(reference, labels, n)
+    for keep in itertools.product((False, True), repeat=n):
+        filtered = np.isin(labels, [i + 1 for i in range(n) if keep[i]]).astype(np.float32)
+        expected = score_case(reference, make_image(filtered, spacing), "sub-001")
+        got = evaluate.score_components(evidence, keep, "sub-001")
+        for field in ("tp", "fp", "fn", "n_ref", "n_pred", "count_diff"):
+            assert getattr(got, field) == getattr(expected, field), (keep, field)
+        for field in ("f1", "dice", "volume_diff"):
+            assert getattr(got, field) == pytest.approx(getattr(expected, field)), (keep, field)

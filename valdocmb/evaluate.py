@@ -116,6 +116,54 @@ def score_case(reference: sitk.Image, prediction: sitk.Image, subject: str = "",
     return CaseScore(subject, "ok", dice, volume_diff, f1, float(abs(n_ref - n_pred)), n_ref, n_pred, tp, fp, fn)
 
 
+def component_evidence(reference: sitk.Image, labels: np.ndarray, n: int, distance_mm: float = 5.0,
+                       connectivity: int = 26) -> dict:
+    """What `score_case` needs to score any subset of predicted components 1..n (a (z, y, x) label array on the
+    reference's grid, labelled with the same connectivity) without the images: the reference components' sizes,
+    and for each predicted component its size, the reference it claims (index, or None) and their overlap."""
+    ref = sitk.GetArrayFromImage(reference) >= 0.5
+    ref_labels, n_ref = label_components(ref, connectivity)
+    ref_centres = component_centroids_mm(ref_labels, n_ref, reference)
+    pred_centres = component_centroids_mm(labels, n, reference)
+    ref_voxels = ndimage.sum(ref, ref_labels, range(1, n_ref + 1)) if n_ref else []
+    boxes = ndimage.find_objects(labels, n) if n else []
+    components = []
+    for p in range(n):
+        inside = labels[boxes[p]] == p + 1
+        claim, overlap = None, 0
+        if n_ref:
+            distances = np.linalg.norm(ref_centres - pred_centres[p], axis=1)
+            near = np.flatnonzero(distances < distance_mm)
+            if near.size:
+                claim = int(near[np.argmin(distances[near])])
+                overlap = int(np.sum(inside & (ref_labels[boxes[p]] == claim + 1)))
+        components.append({"voxels": int(inside.sum()), "claim": claim, "overlap": overlap})
+    return {"voxel_mm3": float(np.prod(reference.GetSpacing())), "ref_voxels": [int(v) for v in ref_voxels],
+            "components": components}
+
+
+def score_components(evidence: dict, keep, subject: str = "") -> CaseScore:
+    """`score_case` of the prediction made of the kept components only (keep: one bool per component)."""
+    kept = [c for c, k in zip(evidence["components"], keep) if k]
+    n_ref = len(evidence["ref_voxels"])
+    claims: dict[int, list[dict]] = {}
+    for component in kept:
+        if component["claim"] is not None:
+            claims.setdefault(component["claim"], []).append(component)
+    tp = len(claims)
+    fp = sum(c["claim"] is None for c in kept) + sum(len(c) - 1 for c in claims.values())
+    fn = n_ref - tp
+    if n_ref == 0:
+        f1 = dice = math.nan
+    else:
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        dices = [2 * sum(c["overlap"] for c in claimed)
+                 / (evidence["ref_voxels"][ref] + sum(c["voxels"] for c in claimed)) for ref, claimed in claims.items()]
+        dice = float(np.mean(dices)) if dices else 0.0
+    volume_diff = abs(sum(c["voxels"] for c in kept) - sum(evidence["ref_voxels"])) * evidence["voxel_mm3"]
+    return CaseScore(subject, "ok", dice, volume_diff, f1, float(abs(n_ref - len(kept))), n_ref, len(kept), tp, fp, fn)
+
+
 def missing_score(subject: str, n_ref: int, status: str = "missing") -> CaseScore:
     """Worst values for a case without a usable prediction (every reference lesion is missed)."""
     return CaseScore(subject, status, WORST["dice"], WORST["volume_diff"], WORST["f1"], WORST["count_diff"],

@@ -11,6 +11,8 @@ processing grid:
    each axis; the mean CMB probability must reach the threshold.
 4. Segmentation: the U-Net's probabilities on each survivor's 32x32x24 neighbourhood, averaged where patches
    overlap, mapped back to the input grid (linear interpolation) and thresholded.
+5. Lesion rule (`valdocmb.lesion_rule`): connected components too faint, too small or too weakly confirmed are
+   dropped, with minima chosen on labelled cases and stored with the weights.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from models.screening import ScreeningFCN
 from models.segmentation import SegmentationUNet
 
 from .errors import CaseError
+from .lesion_rule import LesionRule, apply_rule, rule_from_manifest
 from .logs import timed
 from .methods import SegmentationResult
 from .patches import add_patches, extract_patches
@@ -56,6 +59,7 @@ class ThreeStageConfig:
     target_spacing: tuple = DEFAULT_TARGET_SPACING
     tile: tuple = (24, 48, 48)             # screening tile in score voxels (z, y, x)
     batch_size: int = 64
+    lesion_rule: LesionRule = field(default_factory=LesionRule)
 
 
 @dataclass
@@ -73,6 +77,10 @@ class Detection:
     probability: np.ndarray
     candidates: list[Candidate] = field(default_factory=list)
     survivors: list[Candidate] = field(default_factory=list)
+    # set by `segment`, on the input grid: the thresholded map's components before the lesion rule, and its verdicts
+    components: np.ndarray | None = None
+    lesions: list = field(default_factory=list)
+    kept: list[bool] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,7 +112,8 @@ class ThreeStagePipeline:
         nets = {"screening": ScreeningFCN(), "discrimination": DiscriminationCNN(),
                 "segmentation": SegmentationUNet()}
         metas = {name: load_weights(net, weights_dir, WEIGHT_FILES[name]) for name, net in nets.items()}
-        config = config or ThreeStageConfig()
+        if config is None:
+            config = ThreeStageConfig(lesion_rule=rule_from_manifest(weights_dir))
         spacing = metas["screening"].get("target_spacing")
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on
@@ -237,17 +246,29 @@ class ThreeStagePipeline:
             probability = detection.preprocessed.to_original(detection.probability, "linear")
             mask = sitk.Cast(probability >= self.config.segmentation_threshold, sitk.sitkUInt8)
             mask.CopyInformation(image)
+        detections = self._detections(detection)
+        result = SegmentationResult(mask, probability, detections)
+        with timed(timings, "lesion_rule", log):
+            rule = self.config.lesion_rule
+            result, detection.components, detection.lesions, detection.kept = apply_rule(result, rule)
+        if not rule.is_noop():
+            log.info("  %d of %d component(s) kept by the lesion rule", sum(detection.kept), len(detection.kept))
         self.last_detection = detection
+        result.info = {**self.describe(), "candidates": len(detection.candidates),
+                       "confirmed": len(detection.survivors), "components": len(detection.kept),
+                       "kept": sum(detection.kept)}
+        return result
+
+    def _detections(self, detection: Detection) -> list[dict]:
+        """The confirmed candidates in world coordinates, with their stage scores."""
         centres = np.array([c.centre for c in detection.survivors], float).reshape(-1, 3)
         world = detection.preprocessed.voxel_to_world(centres)
         # the U-Net segments a survivor's whole patch: a lesion this far from a survivor's centre can be its doing
         spacing_zyx = np.array(self.config.target_spacing[::-1])
         reach_mm = round(float(min(np.array(SegmentationUNet.patch_size) / 2 * spacing_zyx)), 2)
-        detections = [{"world_mm": [round(float(v), 3) for v in w], "screening_score": c.screening_score,
-                       "discrimination_score": c.discrimination_score, "reach_mm": reach_mm}
-                      for c, w in zip(detection.survivors, world)]
-        info = {**self.describe(), "candidates": len(detection.candidates), "confirmed": len(detection.survivors)}
-        return SegmentationResult(mask, probability, detections, info)
+        return [{"world_mm": [round(float(v), 3) for v in w], "screening_score": c.screening_score,
+                 "discrimination_score": c.discrimination_score, "reach_mm": reach_mm}
+                for c, w in zip(detection.survivors, world)]
 
     def describe(self) -> dict:
         return {"method": "three-stage", "device": str(self.device), "config": asdict(self.config),

@@ -1,0 +1,138 @@
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from valdocmb import stagewise, tune
+from valdocmb.errors import CaseError
+from valdocmb.evaluate import label_components
+from valdocmb.lesion_rule import LesionRule, apply_rule, rule_from_manifest
+from valdocmb.methods import SegmentationResult
+from valdocmb.report import Lesion
+from valdocmb.three_stage import ThreeStagePipeline
+from valdocmb.weights import MANIFEST
+
+from conftest import make_image
+from test_three_stage import dark_blob_scan, save_fixed_weights
+
+
+def lesion(max_probability=0.9, volume_mm3=5.0, discrimination=0.9):
+    return Lesion(1, 0, 0, 0, 0, 0, 0, volume_mm3, 5, max_probability, max_probability, 0.5, discrimination)
+
+
+def test_rule_keeps_a_lesion_only_when_every_minimum_is_reached():
+    rule = LesionRule(min_probability=0.8, min_volume_mm3=2.0, min_discrimination=0.9)
+    assert rule.keeps(lesion(0.8, 2.0, 0.9))
+    assert not rule.keeps(lesion(0.79, 2.0, 0.9))
+    assert not rule.keeps(lesion(0.8, 1.9, 0.9))
+    assert not rule.keeps(lesion(0.8, 2.0, 0.89))
+    assert not rule.keeps(lesion(0.8, 2.0, None))       # no candidate reaches it: no confirmation
+    assert LesionRule().keeps(lesion(0.5, 0.0, None))   # the default keeps every component of the mask
+
+
+def two_blob_result(spacing=(0.5, 0.5, 2.0)):
+    probability = np.zeros((10, 20, 20), np.float32)
+    probability[4:7, 4:7, 4:7] = 0.97               # 27 voxels, bright
+    probability[5, 15, 15] = 0.6                    # one faint voxel
+    image = make_image(probability, spacing, (3.0, -2.0, 1.0))
+    mask = sitk.Cast(image >= 0.5, sitk.sitkUInt8)
+    detections = [{"world_mm": list(image.TransformIndexToPhysicalPoint((5, 5, 5))), "screening_score": 0.9,
+                   "discrimination_score": 0.99}]
+    return SegmentationResult(mask, image, detections)
+
+
+def test_apply_rule_drops_components_and_keeps_geometry_and_probability():
+    result = two_blob_result()
+    kept_result, labels, lesions, kept = apply_rule(result, LesionRule(min_probability=0.9))
+    assert [l.max_probability for l in lesions] == [pytest.approx(0.97), pytest.approx(0.6)] and kept == [True, False]
+    out = sitk.GetArrayFromImage(kept_result.mask)
+    assert out.sum() == 27 and out[5, 15, 15] == 0 and out.dtype == np.uint8
+    for attribute in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(kept_result.mask, attribute)() == getattr(result.mask, attribute)()
+    assert kept_result.probability is result.probability          # the map is left as the U-Net made it
+    assert label_components(labels > 0)[1] == 2                    # the components before the rule
+    # volume and discrimination minima: the faint voxel is 0.5 mm^3 and no candidate reaches it
+    assert apply_rule(result, LesionRule(min_volume_mm3=1.0))[3] == [True, False]
+    assert apply_rule(result, LesionRule(min_discrimination=0.5))[3] == [True, False]
+    unchanged = apply_rule(result, LesionRule())
+    assert unchanged[0] is result and unchanged[3] == [True, True]
+
+
+def test_rule_from_manifest(tmp_path):
+    assert rule_from_manifest(tmp_path) == LesionRule()               # no manifest: keep everything
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}}))
+    assert rule_from_manifest(tmp_path) == LesionRule()
+    stored = {"min_probability": 0.9, "min_volume_mm3": 2, "min_discrimination": 0.95, "command": "x"}
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "lesion_rule": stored}))
+    assert rule_from_manifest(tmp_path) == LesionRule(0.9, 2.0, 0.95)
+    (tmp_path / MANIFEST).write_text(json.dumps({"lesion_rule": {"min_probability": "high"}}))
+    with pytest.raises(CaseError, match="MANIFEST.json.*lesion_rule"):
+        rule_from_manifest(tmp_path)
+
+
+def record(subject, components, lesions, ref_voxels=(10,)):
+    return {"subject": subject, "grid": "rss", "ref_voxels": list(ref_voxels),
+            "evidence": {"voxel_mm3": 1.0, "ref_voxels": list(ref_voxels), "components": components},
+            "lesion_objects": lesions}
+
+
+def test_choose_rule_takes_the_best_f1_and_breaks_ties_by_the_lowest_minima():
+    # case a: a true CMB and a faint 1 mm^3 mimic; case b: a true CMB and a confident 0.4 mm^3 speck
+    a = record("sub-a", [{"voxels": 10, "claim": 0, "overlap": 8}, {"voxels": 1, "claim": None, "overlap": 0}],
+               [lesion(1.0, 10.0, 0.99), lesion(0.7, 1.0, 0.9)])
+    b = record("sub-b", [{"voxels": 5, "claim": 0, "overlap": 5}, {"voxels": 1, "claim": None, "overlap": 0}],
+               [lesion(0.96, 5.0, 0.97), lesion(0.99, 0.4, 0.99)])
+    # F1 1 needs both mimics gone; the lowest probability minimum, then volume, then discrimination that does it
+    assert tune.choose_rule([a, b], min_sensitivity=0.9) == LesionRule(0.5, 0.5, 0.95)
+    assert tune.pooled([tune.score_with(r, LesionRule(0.5, 0.5, 0.95)) for r in (a, b)]) == (1.0, 1.0, 0.0)
+    assert tune.choose_rule([a], min_sensitivity=0.9) == LesionRule(0.5, 0.0, 0.95)
+    # a sensitivity floor no rule can keep: still the best F1
+    assert tune.choose_rule([a, b], min_sensitivity=1.1) == LesionRule(0.5, 0.5, 0.95)
+
+
+def test_cross_fitting_never_scores_a_case_with_a_rule_chosen_on_it(monkeypatch):
+    seen = []
+    monkeypatch.setattr(tune, "choose_rule", lambda records, m: seen.append([r["subject"] for r in records])
+                        or LesionRule())
+    records = [record(f"sub-{i}", [], []) for i in range(5)]
+    scores, folds = tune.cross_fit(records, 3, 0.9)
+    assert [s.subject for s in scores] == [r["subject"] for r in records]
+    for fold, chosen_on in zip(folds, seen):
+        assert not set(fold["scored"]) & set(chosen_on)
+    assert sorted(s for fold in folds for s in fold["scored"]) == sorted(r["subject"] for r in records)
+
+
+def test_stagewise_cache_then_tune_records_a_rule_the_pipeline_applies(tmp_path, capsys):
+    weights, data, cache = tmp_path / "weights", tmp_path / "data", tmp_path / "cache"
+    save_fixed_weights(weights)
+    data.mkdir()
+    for i, blob in enumerate(((9, 20, 14), (10, 12, 8), None), 1):
+        scan = dark_blob_scan(blob=blob, seed=i)
+        label = np.zeros(sitk.GetArrayFromImage(scan).shape, np.uint8)
+        if blob:
+            label[blob] = 1
+        sitk.WriteImage(scan, str(data / f"sub-00{i}_space-T2S_desc-masked_T2S.nii.gz"))
+        sitk.WriteImage(make_image(label, scan.GetSpacing(), scan.GetOrigin()),
+                        str(data / f"sub-00{i}_space-T2S_CMB.nii.gz"))
+    args = ["--data", str(data), "--weights", str(weights), "--device", "cpu", "--cache", str(cache)]
+    assert stagewise.main(args) == 0
+    assert sorted(p.name for p in cache.iterdir()) == ["sub-001.json", "sub-002.json", "sub-003.json"]
+    first = capsys.readouterr().out
+    assert "after lesion rule" in first
+    assert stagewise.main(args) == 0                         # a rerun reads every case from the cache
+    assert capsys.readouterr().out == first
+
+    assert tune.main(["--cache", str(cache), "--weights", str(weights), "--folds", "3", "--record"]) == 0
+    stored = json.loads((weights / MANIFEST).read_text())["lesion_rule"]
+    assert {"min_probability", "min_volume_mm3", "min_discrimination", "cross_fitted", "folds"} <= set(stored)
+    pipeline = ThreeStagePipeline.from_weights(weights, "cpu")
+    assert pipeline.config.lesion_rule == rule_from_manifest(weights)
+    # a rule no component passes leaves an empty mask, while the components before it are still known
+    manifest = json.loads((weights / MANIFEST).read_text())
+    manifest["lesion_rule"].update(min_probability=1.01)
+    (weights / MANIFEST).write_text(json.dumps(manifest))
+    pipeline = ThreeStagePipeline.from_weights(weights, "cpu")
+    result = pipeline.segment(dark_blob_scan(), {})
+    assert sitk.GetArrayFromImage(result.mask).sum() == 0
+    assert pipeline.last_detection.kept == [False] and result.info["components"] == 1

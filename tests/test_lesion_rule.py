@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from valdocmb import stagewise, tune
+from valdocmb import run, stagewise, tune
 from valdocmb.errors import CaseError
 from valdocmb.evaluate import label_components
 from valdocmb.lesion_rule import LesionRule, apply_rule, rule_from_manifest
@@ -136,3 +136,14 @@ def test_stagewise_cache_then_tune_records_a_rule_the_pipeline_applies(tmp_path,
     result = pipeline.segment(dark_blob_scan(), {})
     assert sitk.GetArrayFromImage(result.mask).sum() == 0
     assert pipeline.last_detection.kept == [False] and result.info["components"] == 1
+
+    # process.py applies it by default; --lesion-rule off keeps every component
+    inp = tmp_path / "in"
+    inp.mkdir()
+    sitk.WriteImage(dark_blob_scan(), str(inp / "sub-201_space-T2S_desc-masked_T2S.nii.gz"))
+    for choice, voxels in (("weights", 0), ("off", 1)):
+        out = tmp_path / f"out-{choice}"
+        code = run.main(["--input", str(inp), "--output", str(out), "--weights", str(weights), "--device", "cpu",
+                         "--lesion-rule", choice])
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "images" / "sub-201_space-T2S_prediction.nii.gz")))
+        assert code == 0 and int(mask[9, 20, 14]) == voxels

@@ -61,16 +61,16 @@ class EnsembleMethod:
         return SegmentationResult(mask, probability, detections, info)
 
 
-def load(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None):
+def load(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None, lesion_rule: bool = True):
     if name == "three-stage":
         from .three_stage import ThreeStagePipeline
 
-        return ThreeStagePipeline.from_weights(weights_dir, device)
+        return ThreeStagePipeline.from_weights(weights_dir, device, lesion_rule=lesion_rule)
     if name == "nnunet":
         from .nnunet_method import NnUNetMethod
 
         return NnUNetMethod.from_weights(weights_dir, device, **(nnunet_options or {}))
     if name == "ensemble":
-        return EnsembleMethod({member: load(member, weights_dir, device, nnunet_options)
+        return EnsembleMethod({member: load(member, weights_dir, device, nnunet_options, lesion_rule)
                                for member in ("three-stage", "nnunet")})
     raise CaseError(f"unknown method {name!r}")

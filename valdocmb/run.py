@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lesion tables, labelled masks, QC pictures, summary.csv and index.html "
                         "(auto: on for a plain folder, off in the grand-challenge layouts)")
     parser.add_argument("--probability", action="store_true", help="also write each scan's probability map")
+    parser.add_argument("--lesion-rule", choices=("weights", "off"), default=env("CMB_LESION_RULE", "weights"),
+                        help="three-stage: drop faint, tiny or weakly confirmed components by the rule stored with "
+                        "the weights (default), or keep every component of the thresholded map (off)")
     parser.add_argument("--nnunet-tile-step", type=float, default=NNUNET_TILE_STEP,
                         help="nnU-Net sliding-window step as a fraction of the patch (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,
@@ -67,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_method(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None):
+def load_method(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None,
+                lesion_rule: bool = True):
     """The segmenter for `name`: an object with segment(image, timings) -> SegmentationResult."""
     from .methods import load  # imported here so `--help` and I/O errors need no torch
 
-    return load(name, weights_dir, device, nnunet_options)
+    return load(name, weights_dir, device, nnunet_options, lesion_rule)
 
 
 def process_case(case: Case, method, timings: dict) -> tuple[sitk.Image, SegmentationResult]:
@@ -131,7 +135,8 @@ def run(args: argparse.Namespace, method=None) -> int:
         weights = args.weights or default_weights_dir()
         try:
             method = load_method(args.method, weights, args.device,
-                                 {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring})
+                                 {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring},
+                                 args.lesion_rule == "weights")
         except CaseError as exc:
             log.error("cannot start method %s: %s", args.method, exc)
             return 2

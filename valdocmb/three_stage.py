@@ -108,12 +108,14 @@ class ThreeStagePipeline:
         self.weights_info: dict = {}
 
     @classmethod
-    def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None):
+    def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None,
+                     lesion_rule: bool = True):
+        """lesion_rule: apply the rule stored with the weights (when no config is given), else keep everything."""
         nets = {"screening": ScreeningFCN(), "discrimination": DiscriminationCNN(),
                 "segmentation": SegmentationUNet()}
         metas = {name: load_weights(net, weights_dir, WEIGHT_FILES[name]) for name, net in nets.items()}
         if config is None:
-            config = ThreeStageConfig(lesion_rule=rule_from_manifest(weights_dir))
+            config = ThreeStageConfig(lesion_rule=rule_from_manifest(weights_dir) if lesion_rule else LesionRule())
         spacing = metas["screening"].get("target_spacing")
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on

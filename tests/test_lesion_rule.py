@@ -124,6 +124,12 @@ def test_stagewise_cache_then_tune_records_a_rule_the_pipeline_applies(tmp_path,
     assert capsys.readouterr().out == first
 
     assert tune.main(["--cache", str(cache), "--weights", str(weights), "--folds", "3", "--record"]) == 0
+    # records of other weights: tune refuses to record, and stagewise runs such a case again
+    stale = json.loads((cache / "sub-002.json").read_text())
+    (cache / "sub-002.json").write_text(json.dumps({**stale, "weights": "0123456789ab"}))
+    assert tune.main(["--cache", str(cache), "--weights", str(weights), "--record"]) == 2
+    assert stagewise.main(args) == 0
+    assert json.loads((cache / "sub-002.json").read_text())["weights"] == stale["weights"]
     stored = json.loads((weights / MANIFEST).read_text())["lesion_rule"]
     assert {"min_probability", "min_volume_mm3", "min_discrimination", "cross_fitted", "folds"} <= set(stored)
     pipeline = ThreeStagePipeline.from_weights(weights, "cpu")

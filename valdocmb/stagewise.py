@@ -93,12 +93,17 @@ def evaluate_stages(pipeline, cases, radius_mm: float = 1.5, distance_mm: float 
     for i, (subject, scan, label) in enumerate(cases, 1):
         cached = cache / f"{subject}.json" if cache else None
         if cached and cached.is_file():
-            records.append(json.loads(cached.read_text()))
-            log.info("[%d/%d] %s: from %s", i, len(cases), subject, cached)
-            continue
+            record = json.loads(cached.read_text())
+            if record.get("weights") == pipeline.weights_info.get("version"):
+                records.append(record)
+                log.info("[%d/%d] %s: from %s", i, len(cases), subject, cached)
+                continue
+            log.warning("[%d/%d] %s: %s was made with other weights (%s); running it again", i, len(cases),
+                        subject, cached, record.get("weights"))
         start = time.perf_counter()
         record = case_record(pipeline, read_scan(scan), read_mask(label), radius_mm, distance_mm)
-        record.update(subject=subject, grid=grid_of(scan, subject), seconds=time.perf_counter() - start)
+        record.update(subject=subject, grid=grid_of(scan, subject), seconds=time.perf_counter() - start,
+                      weights=pipeline.weights_info.get("version"))
         scores = stage_scores(record, pipeline.config.lesion_rule)
         s, r = scores["segmentation"], scores["lesion rule"]
         log.info("[%d/%d] %s %s: ref %d, cand %d, conf %d, seg %d (TP %d FP %d), rule %d (TP %d FP %d)  %.1f s",

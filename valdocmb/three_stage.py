@@ -83,6 +83,12 @@ class Detection:
     kept: list[bool] = field(default_factory=list)
 
 
+def weights_version(weights_dir: Path) -> str:
+    """A short digest of the three networks' weight files: what run.json and cached evaluations refer to."""
+    digests = {name: weights_digest(weights_dir, relative) for name, relative in WEIGHT_FILES.items()}
+    return hashlib.sha256("".join(digests[name] for name in sorted(digests)).encode()).hexdigest()[:12]
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -121,8 +127,8 @@ class ThreeStagePipeline:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on
         pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config)
         digests = {name: weights_digest(weights_dir, WEIGHT_FILES[name]) for name in nets}
-        version = hashlib.sha256("".join(digests[name] for name in sorted(digests)).encode()).hexdigest()[:12]
-        pipeline.weights_info = {"folder": str(weights_dir), "version": version, "sha256": digests}
+        pipeline.weights_info = {"folder": str(weights_dir), "version": weights_version(weights_dir),
+                                 "sha256": digests}
         log.info("three-stage weights from %s on %s", weights_dir, pipeline.device)
         return pipeline
 

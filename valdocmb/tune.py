@@ -30,6 +30,7 @@ from .lesion_rule import MANIFEST_KEY, LesionRule
 from .logs import setup_logging
 from .report import Lesion
 from .run import default_weights_dir
+from .three_stage import weights_version
 from .weights import MANIFEST
 
 log = logging.getLogger("valdocmb.tune")
@@ -137,6 +138,12 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(clean, indent=1))
     if args.record:
         weights = args.weights or default_weights_dir()
+        version = weights_version(weights)
+        other = sorted({str(r.get("weights")) for r in records} - {version})
+        if other:
+            log.error("%s: records made with weights %s, not with %s (%s); the rule was not recorded", args.cache,
+                      ", ".join(other), weights, version)
+            return 2
         manifest_path = weights / MANIFEST
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
         manifest[MANIFEST_KEY] = {**clean["rule"], "command": "python -m valdocmb.tune " + " ".join(sys.argv[1:]),

@@ -28,6 +28,7 @@ def test_rule_keeps_a_lesion_only_when_every_minimum_is_reached():
     assert not rule.keeps(lesion(0.8, 1.9, 0.9))
     assert not rule.keeps(lesion(0.8, 2.0, 0.89))
     assert not rule.keeps(lesion(0.8, 2.0, None))       # no candidate reaches it: no confirmation
+    assert not LesionRule(min_mean_probability=0.85).keeps(lesion(0.8, 2.0, 0.9))   # mean = max here
     assert LesionRule().keeps(lesion(0.5, 0.0, None))   # the default keeps every component of the mask
 
 
@@ -63,9 +64,14 @@ def test_rule_from_manifest(tmp_path):
     assert rule_from_manifest(tmp_path) == LesionRule()               # no manifest: keep everything
     (tmp_path / MANIFEST).write_text(json.dumps({"files": {}}))
     assert rule_from_manifest(tmp_path) == LesionRule()
-    stored = {"min_probability": 0.9, "min_volume_mm3": 2, "min_discrimination": 0.95, "command": "x"}
+    stored = {"min_probability": 0.9, "min_volume_mm3": 2, "min_discrimination": 0.95, "min_mean_probability": 0.8,
+              "command": "x"}
     (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "lesion_rule": stored}))
-    assert rule_from_manifest(tmp_path) == LesionRule(0.9, 2.0, 0.95)
+    assert rule_from_manifest(tmp_path) == LesionRule(0.9, 2.0, 0.95, 0.8)
+    del stored["min_mean_probability"]                                # every minimum must be there
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "lesion_rule": stored}))
+    with pytest.raises(CaseError, match="min_mean_probability"):
+        rule_from_manifest(tmp_path)
     (tmp_path / MANIFEST).write_text(json.dumps({"lesion_rule": {"min_probability": "high"}}))
     with pytest.raises(CaseError, match="MANIFEST.json.*lesion_rule"):
         rule_from_manifest(tmp_path)
@@ -83,12 +89,13 @@ def test_choose_rule_takes_the_best_f1_and_breaks_ties_by_the_lowest_minima():
                [lesion(1.0, 10.0, 0.99), lesion(0.7, 1.0, 0.9)])
     b = record("sub-b", [{"voxels": 5, "claim": 0, "overlap": 5}, {"voxels": 1, "claim": None, "overlap": 0}],
                [lesion(0.96, 5.0, 0.97), lesion(0.99, 0.4, 0.99)])
-    # F1 1 needs both mimics gone; the lowest probability minimum, then volume, then discrimination that does it
-    assert tune.choose_rule([a, b], min_sensitivity=0.9) == LesionRule(0.5, 0.5, 0.95)
-    assert tune.pooled([tune.score_with(r, LesionRule(0.5, 0.5, 0.95)) for r in (a, b)]) == (1.0, 1.0, 0.0)
-    assert tune.choose_rule([a], min_sensitivity=0.9) == LesionRule(0.5, 0.0, 0.95)
+    # F1 1 needs both mimics gone: the lowest minima that do it, compared in the order probability, volume,
+    # discrimination, mean probability (the speck needs a volume minimum, a's mimic a mean or discrimination one)
+    assert tune.choose_rule([a, b], min_sensitivity=0.9) == LesionRule(0.5, 0.5, 0.0, 0.8)
+    assert tune.pooled([tune.score_with(r, LesionRule(0.5, 0.5, 0.0, 0.8)) for r in (a, b)]) == (1.0, 1.0, 0.0)
+    assert tune.choose_rule([a], min_sensitivity=0.9) == LesionRule(0.5, 0.0, 0.0, 0.8)
     # a sensitivity floor no rule can keep: still the best F1
-    assert tune.choose_rule([a, b], min_sensitivity=1.1) == LesionRule(0.5, 0.5, 0.95)
+    assert tune.choose_rule([a, b], min_sensitivity=1.1) == LesionRule(0.5, 0.5, 0.0, 0.8)
 
 
 def test_cross_fitting_never_scores_a_case_with_a_rule_chosen_on_it(monkeypatch):

@@ -1,8 +1,8 @@
 """The lesion rule: which connected components of the three-stage pipeline's thresholded probability map it reports.
 
 The U-Net segments every confirmed candidate's whole patch, so besides the microbleed it can leave small, faint
-components (vessel ends, brain-edge spots). A component is kept when its highest probability, its volume and the
-best discrimination score of the candidates that produced it all reach the rule's minima. The rule belongs to the
+components (vessel ends, brain-edge spots). A component is kept when its highest and mean probability, its volume
+and the best discrimination score of the candidates that produced it all reach the rule's minima. The rule belongs to the
 weights: `python -m valdocmb.tune` chooses it on labelled cases and stores it in MANIFEST.json under "lesion_rule";
 weights without one keep every component (min_probability 0.5 is the segmentation threshold itself).
 
@@ -31,11 +31,13 @@ class LesionRule:
     min_probability: float = 0.5       # highest probability inside the component
     min_volume_mm3: float = 0.0
     min_discrimination: float = 0.0    # best discrimination score of the candidates whose patches made it
+    min_mean_probability: float = 0.0  # mean probability over the component
 
     def keeps(self, lesion: Lesion) -> bool:
         discrimination = lesion.discrimination_score if lesion.discrimination_score is not None else 0.0
         return (lesion.max_probability >= self.min_probability and lesion.volume_mm3 >= self.min_volume_mm3
-                and discrimination >= self.min_discrimination)
+                and discrimination >= self.min_discrimination
+                and lesion.mean_probability >= self.min_mean_probability)
 
     def is_noop(self) -> bool:
         return self == LesionRule()
@@ -55,8 +57,8 @@ def rule_from_manifest(weights_dir: Path) -> LesionRule:
     try:
         return LesionRule(**{name: float(stored[name]) for name in asdict(LesionRule())})
     except (KeyError, TypeError, ValueError) as exc:
-        raise CaseError(f"{path}: {MANIFEST_KEY!r} needs numbers min_probability, min_volume_mm3 and "
-                        f"min_discrimination ({exc})") from None
+        raise CaseError(f"{path}: {MANIFEST_KEY!r} needs the numbers {', '.join(asdict(LesionRule()))} "
+                        f"({exc})") from None
 
 
 def apply_rule(result: SegmentationResult, rule: LesionRule) -> tuple[SegmentationResult, np.ndarray, list[Lesion],

@@ -4,10 +4,11 @@
     python -m valdocmb.tune --cache RUNS/records [--folds 5] [--min-sensitivity 0.9] [--record]
 
 A rule (`valdocmb.lesion_rule.LesionRule`) keeps a component of the thresholded U-Net map when its highest
-probability, its volume and its best discrimination score reach three minima. Every rule on a grid of minima is
+probability, its volume, its best discrimination score and its mean probability reach four minima. Every rule on a grid of minima is
 scored on the cached evidence (exactly as `evaluate.score_case` would score the filtered mask); the chosen rule has
 the highest pooled F1 among those keeping pooled sensitivity >= --min-sensitivity (the highest pooled F1 when none
-does); of equal rules, the one with the lowest probability minimum, then volume, then discrimination minimum.
+does); of equal rules, the one with the lowest probability minimum, then volume, discrimination and mean
+probability minimum.
 
 The figures of a rule chosen on the cases it is scored on are optimistic. Cross-fitting gives the honest ones: the
 cases are split into --folds groups; each group is scored with the rule chosen on the other groups. --record
@@ -37,12 +38,13 @@ log = logging.getLogger("valdocmb.tune")
 
 PROBABILITY_MINIMA = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 VOLUME_MINIMA_MM3 = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
-DISCRIMINATION_MINIMA = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+DISCRIMINATION_MINIMA = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
+MEAN_PROBABILITY_MINIMA = (0.0, 0.6, 0.7, 0.8, 0.85, 0.9)
 
 
 def candidate_rules() -> list[LesionRule]:
-    return [LesionRule(p, v, d) for p, v, d in
-            itertools.product(PROBABILITY_MINIMA, VOLUME_MINIMA_MM3, DISCRIMINATION_MINIMA)]
+    return [LesionRule(*minima) for minima in
+            itertools.product(PROBABILITY_MINIMA, VOLUME_MINIMA_MM3, DISCRIMINATION_MINIMA, MEAN_PROBABILITY_MINIMA)]
 
 
 def load_records(cache: Path) -> list[dict]:
@@ -70,7 +72,7 @@ def choose_rule(records: list[dict], min_sensitivity: float, rules: list[LesionR
     rules = rules or candidate_rules()
     figures = [(pooled([score_with(r, rule) for r in records]), rule) for rule in rules]
     eligible = [item for item in figures if item[0][1] >= min_sensitivity] or figures
-    # max() keeps the first of equals: rules are listed by probability, then volume, then discrimination minimum
+    # max() keeps the first of equals: rules are listed by probability, then volume, discrimination, mean minimum
     return max(eligible, key=lambda item: item[0][0])[1]
 
 

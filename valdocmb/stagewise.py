@@ -171,7 +171,9 @@ def record_validation(manifest_path: Path, summary: dict, args, subjects: list[s
     manifest["validation"] = {
         "data": str(args.data), "subjects": subjects, "device": device,
         "command": "python -m valdocmb.stagewise " + " ".join(sys.argv[1:]),
-        "note": "simulated hold-out cases never used in training; per grid and after each stage",
+        "note": "simulated hold-out cases never used in training; per grid and after each stage. The lesion rule "
+                "row applies the rule stored with the weights: when it was chosen on these same cases (tune), that "
+                "row is optimistic, and lesion_rule.cross_fitted holds the honest figures",
         "summary": clean,
     }
     manifest_path.write_text(json.dumps(manifest, indent=2))

@@ -89,3 +89,14 @@ def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_pa
     before = (work / "screening.ckpt").stat().st_mtime_ns
     assert train.main(args) == 0
     assert (work / "screening.ckpt").stat().st_mtime_ns == before
+
+
+def test_schedule_overrides_change_only_the_named_numbers():
+    base = train.SCHEDULES["cpu"]
+    changed = train.schedule_with(base, ["discrimination_iterations=30", "mining_threshold=0.2"])
+    assert changed.discrimination_iterations == 30 and changed.mining_threshold == 0.2
+    assert changed.screening_iterations == base.screening_iterations
+    assert train.SCHEDULES["cpu"].discrimination_iterations == 10  # the named schedule itself is untouched
+    for bad in ("discrimination_iterations", "no_such=3", "batch_size=many", "batch_size=0"):
+        with pytest.raises(SystemExit, match="--set"):
+            train.schedule_with(base, [bad])

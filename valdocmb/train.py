@@ -1,6 +1,6 @@
 """Train the three stages from a VALDO-layout folder and write inference weights plus weights/MANIFEST.json.
 
-    python -m valdocmb.train --data DIR --out weights [--schedule cpu|gpu|paper] [--device auto] [--seed 0]
+    python -m valdocmb.train --data DIR --out weights [--schedule cpu|gpu|paper] [--set NAME=VALUE] [--device auto] [--seed 0]
     python -m valdocmb.train --data DIR --folds 5 ...        # k-fold cross-validation with VALDO scoring
 
 Protocol (Chen & Dou): screening first on positives and random negatives (the initial model), false positives mined
@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,23 @@ SCHEDULES = {
     "cpu": Schedule(4, 2_048, 16, 3_072, 10, 3_072, 12, 384, 64),
     "smoke": Schedule(1, 64, 1, 64, 1, 64, 1, 16, 16),
 }
+
+
+def schedule_with(schedule: Schedule, overrides: list[str]) -> Schedule:
+    """The schedule with NAME=VALUE overrides (e.g. discrimination_iterations=30); a bad one stops with the reason."""
+    kinds = {f.name: f.type for f in fields(Schedule)}
+    changes = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in kinds:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(kinds)}")
+        try:
+            changes[name] = float(value) if kinds[name] in (float, "float") else int(value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {value!r} is not a number") from None
+        if changes[name] <= 0:
+            raise SystemExit(f"--set {item!r}: must be positive")
+    return replace(schedule, **changes)
 
 
 # -- sample pools ---------------------------------------------------------------------------------------------------
@@ -264,6 +281,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("weights"), help="weights folder to write")
     parser.add_argument("--work", type=Path, default=Path("runs/train"), help="checkpoints, pool cache, logs")
     parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one number of the schedule, e.g. --set discrimination_iterations=30 (repeatable)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes building the sample pool")
@@ -277,7 +296,7 @@ def main(argv=None) -> int:
     if not cases:
         log.error("%s: no scan with a label (sub-*_space-T2S_desc-masked_T2S.nii.gz + _CMB.nii.gz)", args.data)
         return 2
-    schedule = SCHEDULES[args.schedule]
+    schedule = schedule_with(SCHEDULES[args.schedule], args.set)
     log.info("training on %d cases from %s, schedule %s %s, device %s", len(cases), args.data, args.schedule,
              asdict(schedule), device)
     started = time.perf_counter()
@@ -294,7 +313,8 @@ def main(argv=None) -> int:
     stage_seconds = sum(e["seconds"] for v in record.values() if isinstance(v, list) for e in v)
     meta = {
         "data": str(args.data), "cases": len(cases), "subjects": [c[0] for c in cases],
-        "schedule": args.schedule, "schedule_detail": asdict(schedule), "seed": args.seed,
+        "schedule": args.schedule + "".join(f" --set {item}" for item in args.set),
+        "schedule_detail": asdict(schedule), "seed": args.seed,
         "command": "python -m valdocmb.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device), "hardware": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),

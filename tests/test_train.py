@@ -8,6 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from valdocmb import train
+from valdocmb.lesion_rule import rule_from_manifest
 from valdocmb.samples import CROP, augment, case_pool, draw_batch, find_training_cases
 from valdocmb.three_stage import WEIGHT_FILES, ThreeStagePipeline
 from valdocmb.weights import sha256
@@ -84,11 +85,30 @@ def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_pa
         assert set(torch.load(out / relative, weights_only=True)) == {"architecture", "state_dict", "meta"}
     pipeline = ThreeStagePipeline.from_weights(out, "cpu")
     assert pipeline.config.target_spacing == (0.49, 0.49, 0.8)
+    assert rule_from_manifest(out).is_noop()
 
     # a second run finds every stage's checkpoint complete and the pool cached: nothing is trained again
     before = (work / "screening.ckpt").stat().st_mtime_ns
     assert train.main(args) == 0
     assert (work / "screening.ckpt").stat().st_mtime_ns == before
+
+    # new weights over old ones: the rule and figures measured on the old ones go, other methods' entries stay
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    manifest["lesion_rule"] = {"min_probability": 0.9, "min_volume_mm3": 1.0, "min_discrimination": 0.5,
+                               "min_mean_probability": 0.6}
+    manifest["validation"], manifest["comparison"] = {"cases": 50}, {"cases": 20}
+    manifest["files"]["nnunet/plans.json"] = {"sha256": "0" * 64, "method": "nnunet"}
+    (out / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert not rule_from_manifest(out).is_noop()
+    assert train.main(args) == 0  # the same weights again: nothing is dropped
+    assert not rule_from_manifest(out).is_noop()
+    other_seed = ["--data", str(data), "--out", str(out), "--work", str(tmp_path / "work2"), "--schedule", "smoke",
+                  "--workers", "1", "--seed", "1"]
+    assert train.main(other_seed) == 0
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert not {"lesion_rule", "validation", "comparison"} & set(manifest)
+    assert manifest["files"]["nnunet/plans.json"]["method"] == "nnunet"
+    assert rule_from_manifest(out).is_noop()
 
 
 def test_schedule_overrides_change_only_the_named_numbers():

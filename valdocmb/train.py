@@ -258,10 +258,15 @@ def train_all(crops: list[Crop], schedule: Schedule, device, work: Path, seed: i
     return {k: v.cpu().eval() for k, v in nets.items()}, record
 
 
+# manifest entries that belong to one set of three-stage weights (tune, stagewise and compare --record write them)
+STALE_WITH_NEW_WEIGHTS = ("lesion_rule", "validation", "comparison")
+
+
 def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
     """Inference weights and their manifest entries (merged into an existing MANIFEST.json)."""
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
+    previous = {relative: dict(entry) for relative, entry in manifest["files"].items()}
     for name, net in nets.items():
         relative = WEIGHT_FILES[name]
         digest = save_weights(net, out / relative, {"target_spacing": list(meta["target_spacing"])})
@@ -271,6 +276,16 @@ def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
             "final_iteration": record[name][-1] if record.get(name) else None,
         }
     manifest["three_stage_training"] = {"pool": record["pool"], "mined_false_positives": record["mined_false_positives"]}
+    # figures and the lesion rule measured on the previous three-stage weights do not describe new ones
+    changed = any(previous.get(relative, {}).get("sha256") != manifest["files"][relative]["sha256"]
+                  for relative in WEIGHT_FILES.values())
+    stale = [key for key in STALE_WITH_NEW_WEIGHTS if key in manifest] if changed else []
+    for key in stale:
+        del manifest[key]
+    if stale:
+        log.warning("%s: dropped %s, measured on the previous weights; measure and choose again with "
+                    "`python -m valdocmb.stagewise --cache DIR --record` and `python -m valdocmb.tune --cache DIR "
+                    "--record`", manifest_path, ", ".join(stale))
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
 

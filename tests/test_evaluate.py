@@ -175,6 +175,17 @@ def test_cli_pairs_by_subject_and_scores_missing_as_worst(tmp_path, capsys):
     assert "100000.0" in rows[2]
 
 
+def test_report_side_outputs_beside_a_mask_are_not_taken_for_masks(tmp_path):
+    # `process.py --reports on --probability` writes these next to each mask; a lone _labels file is still a mask
+    lesion = cube(empty(), (8, 8, 8))
+    for name in ("sub-101_space-T2S_prediction.nii.gz", "sub-101_space-T2S_prediction_labels.nii.gz",
+                 "sub-101_space-T2S_prediction_probability.nii.gz", "b_labels.nii.gz"):
+        sitk.WriteImage(make_image(lesion), str(tmp_path / name))
+    found = evaluate.collect(tmp_path)
+    assert {k: p.name for k, p in found.items()} == {"sub-101": "sub-101_space-T2S_prediction.nii.gz",
+                                                     "b_labels": "b_labels.nii.gz"}
+
+
 def test_component_evidence_scores_every_subset_as_score_case_does():
     """Scoring kept components from the evidence equals scoring the filtered mask, for every subset."""
     import itertools

@@ -10,7 +10,7 @@ import torch
 from valdocmb import train
 from valdocmb.lesion_rule import rule_from_manifest
 from valdocmb.samples import CROP, augment, case_pool, draw_batch, find_training_cases
-from valdocmb.three_stage import WEIGHT_FILES, ThreeStagePipeline
+from valdocmb.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
 from valdocmb.weights import sha256
 
 from conftest import make_image
@@ -120,3 +120,35 @@ def test_schedule_overrides_change_only_the_named_numbers():
     for bad in ("discrimination_iterations", "no_such=3", "batch_size=many", "batch_size=0"):
         with pytest.raises(SystemExit, match="--set"):
             train.schedule_with(base, [bad])
+
+
+def test_cross_validation_tests_every_case_once_on_networks_not_trained_on_it(data, tmp_path, monkeypatch, capsys):
+    from valdocmb import crossval
+
+    monkeypatch.setitem(train.SCHEDULES, "smoke", train.Schedule(1, 8, 1, 8, 1, 8, 1, 4, 4, 4))
+    trained_on, tested = [], []
+    real_train_all, real_evaluate = train.train_all, crossval.evaluate_stages
+
+    def recording_train_all(crops, *args, **kwargs):
+        trained_on.append({c.case for c in crops})
+        return real_train_all(crops, *args, **kwargs)
+
+    def recording_evaluate(pipeline, cases, *args, **kwargs):
+        tested.append({c[0] for c in cases})
+        return real_evaluate(pipeline, cases, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_all", recording_train_all)
+    monkeypatch.setattr(crossval, "evaluate_stages", recording_evaluate)
+    # untrained networks confirm every candidate: keep a few so that the test stays fast
+    few = lambda *nets_and_device: ThreeStagePipeline(*nets_and_device, config=ThreeStageConfig(max_candidates=4))
+    monkeypatch.setattr(crossval, "ThreeStagePipeline", few)
+    work = tmp_path / "work"
+    assert train.main(["--data", str(data), "--work", str(work), "--schedule", "smoke", "--workers", "1",
+                       "--folds", "3"]) == 0
+    assert len(tested) == 3 and sorted(s for fold in tested for s in fold) == ["sub-001", "sub-002", "sub-003"]
+    for fold_train, fold_test in zip(trained_on, tested):
+        assert fold_train and not fold_train & fold_test
+    table = json.loads((work / "crossval.json").read_text())
+    assert [row["cases"] for row in table["folds"]] == [1, 1, 1]
+    out = capsys.readouterr().out
+    assert "Dice" in out and "CntDiff" in out and "mean" in out

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .stagewise import evaluate_stages
+from .lesion_rule import LesionRule
+from .stagewise import evaluate_stages, stage_scores
 from .three_stage import ThreeStagePipeline
 
 log = logging.getLogger("valdocmb.crossval")
@@ -22,6 +23,12 @@ log = logging.getLogger("valdocmb.crossval")
 def fold_of(subjects: list[str], folds: int, seed: int) -> dict[str, int]:
     order = np.random.default_rng(seed).permutation(len(subjects))
     return {subjects[i]: rank % folds for rank, i in enumerate(order)}
+
+
+def nan_mean(values) -> float:
+    """Mean of the defined values; NaN when none is (Dice and F1 are undefined on a fold without CMBs)."""
+    defined = [float(v) for v in values if not np.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
 
 
 def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed: int) -> int:
@@ -36,15 +43,16 @@ def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed:
         nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed)
         pipeline = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device)
         rows = evaluate_stages(pipeline, test_cases)
-        scores = [r["segmentation"] for r in rows]
+        # the fold's networks have no lesion rule of their own: score the thresholded U-Net map, every component
+        scores = [stage_scores(r, LesionRule())["segmentation"] for r in rows]
         table.append({"fold": fold + 1, "cases": len(scores),
-                      **{m: float(np.nanmean([getattr(s, m) for s in scores])) for m in
+                      **{m: nan_mean([getattr(s, m) for s in scores]) for m in
                          ("dice", "volume_diff", "f1", "count_diff")}})
     print(f"{'fold':>4} {'cases':>5} {'Dice':>6} {'VolDiff':>8} {'F1':>6} {'CntDiff':>8}")
     for row in table:
         print(f"{row['fold']:>4} {row['cases']:>5} {row['dice']:6.3f} {row['volume_diff']:8.2f} {row['f1']:6.3f} "
               f"{row['count_diff']:8.2f}")
-    means = {m: float(np.nanmean([r[m] for r in table])) for m in ("dice", "volume_diff", "f1", "count_diff")}
+    means = {m: nan_mean([r[m] for r in table]) for m in ("dice", "volume_diff", "f1", "count_diff")}
     print(f"{'mean':>4} {'':>5} {means['dice']:6.3f} {means['volume_diff']:8.2f} {means['f1']:6.3f} "
           f"{means['count_diff']:8.2f}")
     (work / "crossval.json").write_text(json.dumps({"folds": table, "mean": means}, indent=1))

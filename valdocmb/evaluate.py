@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import CaseError
-from .imageio import image_extension, read_mask, strip_image_extension
+from .imageio import LABELS_SUFFIX, PROBABILITY_SUFFIX, image_extension, read_mask, strip_image_extension
 from .logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -196,14 +196,14 @@ def summarize(scores: list[CaseScore]) -> dict:
 
 SUBJECT_ID = re.compile(r"(sub-[A-Za-z0-9]+)")
 NAME_SUFFIXES = ("_prediction", "_CMB", "_cmb", "_T2S", "_space-T2S", "_desc-masked")
-# what `process.py --reports on / --probability` writes beside each mask; not masks themselves
-SIDE_OUTPUT_SUFFIXES = ("_labels", "_probability")
 
 
-def is_side_output(path: Path, names: set[str]) -> bool:
-    """A component-label or probability map written next to a mask that is in the same folder."""
-    stem, ext = strip_image_extension(path.name), path.name[len(strip_image_extension(path.name)):]
-    return any(stem.endswith(suffix) and stem[: -len(suffix)] + ext in names for suffix in SIDE_OUTPUT_SUFFIXES)
+def is_side_output(path: Path, files: set[Path]) -> bool:
+    """A component-label or probability map written next to a mask that is among `files` (see `run.sibling`)."""
+    stem = strip_image_extension(path.name)
+    ext = path.name[len(stem):]
+    return any(stem.endswith(suffix) and path.with_name(stem[: -len(suffix)] + ext) in files
+               for suffix in (LABELS_SUFFIX, PROBABILITY_SUFFIX))
 
 
 def subject_id(name: str) -> str:
@@ -227,8 +227,8 @@ def collect(folder: Path, prefer_labels: bool = False) -> dict[str, Path]:
         raise ValueError(f"{folder}: folder not found")
     files = [p for sub in (folder, folder / "images") if sub.is_dir()
              for p in sorted(sub.iterdir()) if p.is_file() and image_extension(p) and not p.name.startswith(".")]
-    names = {p.name for p in files}
-    files = [p for p in files if not is_side_output(p, names)]
+    present = set(files)
+    files = [p for p in files if not is_side_output(p, present)]
     if prefer_labels and any("_CMB" in p.name for p in files):
         files = [p for p in files if "_CMB" in p.name]  # a VALDO training folder: labels beside the scans
     by_id: dict[str, Path] = {}

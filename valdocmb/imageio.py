@@ -33,6 +33,10 @@ def image_extension(path: str | Path) -> str | None:
     return None
 
 
+# images `process.py` writes beside a mask (`--reports on`, `--probability`): <mask stem><suffix><mask extension>
+LABELS_SUFFIX, PROBABILITY_SUFFIX = "_labels", "_probability"
+
+
 def strip_image_extension(name: str) -> str:
     ext = image_extension(name)
     return name[: -len(ext)] if ext else name

@@ -22,7 +22,8 @@ import SimpleITK as sitk
 
 from . import __version__, report
 from .errors import CaseError
-from .imageio import image_extension, image_like, read_scan, same_geometry, write_image_atomic, write_text_atomic
+from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, image_extension, image_like, read_scan, same_geometry,
+                      write_image_atomic, write_text_atomic)
 from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
 from .logs import setup_logging
 from .methods import NAMES as METHODS
@@ -109,11 +110,11 @@ def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, arg
     if reports_on(args, layout):
         write_text_atomic(report.lesions_csv(lesions), sibling(case.output_path, "_lesions", ".csv"))
         write_text_atomic(report.lesions_json(lesions, case.case_id), sibling(case.output_path, "_lesions", ".json"))
-        write_image_atomic(image_like(labels, image), sibling(case.output_path, "_labels"))
+        write_image_atomic(image_like(labels, image), sibling(case.output_path, LABELS_SUFFIX))
         picture = qc_png(image, labels, lesions, args.output / "qc" / f"{case.case_id}.png", case.case_id)
         row["qc"] = str(picture.relative_to(args.output))
     if args.probability and result.probability is not None:
-        write_image_atomic(result.probability, sibling(case.output_path, "_probability"))
+        write_image_atomic(result.probability, sibling(case.output_path, PROBABILITY_SUFFIX))
 
 
 def reports_on(args, layout: str) -> bool:

@@ -51,12 +51,16 @@ RUN pip install "${TORCH_SPEC}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL
 
 WORKDIR /opt/app
 ENV PYTHONPATH=/opt/app
+# Only the inference core, the networks (installed as valdocmb.models, as pyproject.toml maps them), evaluate and
+# the weights: training, tuning, benchmarks and the simulator stay out of the image.
 COPY process.py pyproject.toml README.md /opt/app/
-COPY models /opt/app/models
-COPY valdocmb /opt/app/valdocmb
+COPY valdocmb/__init__.py /opt/app/valdocmb/__init__.py
+COPY valdocmb/core /opt/app/valdocmb/core
+COPY valdocmb/evaluate /opt/app/valdocmb/evaluate
+COPY models /opt/app/valdocmb/models
 COPY weights /opt/app/weights
 # /opt/app is read-only for the user: results go to /output, scratch to /tmp
-RUN python -c "import valdocmb.run, valdocmb.nnunet_method, models.screening" \
+RUN python -c "import valdocmb.core.run, valdocmb.core.three_stage, valdocmb.core.nnunet, valdocmb.evaluate" \
     && find /opt/app -name __pycache__ -prune -exec rm -rf {} +
 
 USER user

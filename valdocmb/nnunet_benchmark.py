@@ -1,65 +1,8 @@
-"""Measure nnU-Net's inference options (test-time mirroring, tile step) on one scan, in one run.
+"""`python -m valdocmb.nnunet_benchmark`, kept working: the command `valdocmb-nnunet-benchmark`, whose code is valdocmb/bench/nnunet.py."""
 
-    python -m valdocmb.nnunet_benchmark [--scan FILE] [--crop X0 X1 Y0 Y1] [--device cpu] [--weights weights]
-
-Each variant segments the same scan with the shipped model; printed per variant: seconds, the ratio to the first
-variant (the defaults), voxels at probability >= 0.5 and the largest probability change against the defaults.
-The README's choice of defaults comes from this. This is a benchmark, not a test.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
-from .logs import setup_logging
-from .nnunet_method import DEFAULT_MIRRORING, DEFAULT_TILE_STEP, NnUNetMethod
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "tests/data/example/input/sub-001_space-T2S_desc-masked_T2S.nii.gz"
-VARIANTS = ((DEFAULT_TILE_STEP, DEFAULT_MIRRORING), (DEFAULT_TILE_STEP, not DEFAULT_MIRRORING), (0.75, False),
-            (1.0, False))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m valdocmb.nnunet_benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scan", type=Path, default=EXAMPLE)
-    parser.add_argument("--crop", type=int, nargs=4, default=(32, 96, 40, 104), metavar=("X0", "X1", "Y0", "Y1"),
-                        help="in-plane voxel range kept (default: 64x64 of the example); 0 0 0 0 keeps all")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    setup_logging()
-    scan = sitk.ReadImage(str(args.scan), sitk.sitkFloat32)
-    x0, x1, y0, y1 = args.crop
-    if x1 > x0 and y1 > y0:
-        scan = scan[x0:x1, y0:y1, :]
-    print(f"{args.scan.name}: {'x'.join(map(str, scan.GetSize()))} voxels, device {args.device}", flush=True)
-    rows, reference, base = [], None, None
-    for step, mirroring in VARIANTS:
-        method = NnUNetMethod.from_weights(args.weights, args.device, tile_step=step, mirroring=mirroring)
-        start = time.perf_counter()
-        probability = sitk.GetArrayFromImage(method.probability(scan, {}))
-        seconds = time.perf_counter() - start
-        if reference is None:
-            reference, base = probability, seconds
-        row = {"tile_step": step, "mirroring": mirroring, "seconds": round(seconds, 2),
-               "ratio": round(seconds / base, 2), "voxels_at_0.5": int((probability >= 0.5).sum()),
-               "max_change": round(float(np.abs(probability - reference).max()), 3)}
-        rows.append(row)
-        print(f"tile step {step:<4} mirroring {'on ' if mirroring else 'off'}: {seconds:7.1f} s (x{row['ratio']:.2f}), "
-              f"{row['voxels_at_0.5']} voxels >= 0.5, largest change vs. the first {row['max_change']:.3f}",
-              flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
-
+from valdocmb.bench.nnunet import main
 
 if __name__ == "__main__":
     sys.exit(main())

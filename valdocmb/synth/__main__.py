@@ -1,6 +1,6 @@
 """Generate simulated T2* cases in the VALDO layout.
 
-    python -m valdocmb.synth --out DIR --cases N --seed S [--grid mix|rss|sabre|alfa3|alfa4|random] [--workers K]
+    valdocmb-synth --out DIR --cases N --seed S [--grid mix|rss|sabre|alfa3|alfa4|random] [--workers K]
 
 Per case: sub-XXX_space-T2S_desc-masked_T2S.nii.gz (scan), sub-XXX_space-T2S_CMB.nii.gz (visible-microbleed label)
 and sub-XXX_space-T2S_sim.json (every inserted object and all acquisition parameters). Case i's random stream is
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..logs import setup_logging
+from ..core.logs import setup_logging
 
 log = logging.getLogger("valdocmb.synth")
 
@@ -44,7 +44,7 @@ def choose_grid(grid: str, seed: int) -> str:
 def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int = 1, phase: bool = False) -> dict:
     import SimpleITK as sitk
 
-    from ..imageio import write_image_atomic, write_text_atomic
+    from ..core.imageio import write_image_atomic, write_text_atomic
     from .simulate import simulate_case
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
@@ -61,7 +61,7 @@ def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m valdocmb.synth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="valdocmb-synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)

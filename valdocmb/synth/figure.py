@@ -1,6 +1,6 @@
 """A PNG of simulated cases with microbleeds and mimics marked, so anyone can look at what the simulator makes.
 
-    python -m valdocmb.synth.figure --data DIR --out simulated.png [--cases 4]
+    valdocmb-synth-figure --data DIR --out simulated.png [--cases 4]
 
 One row per case (cases with a visible microbleed first): the axial slice through a microbleed with every object
 near that slice marked (red: microbleed, cyan: vein, yellow: calcification), then 24 mm close-ups of a microbleed
@@ -90,8 +90,8 @@ def make_figure(data: Path, out: Path, n_cases: int = 4) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m valdocmb.synth.figure", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="folder written by python -m valdocmb.synth")
+    parser = argparse.ArgumentParser(prog="valdocmb-synth-figure", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder written by valdocmb-synth")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--cases", type=int, default=4)
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..imageio import image_like
+from ..core.imageio import image_like
 from . import anatomy
 from .objects import Source, render
 from .physics import GAMMA_BAR_HZ_PER_T, gre_magnitude, tissue_parameters

@@ -1,43 +1,37 @@
-"""Train the three stages from a VALDO-layout folder and write inference weights plus weights/MANIFEST.json.
-
-    python -m valdocmb.train --data DIR --out weights [--schedule cpu|gpu|paper] [--set NAME=VALUE] [--device auto] [--seed 0]
-    python -m valdocmb.train --data DIR --folds 5 ...        # k-fold cross-validation with VALDO scoring
+"""Training the three stages on a sample pool, and writing inference weights with their manifest entries.
 
 Protocol (Chen & Dou): screening first on positives and random negatives (the initial model), false positives mined
 with it, then screening again on positives : random negatives : mined false positives = 1:2:1; discrimination on
 positives and mined false positives; segmentation (U-Net) on positives and mined false positives. Screening and
 discrimination: cross entropy weighted 0.25 (background) / 0.75 (CMB), SGD with Nesterov momentum 0.99, learning
 rate 1e-2 with poly decay (1 - it/max)^0.9. Segmentation: soft Dice loss, Adam. Samples are re-drawn every
-iteration. Each stage checkpoints after every iteration (model, optimizer, random state) under --work and resumes
-from there; the final weights hold inference state only.
+iteration. Each stage checkpoints after every iteration (model, optimizer, random state) under the work folder and
+resumes from there; the final weights hold inference state only. The command is `valdocmb-train`
+(valdocmb/train/__main__.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import pickle
-import platform
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.discrimination import DiscriminationCNN
-from models.screening import ScreeningFCN
-from models.segmentation import SegmentationUNet
+from valdocmb.models.discrimination import DiscriminationCNN
+from valdocmb.models.screening import ScreeningFCN
+from valdocmb.models.segmentation import SegmentationUNet
 
-from . import __version__
-from .logs import setup_logging
-from .samples import CROP, Crop, case_pool, draw_batch, find_training_cases
-from .three_stage import WEIGHT_FILES, resolve_device
-from .weights import MANIFEST, save_weights
+from ..core import manifest
+from ..core.three_stage import WEIGHT_FILES
+from ..core.weights import save_weights
+from ..core.preprocess import DEFAULT_TARGET_SPACING
+from .samples import CROP, Crop, case_pool, draw_batch
 
 log = logging.getLogger("valdocmb.train")
 
@@ -88,11 +82,11 @@ def schedule_with(schedule: Schedule, overrides: list[str]) -> Schedule:
 
 # -- sample pools ---------------------------------------------------------------------------------------------------
 def _pool_job(args):
-    subject, scan, label, seed, cache = args
+    subject, scan, label, seed, cache, target_spacing = args
     path = cache / f"{subject}.pkl" if cache else None
     if path and path.is_file():
         return pickle.loads(path.read_bytes())
-    crops = case_pool(subject, scan, label, np.random.default_rng(seed))
+    crops = case_pool(subject, scan, label, np.random.default_rng(seed), target_spacing=target_spacing)
     if path:
         tmp = path.with_name(f".tmp-{path.name}")
         tmp.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
@@ -105,11 +99,18 @@ def _case_seed(seed: int, subject: str) -> int:
     return int(np.random.SeedSequence([seed, digits]).generate_state(1)[0])
 
 
-def build_pools(cases, seed: int, workers: int, cache: Path | None = None) -> list[Crop]:
-    """Every case's crops; each case's pool is cached in `cache` (one file per subject) and reused."""
+def pool_cache(work: Path, seed: int, target_spacing) -> Path:
+    """The pool cache of one seed and processing spacing (crops made at another spacing are never reused)."""
+    return work / ("pool_seed{}_{}mm".format(seed, "x".join(f"{v:g}" for v in target_spacing)))
+
+
+def build_pools(cases, seed: int, workers: int, cache: Path | None = None,
+                target_spacing=DEFAULT_TARGET_SPACING) -> list[Crop]:
+    """Every case's crops on the `target_spacing` grid; each case's pool is cached in `cache` (one file per
+    subject) and reused."""
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, scan, lab, _case_seed(seed, s), cache) for s, scan, lab in cases]
+    jobs = [(s, scan, lab, _case_seed(seed, s), cache, tuple(target_spacing)) for s, scan, lab in cases]
     crops, start = [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for i, case_crops in enumerate(pool.map(_pool_job, jobs), 1):
@@ -258,90 +259,29 @@ def train_all(crops: list[Crop], schedule: Schedule, device, work: Path, seed: i
     return {k: v.cpu().eval() for k, v in nets.items()}, record
 
 
-# manifest entries that belong to one set of three-stage weights (tune, stagewise and compare --record write them)
-STALE_WITH_NEW_WEIGHTS = ("lesion_rule", "validation", "comparison")
-
-
 def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
-    """Inference weights and their manifest entries (merged into an existing MANIFEST.json)."""
-    manifest_path = out / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
-    previous = {relative: dict(entry) for relative, entry in manifest["files"].items()}
+    """Inference weights and their manifest entries (merged into an existing MANIFEST.json). `meta["target_spacing"]`
+    is the processing spacing the crops were made at: it goes into every weight file, and inference resamples to
+    it."""
+    entries = {}
     for name, net in nets.items():
         relative = WEIGHT_FILES[name]
         digest = save_weights(net, out / relative, {"target_spacing": list(meta["target_spacing"])})
-        manifest["files"][relative] = {
+        entries[relative] = {
             "sha256": digest, "bytes": (out / relative).stat().st_size, "architecture": type(net).__name__,
-            "method": "three-stage", "stage": name, "training": {k: v for k, v in meta.items()},
+            "method": "three-stage", "stage": name, "training": dict(meta),
             "final_iteration": record[name][-1] if record.get(name) else None,
         }
-    manifest["three_stage_training"] = {"pool": record["pool"], "mined_false_positives": record["mined_false_positives"]}
-    # figures and the lesion rule measured on the previous three-stage weights do not describe new ones
-    changed = any(previous.get(relative, {}).get("sha256") != manifest["files"][relative]["sha256"]
-                  for relative in WEIGHT_FILES.values())
-    stale = [key for key in STALE_WITH_NEW_WEIGHTS if key in manifest] if changed else []
-    for key in stale:
-        del manifest[key]
-    if stale:
-        log.warning("%s: dropped %s, measured on the previous weights; measure and choose again with "
-                    "`python -m valdocmb.stagewise --cache DIR --record` and `python -m valdocmb.tune --cache DIR "
-                    "--record`", manifest_path, ", ".join(stale))
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return manifest
 
+    def change(content: dict) -> None:
+        previous = {relative: dict(entry) for relative, entry in content["files"].items()}
+        content["files"].update(entries)
+        content["three_stage_training"] = {"pool": record["pool"],
+                                           "mined_false_positives": record["mined_false_positives"]}
+        stale = manifest.drop_stale(content, previous, WEIGHT_FILES.values())
+        if stale:
+            log.warning("%s: dropped %s, measured on the previous weights; measure and choose again with "
+                        "`valdocmb-stagewise --cache DIR --record` and `valdocmb-tune --cache DIR --record`",
+                        manifest.manifest_path(out), ", ".join(stale))
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m valdocmb.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="VALDO-layout folder with *_CMB.nii.gz labels")
-    parser.add_argument("--out", type=Path, default=Path("weights"), help="weights folder to write")
-    parser.add_argument("--work", type=Path, default=Path("runs/train"), help="checkpoints, pool cache, logs")
-    parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="change one number of the schedule, e.g. --set discrimination_iterations=30 (repeatable)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2, help="processes building the sample pool")
-    parser.add_argument("--max-cases", type=int, default=None, help="use only the first N cases")
-    parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of final training")
-    parser.add_argument("--pool-only", action="store_true", help="build (and cache) the sample pool, then stop")
-    args = parser.parse_args(argv)
-    setup_logging()
-    device = resolve_device(args.device)
-    cases = find_training_cases(args.data)[: args.max_cases]
-    if not cases:
-        log.error("%s: no scan with a label (sub-*_space-T2S_desc-masked_T2S.nii.gz + _CMB.nii.gz)", args.data)
-        return 2
-    schedule = schedule_with(SCHEDULES[args.schedule], args.set)
-    log.info("training on %d cases from %s, schedule %s %s, device %s", len(cases), args.data, args.schedule,
-             asdict(schedule), device)
-    started = time.perf_counter()
-    crops = build_pools(cases, args.seed, args.workers, args.work / f"pool_seed{args.seed}")
-
-    if args.pool_only:
-        return 0
-    if args.folds:
-        from .crossval import cross_validate
-
-        return cross_validate(cases, crops, args.folds, schedule, device, args.work, args.seed)
-
-    nets, record = train_all(crops, schedule, device, args.work, args.seed)
-    stage_seconds = sum(e["seconds"] for v in record.values() if isinstance(v, list) for e in v)
-    meta = {
-        "data": str(args.data), "cases": len(cases), "subjects": [c[0] for c in cases],
-        "schedule": args.schedule + "".join(f" --set {item}" for item in args.set),
-        "schedule_detail": asdict(schedule), "seed": args.seed,
-        "command": "python -m valdocmb.train " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": str(device), "hardware": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
-        "wall_time_s": round(time.perf_counter() - started), "training_iterations_s": round(stage_seconds),
-        "package_version": __version__,
-        "torch": torch.__version__, "target_spacing": [0.49, 0.49, 0.8],
-    }
-    write_weights(nets, args.out, record, meta)
-    (args.work / "history.json").write_text(json.dumps(record, indent=1))
-    log.info("weights written to %s (%.0f s)", args.out, time.perf_counter() - started)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return manifest.update(out, change)

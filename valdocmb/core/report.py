@@ -19,8 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import __version__
-from .methods import SegmentationResult
+from .. import __version__
+from .result import SegmentationResult
 
 LESION_FIELDS = ("id", "voxel_x", "voxel_y", "voxel_z", "world_x_mm", "world_y_mm", "world_z_mm", "volume_mm3",
                  "volume_voxels", "max_probability", "mean_probability", "screening_score", "discrimination_score")

@@ -3,7 +3,7 @@
 The U-Net segments every confirmed candidate's whole patch, so besides the microbleed it can leave small, faint
 components (vessel ends, brain-edge spots). A component is kept when its highest and mean probability, its volume
 and the best discrimination score of the candidates that produced it all reach the rule's minima. The rule belongs to the
-weights: `python -m valdocmb.tune` chooses it on labelled cases and stores it in MANIFEST.json under "lesion_rule";
+weights: `valdocmb-tune` chooses it on labelled cases and stores it in MANIFEST.json under "lesion_rule";
 weights without one keep every component (min_probability 0.5 is the segmentation threshold itself).
 
 The probability map is left as the U-Net made it (the ensemble averages it); only the mask loses components.
@@ -11,17 +11,16 @@ The probability map is left as the U-Net made it (the ensemble averages it); onl
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import manifest
 from .errors import CaseError
-from .methods import SegmentationResult
 from .report import Lesion, lesion_table
-from .weights import MANIFEST
+from .result import SegmentationResult
 
 MANIFEST_KEY = "lesion_rule"
 
@@ -45,19 +44,13 @@ class LesionRule:
 
 def rule_from_manifest(weights_dir: Path) -> LesionRule:
     """The rule stored with the weights; the keep-everything rule when the manifest has none."""
-    path = Path(weights_dir) / MANIFEST
-    if not path.is_file():
-        return LesionRule()
-    try:
-        stored = json.loads(path.read_text()).get(MANIFEST_KEY)
-    except json.JSONDecodeError as exc:
-        raise CaseError(f"{path}: not valid JSON: {exc}") from None
+    stored = manifest.read(weights_dir).get(MANIFEST_KEY)
     if not stored:
         return LesionRule()
     try:
         return LesionRule(**{name: float(stored[name]) for name in asdict(LesionRule())})
     except (KeyError, TypeError, ValueError) as exc:
-        raise CaseError(f"{path}: {MANIFEST_KEY!r} needs the numbers {', '.join(asdict(LesionRule()))} "
+        raise CaseError(f"{manifest.manifest_path(weights_dir)}: {MANIFEST_KEY!r} needs the numbers {', '.join(asdict(LesionRule()))} "
                         f"({exc})") from None
 
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .imageio import IMAGE_EXTENSIONS, image_extension, strip_image_extension
+from .imageio import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, image_extension, strip_image_extension
 
 LAYOUTS = ("auto", "valdo2021", "gc", "folder")
 
@@ -28,8 +28,11 @@ VALDO_LABEL = re.compile(r"^(sub-[A-Za-z0-9]+)_space-([A-Za-z0-9]+)_CMB\.nii\.gz
 # Grand-challenge socket names (slugs) that hold the T2* scan, tried in this order when several image sockets exist.
 GC_T2S_SLUG_HINTS = ("t2-star", "t2star", "t2s", "swi", "gre")
 GC_DEFAULT_OUTPUT_PATH = "images/cerebral-microbleed-segmentation"
-GC_IMAGE_SUFFIXES = (".mha", ".tif", ".tiff")
+GC_IMAGE_SUFFIXES = (".mha", *TIFF_EXTENSIONS)
 FOLDER_MASK_SUFFIX = "_CMB"
+# a plain folder's scans: TIFF holds no 3D geometry (and a stray screenshot is no scan), so only grand-challenge's
+# sockets hand it over
+FOLDER_SCAN_EXTENSIONS = tuple(ext for ext in IMAGE_EXTENSIONS if ext not in TIFF_EXTENSIONS)
 
 
 @dataclass
@@ -109,7 +112,7 @@ def _discover_folder(input_dir: Path, output_dir: Path) -> list[Case]:
     cases = []
     for path in sorted(p for p in input_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
         ext = image_extension(path)
-        if ext is None or path.suffix.lower() in (".raw", ".zraw"):
+        if ext not in FOLDER_SCAN_EXTENSIONS or path.suffix.lower() in (".raw", ".zraw"):
             continue  # not an image (or the data file of a .mhd header)
         stem = path.name[: -len(ext)]
         if stem.endswith(FOLDER_MASK_SUFFIX) or f"{FOLDER_MASK_SUFFIX}_" in stem:
@@ -118,7 +121,7 @@ def _discover_folder(input_dir: Path, output_dir: Path) -> list[Case]:
         out_ext = {".mhd": ".mha", ".nhdr": ".nrrd"}.get(ext, ext)
         cases.append(Case(stem, path, output_dir / f"{stem}{FOLDER_MASK_SUFFIX}{out_ext}", [path.name]))
     if not cases:
-        raise ValueError(f"{input_dir}: no image file ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise ValueError(f"{input_dir}: no image file ({', '.join(FOLDER_SCAN_EXTENSIONS)}) found")
     return cases
 
 

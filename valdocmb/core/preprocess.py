@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import CaseError
+
 # Median VALDO 2021 T2* spacing (x, y, z) in mm: the grid the networks are trained on.
 DEFAULT_TARGET_SPACING = (0.49, 0.49, 0.80)
 CANONICAL_ORIENTATION = "LPS"
@@ -100,7 +102,8 @@ class Preprocessed:
             code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(self.original.direction)
             out = sitk.DICOMOrient(image, code)
             if out.GetSize() != self.original.size:
-                raise AssertionError("reorientation did not restore the input size")
+                raise CaseError(f"reorienting the result back gave size {out.GetSize()}, not the input's "
+                                f"{self.original.size}")
         return self.original.apply_to(out)  # exact input geometry, free of round-off
 
     def voxel_to_world(self, zyx) -> np.ndarray:
@@ -159,7 +162,8 @@ def preprocess(
         grid = oriented
 
     if not foreground.any():
-        raise ValueError("no foreground voxel left after resampling")
+        raise CaseError(f"no brain voxel left after resampling to {tuple(target_spacing)} mm (the scan's non-zero "
+                        "region is smaller than one processing voxel)")
     fg_values = values[foreground].astype(np.float64)
     mean, std = fg_values.mean(), fg_values.std()
     values = np.where(foreground, (values - mean) / (std if std > 0 else 1.0), 0.0).astype(np.float32)

@@ -20,8 +20,10 @@ from .errors import CaseError
 
 log = logging.getLogger(__name__)
 
-# Extensions recognised as images, longest first so ".nii.gz" wins over ".gz".
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+# Extensions recognised as images, longest first so ".nii.gz" wins over ".gz". TIFF is read because
+# grand-challenge may hand an image socket over as .tif; it holds no slice spacing, origin or direction.
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".tiff", ".tif")
+TIFF_EXTENSIONS = (".tif", ".tiff")
 
 
 def image_extension(path: str | Path) -> str | None:
@@ -56,17 +58,17 @@ def read_scan(path: str | Path) -> sitk.Image:
     return image
 
 
-def read_mask(path: str | Path) -> sitk.Image:
-    """Read a 3D label or probability image as float32 (values kept; callers threshold)."""
+def read_mask(path: str | Path, cast: bool = True) -> sitk.Image:
+    """Read a 3D label or probability image, as float32 unless `cast` is False (values kept; callers threshold)."""
     path = Path(path)
-    image = _read_checked(path)
+    image = _read_checked(path, cast)
     array = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(array)):
         raise CaseError(f"{path}: mask contains NaN or Inf values")
     return image
 
 
-def _read_checked(path: Path) -> sitk.Image:
+def _read_checked(path: Path, cast: bool = True) -> sitk.Image:
     if not path.exists():
         raise CaseError(f"{path}: file not found")
     if not path.is_file():
@@ -105,7 +107,11 @@ def _read_checked(path: Path) -> sitk.Image:
     direction = np.array(image.GetDirection()).reshape(3, 3)
     if abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
         raise CaseError(f"{path}: direction matrix is not orthonormal: {image.GetDirection()}")
-    if image.GetPixelID() != sitk.sitkFloat32:
+    if image_extension(path) in TIFF_EXTENSIONS:
+        log.warning("%s: TIFF stores no slice spacing, origin or direction; read with spacing %s mm, origin %s and "
+                    "identity direction, which the mask keeps. Give a .mha or NIfTI file for true 3D geometry", path,
+                    tuple(round(s, 4) for s in spacing), image.GetOrigin())
+    if cast and image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
     return image
 
@@ -120,6 +126,8 @@ def _check_not_truncated(path: Path) -> None:
         except (EOFError, OSError, zlib.error) as exc:
             raise CaseError(f"{path}: cannot be read as an image (corrupt or truncated gzip stream: {exc})") from None
         return
+    if image_extension(path) in TIFF_EXTENSIONS:
+        return  # TIFF strips may be compressed: the file size says nothing; libtiff reports short strips itself
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:

@@ -1,28 +1,11 @@
-"""Segmentation methods by name; each loads its weights once and segments one scan at a time
-through `segment(image, timings) -> SegmentationResult` (everything on the input grid)."""
+"""The ensemble method: both methods on the same scan, their mean probability thresholded at 0.5."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import CaseError
-
-NAMES = ("three-stage", "nnunet", "ensemble")
-# nnU-Net inference defaults, chosen by measurement (README, "nnU-Net baseline")
-NNUNET_TILE_STEP = 0.5
-NNUNET_MIRRORING = False
-
-
-@dataclass
-class SegmentationResult:
-    mask: sitk.Image                              # uint8 0/1 with the input's geometry
-    probability: sitk.Image | None = None         # float32 CMB probability with the input's geometry
-    detections: list[dict] = field(default_factory=list)  # confirmed candidates: world_mm and stage scores
-    info: dict = field(default_factory=dict)      # method, weights, device, parameters (for run.json)
+from .result import SegmentationResult
 
 
 class EnsembleMethod:
@@ -59,18 +42,3 @@ class EnsembleMethod:
         info = {"method": "ensemble", "members": infos, "weights": {"version": version},
                 "parameters": {"combination": "mean of the members' probabilities", "threshold": self.threshold}}
         return SegmentationResult(mask, probability, detections, info)
-
-
-def load(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None, lesion_rule: bool = True):
-    if name == "three-stage":
-        from .three_stage import ThreeStagePipeline
-
-        return ThreeStagePipeline.from_weights(weights_dir, device, lesion_rule=lesion_rule)
-    if name == "nnunet":
-        from .nnunet_method import NnUNetMethod
-
-        return NnUNetMethod.from_weights(weights_dir, device, **(nnunet_options or {}))
-    if name == "ensemble":
-        return EnsembleMethod({member: load(member, weights_dir, device, nnunet_options, lesion_rule)
-                               for member in ("three-stage", "nnunet")})
-    raise CaseError(f"unknown method {name!r}")

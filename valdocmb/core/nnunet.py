@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
+from .device import resolve_device
 from .errors import CaseError
 from .logs import timed
-from .methods import NNUNET_MIRRORING, NNUNET_TILE_STEP, SegmentationResult
-from .weights import manifest_entry, sha256
+from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
+from .result import SegmentationResult
+from .weights import load_checked
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +58,19 @@ def stdout_to_stderr():
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        raise CaseError(f"{path}: missing from the nnU-Net model folder (train with `python -m valdocmb.nnunet_train`)")
+        raise CaseError(f"{path}: missing from the nnU-Net model folder (train with `valdocmb-nnunet-train`)")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CaseError(f"{path}: not valid JSON: {exc}") from None
 
 
-def load_checkpoint(path: Path, weights_dir: Path) -> dict:
-    """An inference checkpoint, checked against the manifest's sha256 when the manifest lists it."""
-    relative = path.relative_to(weights_dir).as_posix() if path.is_relative_to(weights_dir) else None
-    entry = manifest_entry(weights_dir, relative) if relative else None
-    if entry and entry.get("sha256") and entry["sha256"] != sha256(path):
-        raise CaseError(f"{path}: sha256 differs from {weights_dir / 'MANIFEST.json'}; the file is corrupt or stale")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for damaged files
-        raise CaseError(f"{path}: cannot be loaded as an nnU-Net checkpoint: {exc}") from None
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise CaseError(f"{path}: not an nnU-Net checkpoint (no network_weights)")
-    return checkpoint
+def load_checkpoint(weights_dir: Path, relative: str) -> tuple[dict, str]:
+    """An nnU-Net inference checkpoint and its sha256, through the one checksum-and-load path."""
+    checkpoint, sha = load_checked(weights_dir, relative, "an nnU-Net checkpoint")
+    if "network_weights" not in checkpoint:
+        raise CaseError(f"{Path(weights_dir) / relative}: not an nnU-Net checkpoint (no network_weights)")
+    return checkpoint, sha
 
 
 def orientation_of(image: sitk.Image) -> str:
@@ -88,21 +82,20 @@ class NnUNetMethod:
 
     def __init__(self, model_dir: Path, device: str = "auto", tile_step: float = DEFAULT_TILE_STEP,
                  mirroring: bool = DEFAULT_MIRRORING, weights_dir: Path | None = None):
-        from .three_stage import resolve_device
-
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.tile_step, self.mirroring = tile_step, mirroring
         if not self.model_dir.is_dir():
             raise CaseError(f"{self.model_dir}: no nnU-Net model folder (train one with "
-                            "`python -m valdocmb.nnunet_train`, or point --weights at a folder holding nnunet/)")
+                            "`valdocmb-nnunet-train`, or point --weights at a folder holding nnunet/)")
         dataset_json = read_json(self.model_dir / "dataset.json")
         plans = read_json(self.model_dir / "plans.json")
         checkpoints = sorted(self.model_dir.glob("fold_*/checkpoint_final.pth"))
         if not checkpoints:
             raise CaseError(f"{self.model_dir}: no fold_*/checkpoint_final.pth in the nnU-Net model folder")
         weights_dir = Path(weights_dir) if weights_dir is not None else self.model_dir.parent
-        loaded = [load_checkpoint(path, weights_dir) for path in checkpoints]
+        relatives = [path.relative_to(weights_dir).as_posix() for path in checkpoints]
+        loaded, digests = zip(*(load_checkpoint(weights_dir, relative) for relative in relatives))
         self.folds = [path.parent.name.removeprefix("fold_") for path in checkpoints]
         self.predictor = self._predictor(plans, dataset_json, loaded, checkpoints)
         self.info = {
@@ -110,8 +103,8 @@ class NnUNetMethod:
             "device": str(self.device),
             "weights": {"folder": str(self.model_dir), "folds": self.folds,
                         "trainer": loaded[0].get("trainer_name"),
-                        "sha256": {str(p.relative_to(self.model_dir)): sha256(p) for p in checkpoints},
-                        "version": "nnunet:" + sha256(checkpoints[0])[:12]},
+                        "sha256": {str(p.relative_to(self.model_dir)): d for p, d in zip(checkpoints, digests)},
+                        "version": "nnunet:" + digests[0][:12]},
             "parameters": {"configuration": CONFIGURATION, "tile_step": tile_step, "mirroring": mirroring},
         }
 
@@ -170,7 +163,8 @@ class NnUNetMethod:
             probability.CopyInformation(oriented)
             probability = sitk.DICOMOrient(probability, original_orientation)
             if probability.GetSize() != image.GetSize():
-                raise AssertionError(f"nnU-Net output {probability.GetSize()} does not fit the input {image.GetSize()}")
+                raise CaseError(f"nnU-Net returned a {probability.GetSize()} probability map for a "
+                                f"{image.GetSize()} scan")
             probability.CopyInformation(image)  # the same grid; drops rounding in the reoriented header
         return probability
 

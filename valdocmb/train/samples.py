@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .imageio import read_mask, read_scan
-from .layouts import VALDO_LABEL, VALDO_T2S
-from .patches import extract_patches
-from .preprocess import DEFAULT_TARGET_SPACING, preprocess
+from ..core.imageio import read_mask, read_scan
+from ..core.layouts import VALDO_LABEL, VALDO_T2S
+from ..core.patches import extract_patches
+from ..core.preprocess import DEFAULT_TARGET_SPACING, preprocess
 
 log = logging.getLogger(__name__)
 

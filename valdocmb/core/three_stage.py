@@ -1,6 +1,6 @@
 """Three-stage CMB detection (Chen & Dou, VALDO 2021): screening FCN -> candidates -> discrimination -> U-Net.
 
-All stages work on the preprocessed volume (`valdocmb.preprocess`), in (z, y, x) voxel coordinates of its cropped
+All stages work on the preprocessed volume (`valdocmb.core.preprocess`), in (z, y, x) voxel coordinates of its cropped
 processing grid:
 
 1. Screening: the fully convolutional net runs over the whole volume (in tiles, skipping tiles with no brain).
@@ -11,7 +11,7 @@ processing grid:
    each axis; the mean CMB probability must reach the threshold.
 4. Segmentation: the U-Net's probabilities on each survivor's 32x32x24 neighbourhood, averaged where patches
    overlap, mapped back to the input grid (linear interpolation) and thresholded.
-5. Lesion rule (`valdocmb.lesion_rule`): connected components too faint, too small or too weakly confirmed are
+5. Lesion rule (`valdocmb.core.lesion_rule`): connected components too faint, too small or too weakly confirmed are
    dropped, with minima chosen on labelled cases and stored with the weights.
 """
 
@@ -27,17 +27,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from models.discrimination import DiscriminationCNN
-from models.screening import ScreeningFCN
-from models.segmentation import SegmentationUNet
+from valdocmb.models.discrimination import DiscriminationCNN
+from valdocmb.models.screening import ScreeningFCN
+from valdocmb.models.segmentation import SegmentationUNet
 
-from .errors import CaseError
+from .device import resolve_device
 from .lesion_rule import LesionRule, apply_rule, rule_from_manifest
 from .logs import timed
-from .methods import SegmentationResult
 from .patches import add_patches, extract_patches
 from .preprocess import DEFAULT_TARGET_SPACING, Preprocessed, preprocess
-from .weights import load_weights, weights_digest
+from .result import SegmentationResult
+from .weights import digest, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +85,11 @@ class Detection:
 
 def weights_version(weights_dir: Path) -> str:
     """A short digest of the three networks' weight files: what run.json and cached evaluations refer to."""
-    digests = {name: weights_digest(weights_dir, relative) for name, relative in WEIGHT_FILES.items()}
+    return version_of({name: digest(weights_dir, relative) for name, relative in WEIGHT_FILES.items()})
+
+
+def version_of(digests: dict[str, str]) -> str:
     return hashlib.sha256("".join(digests[name] for name in sorted(digests)).encode()).hexdigest()[:12]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.version.cuda:  # a CUDA build without a usable GPU: say so, since CPU is many times slower
-            log.warning("torch %s is built for CUDA %s but sees no usable GPU (none passed to the container, or "
-                        "an NVIDIA driver too old for this CUDA); running on CPU", torch.__version__, torch.version.cuda)
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CaseError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
 
 
 class ThreeStagePipeline:
@@ -119,15 +109,16 @@ class ThreeStagePipeline:
         """lesion_rule: apply the rule stored with the weights (when no config is given), else keep everything."""
         nets = {"screening": ScreeningFCN(), "discrimination": DiscriminationCNN(),
                 "segmentation": SegmentationUNet()}
-        metas = {name: load_weights(net, weights_dir, WEIGHT_FILES[name]) for name, net in nets.items()}
+        loaded = {name: load_weights(net, weights_dir, WEIGHT_FILES[name]) for name, net in nets.items()}
+        metas = {name: meta for name, (meta, _) in loaded.items()}
+        digests = {name: sha for name, (_, sha) in loaded.items()}
         if config is None:
             config = ThreeStageConfig(lesion_rule=rule_from_manifest(weights_dir) if lesion_rule else LesionRule())
         spacing = metas["screening"].get("target_spacing")
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on
         pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config)
-        digests = {name: weights_digest(weights_dir, WEIGHT_FILES[name]) for name in nets}
-        pipeline.weights_info = {"folder": str(weights_dir), "version": weights_version(weights_dir),
+        pipeline.weights_info = {"folder": str(weights_dir), "version": version_of(digests),
                                  "sha256": digests}
         log.info("three-stage weights from %s on %s", weights_dir, pipeline.device)
         return pipeline

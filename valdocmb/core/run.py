@@ -20,26 +20,21 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__, report
+from .. import __version__
+from . import report
 from .errors import CaseError
 from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, image_extension, image_like, read_scan, same_geometry,
                       write_image_atomic, write_text_atomic)
 from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
 from .logs import setup_logging
+from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
 from .methods import NAMES as METHODS
-from .methods import NNUNET_MIRRORING, NNUNET_TILE_STEP, SegmentationResult
 from .offline import no_network
 from .qc import overview_html, qc_png
+from .result import SegmentationResult
+from .weights import default_weights_dir
 
 log = logging.getLogger("valdocmb")
-
-
-def default_weights_dir() -> Path:
-    """Weights uploaded to grand-challenge (/opt/ml/model) win over the ones baked into the image."""
-    uploaded = Path("/opt/ml/model")
-    if uploaded.is_dir() and any(uploaded.iterdir()):
-        return uploaded
-    return Path(__file__).resolve().parent.parent / "weights"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,10 +81,12 @@ def process_case(case: Case, method, timings: dict) -> tuple[sitk.Image, Segment
     result = method.segment(image, timings)
     mask = result.mask
     if not same_geometry(mask, image):
-        raise AssertionError(f"{case.input_path}: method returned a mask whose geometry differs from the input")
+        raise CaseError(f"{case.input_path}: the method returned a mask whose geometry differs from the input "
+                        "(not written)")
     values = np.unique(sitk.GetArrayViewFromImage(mask))
     if mask.GetPixelID() != sitk.sitkUInt8 or not set(values.tolist()) <= {0, 1}:
-        raise AssertionError(f"{case.input_path}: method returned a non-binary mask ({values[:5]})")
+        raise CaseError(f"{case.input_path}: the method returned a non-binary mask (values {values[:5].tolist()}; "
+                        "not written)")
     write_image_atomic(mask, case.output_path)
     return image, result
 

@@ -1,4 +1,4 @@
-"""k-fold cross-validation of the three-stage pipeline with VALDO scoring (run by `python -m valdocmb.train --folds K`).
+"""k-fold cross-validation of the three-stage pipeline with VALDO scoring (run by `valdocmb-train --folds K`).
 
 Cases are split into K folds by subject; each fold's networks train on the other folds' sample pools (every stage,
 mining included) and are scored on the fold's whole scans. Prints the per-fold table the paper shows (Dice, volume
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .lesion_rule import LesionRule
+from ..core.lesion_rule import LesionRule
+from ..core.preprocess import DEFAULT_TARGET_SPACING
+from ..core.three_stage import ThreeStageConfig, ThreeStagePipeline
 from .stagewise import evaluate_stages, stage_scores
-from .three_stage import ThreeStagePipeline
+from .three_stage import train_all
 
 log = logging.getLogger("valdocmb.crossval")
 
@@ -31,9 +33,9 @@ def nan_mean(values) -> float:
     return float(np.mean(defined)) if defined else float("nan")
 
 
-def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed: int) -> int:
-    from .train import train_all  # train imports this module lazily; keep the cycle one-way at import time
-
+def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed: int,
+                   target_spacing=DEFAULT_TARGET_SPACING) -> int:
+    """`crops` were made at `target_spacing`; each fold's pipeline processes its test scans on that grid."""
     assignment = fold_of([c[0] for c in cases], folds, seed)
     table = []
     for fold in range(folds):
@@ -41,7 +43,8 @@ def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed:
         test_cases = [c for c in cases if assignment[c[0]] == fold]
         log.info("fold %d/%d: %d training crops, %d test cases", fold + 1, folds, len(train_crops), len(test_cases))
         nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed)
-        pipeline = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device)
+        pipeline = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
+                                      ThreeStageConfig(target_spacing=tuple(target_spacing)))
         rows = evaluate_stages(pipeline, test_cases)
         # the fold's networks have no lesion rule of their own: score the thresholded U-Net map, every component
         scores = [stage_scores(r, LesionRule())["segmentation"] for r in rows]

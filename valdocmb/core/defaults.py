@@ -1,0 +1,9 @@
+"""Defaults of the methods' options that the command line shows, in a leaf module so that `--help` needs no torch.
+
+nnU-Net's inference defaults were chosen by measurement (README, "The nnU-Net v2 baseline"): tile step 0.5
+(nnU-Net's own) and no test-time mirroring (8 network evaluations per tile, more than the whole three-stage pipeline
+costs on CPU).
+"""
+
+NNUNET_TILE_STEP = 0.5
+NNUNET_MIRRORING = False

@@ -1,0 +1,89 @@
+"""Weight files: where they come from, the one checksum-and-load path every method uses, and the three-stage format.
+
+A three-stage weight file is a torch dict {"architecture": class name, "state_dict": tensors, "meta": {...}} with no
+optimizer state; nnU-Net checkpoints are nnU-Net's own inference dicts. Either is refused, naming the file, when it
+is missing, does not match its sha256 in MANIFEST.json, or cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from . import manifest
+from .errors import CaseError
+
+# grand-challenge mounts a separately uploaded model tarball here (read-only)
+UPLOADED_MODEL_DIR = Path("/opt/ml/model")
+
+
+def default_weights_dir() -> Path:
+    """Weights uploaded to grand-challenge (/opt/ml/model) win over the ones baked into the image."""
+    if UPLOADED_MODEL_DIR.is_dir() and any(UPLOADED_MODEL_DIR.iterdir()):
+        return UPLOADED_MODEL_DIR
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest(weights_dir: Path, relative: str) -> str:
+    """The file's sha256 as the manifest records it (computed when the manifest has no entry)."""
+    recorded = manifest.entry(weights_dir, relative)
+    return recorded["sha256"] if recorded and recorded.get("sha256") else sha256(Path(weights_dir) / relative)
+
+
+def load_checked(weights_dir: Path, relative: str, what: str) -> tuple[dict, str]:
+    """(the torch dict in `weights_dir/relative`, its sha256), checked against the manifest when it lists it.
+
+    `what` names the kind of file in error messages ("a three-stage weight file", "an nnU-Net checkpoint").
+    """
+    path = Path(weights_dir) / relative
+    if not path.is_file():
+        raise CaseError(f"{path}: {what} is missing (train with `valdocmb-train` / `valdocmb-nnunet-train`, or "
+                        "point --weights at a folder that has it)")
+    actual = sha256(path)
+    recorded = manifest.entry(weights_dir, relative)
+    if recorded and recorded.get("sha256") and recorded["sha256"] != actual:
+        raise CaseError(f"{path}: sha256 differs from {manifest.manifest_path(weights_dir)}; the file is corrupt or "
+                        "stale")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged files
+        raise CaseError(f"{path}: cannot be loaded as {what}: {exc}") from None
+    if not isinstance(checkpoint, dict):
+        raise CaseError(f"{path}: not {what} (holds a {type(checkpoint).__name__})")
+    return checkpoint, actual
+
+
+def save_weights(model: torch.nn.Module, path: Path, meta: dict | None = None) -> str:
+    """Write a model's inference state in the three-stage format; returns the file's sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.save({"architecture": type(model).__name__, "state_dict": state, "meta": meta or {}}, tmp)
+    tmp.replace(path)
+    return sha256(path)
+
+
+def load_weights(model: torch.nn.Module, weights_dir: Path, relative: str) -> tuple[dict, str]:
+    """Load a three-stage weight file into `model` (strictly); returns (the file's meta dict, its sha256)."""
+    path = Path(weights_dir) / relative
+    checkpoint, sha = load_checked(weights_dir, relative, "a three-stage weight file")
+    if "state_dict" not in checkpoint:
+        raise CaseError(f"{path}: not a valdocmb weight file (no state_dict)")
+    if checkpoint.get("architecture") != type(model).__name__:
+        raise CaseError(f"{path}: holds a {checkpoint.get('architecture')}, expected {type(model).__name__}")
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CaseError(f"{path}: does not fit {type(model).__name__}: {str(exc).splitlines()[0]}") from None
+    return checkpoint.get("meta", {}), sha

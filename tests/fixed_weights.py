@@ -8,9 +8,9 @@ channel 0 into the CMB logit gain * value - bias. All other weights are 0.
 import torch
 from torch import nn
 
-from models.discrimination import DiscriminationCNN
-from models.screening import ScreeningFCN
-from models.segmentation import SegmentationUNet
+from valdocmb.models.discrimination import DiscriminationCNN
+from valdocmb.models.screening import ScreeningFCN
+from valdocmb.models.segmentation import SegmentationUNet
 
 
 def _identity_norms(net):

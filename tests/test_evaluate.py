@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from valdocmb import evaluate
-from valdocmb.evaluate import missing_score, score_case, subject_id, summarize
+from valdocmb.evaluate import folders
+from valdocmb.evaluate.__main__ import main as evaluate_main
+from valdocmb.evaluate.scoring import (component_evidence, label_components, missing_score, score_case,
+                                       score_components, summarize)
+from valdocmb.evaluate.folders import subject_id
 
-from conftest import make_image
+from conftest import make_image, rotation
 
 SHAPE = (20, 30, 30)
 
@@ -34,18 +37,85 @@ def test_perfect_prediction():
 
 
 def test_two_predictions_claiming_one_reference():
-    # Reference: one 3x3x3 cube (27 voxels). Predictions: two single voxels inside it -> both claim it.
+    # Reference: one 3x3x3 cube (27 voxels). Predictions: a voxel inside it and one 2 voxels out, both claim it:
+    # the nearer claim is the TP, the other an FP.
+    ref = cube(empty(), (10, 10, 10))
+    pred = empty()
+    pred[10, 10, 10] = 1
+    pred[10, 10, 12] = 1
+    s = score(ref, pred)
+    assert (s.n_ref, s.n_pred, s.tp, s.fp, s.fn, s.found) == (1, 2, 1, 1, 0, 1)
+    assert s.f1 == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))
+    # Dice of the reference against the union of both claims: 2*1 / (27 + 2)
+    assert s.dice == pytest.approx(2 / 29)
+    assert s.count_diff == 1
+    assert s.volume_diff == pytest.approx(25.0)
+
+
+# The three cases below were worked by hand and run through the official code (WhereIsValdo/valdo-eval-2021,
+# PairwiseMeasures with analysis="microbleeds", connectivity 3, thresh_assign 5, the voxel sizes as float32): the
+# values asserted are the official code's. The scorer before this change gave the values in the comments.
+
+def test_official_an_exact_tie_between_two_claims_gives_two_true_positives():
+    # two single voxels at exactly 1 mm on either side of a 3x3x3 reference's centre
     ref = cube(empty(), (10, 10, 10))
     pred = empty()
     pred[10, 10, 9] = 1
     pred[10, 10, 11] = 1
     s = score(ref, pred)
-    assert (s.n_ref, s.n_pred, s.tp, s.fp, s.fn) == (1, 2, 1, 1, 0)
-    assert s.f1 == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))
-    # Dice of the reference against the union of both claims: 2*2 / (27 + 2)
-    assert s.dice == pytest.approx(4 / 29)
-    assert s.count_diff == 1
-    assert s.volume_diff == pytest.approx(25.0)
+    # official: TP 2, FP 0, F1 1.0, Dice 4/29 = 0.13793103448275862, count diff 1, volume diff 25.0
+    # (before: TP 1, FP 1, F1 0.6667)
+    assert (s.tp, s.fp, s.fn, s.found) == (2, 0, 0, 1)
+    assert s.f1 == 1.0 and s.dice == 0.13793103448275862 and s.count_diff == 1.0 and s.volume_diff == 25.0
+
+
+def test_official_a_prediction_equally_near_two_references_claims_the_first_in_x_then_y_then_z_order():
+    # references at (z, y, x) = (5, 10, 14) and (9, 10, 6): first in (z, y, x) order is the former, in the
+    # official (x, y, z) order the latter. A prediction on the first and one at sqrt(20) mm from both.
+    ref = empty()
+    ref[5, 10, 14] = ref[9, 10, 6] = 1
+    pred = empty()
+    pred[5, 10, 14] = pred[7, 10, 10] = 1
+    s = score(ref, pred)
+    # official: the middle prediction claims (9, 10, 6): TP 2, FP 0, F1 1.0, Dice 0.5 (1 and 0), count diff 0
+    # (before: it claimed (5, 10, 14) too: TP 1, FP 1, FN 1, F1 0.5)
+    assert (s.tp, s.fp, s.fn, s.found) == (2, 0, 0, 2)
+    assert s.f1 == 1.0 and s.dice == 0.5 and s.count_diff == 0.0 and s.volume_diff == 0.0
+
+
+@pytest.mark.parametrize("direction", [None, rotation(0, 0, 30), rotation(10, 20, 30)])
+def test_official_centroids_exactly_5_mm_apart_on_a_1x1x3_grid_do_not_match(tmp_path, direction):
+    # offset (x, y, z) = (4, 0, 1) voxels at 1 x 1 x 3 mm: sqrt(16 + 9) = 5.0 mm, not closer than 5 mm
+    ref, pred = empty(), empty()
+    ref[10, 10, 10] = 1
+    pred[11, 10, 14] = 1
+    sitk.WriteImage(make_image(ref, (1, 1, 3), direction=direction), str(tmp_path / "ref.nii.gz"))
+    sitk.WriteImage(make_image(pred, (1, 1, 3), direction=direction), str(tmp_path / "pred.nii.gz"))
+    s = score_case(sitk.ReadImage(str(tmp_path / "ref.nii.gz")), sitk.ReadImage(str(tmp_path / "pred.nii.gz")))
+    # official: TP 0, FP 1, FN 1, F1 0.0, Dice 0.0 (before, on the oblique grids: a TP, from 4.999999... mm)
+    assert (s.tp, s.fp, s.fn) == (0, 1, 1) and s.f1 == 0.0 and s.dice == 0.0
+
+
+def test_official_volume_uses_the_float32_voxel_size_and_the_clipped_values():
+    ref = cube(empty(), (10, 10, 10), half=0)
+    pred = empty()
+    pred[10, 10, 10] = 0.9
+    pred[10, 10, 11] = 0.75
+    s = score(ref, pred, spacing=(0.449, 0.449, 4.0))
+    voxel = float(np.float32(0.449) * np.float32(0.449) * np.float32(4.0))
+    assert s.volume_diff == abs(float(np.float32(0.9) + np.float32(0.75)) - 1.0) * voxel
+
+
+def test_non_binary_reference_weighs_each_lesion_by_its_highest_value():
+    # the official F1 weighs a TP or FN by its reference lesion's highest value (raters' agreement, 0.5 / 1)
+    ref = empty()
+    cube(ref, (5, 5, 5), value=0.5)
+    cube(ref, (14, 20, 20), value=1.0)
+    pred = cube(empty(), (5, 5, 5))
+    s = score(ref, pred)
+    assert (s.tp, s.fn) == (1, 1)
+    assert s.f1 == 2 * 0.5 / (2 * 0.5 + 0 + 1.0)
+    assert s.dice == 2 * 27 * 0.5 / (27 + 27 * 0.5)
 
 
 def test_prediction_claims_the_nearest_reference():
@@ -73,7 +143,7 @@ def test_distance_is_in_millimetres_with_anisotropic_voxels():
     assert score(ref, pred, spacing=(0.5, 0.5, 2.0), distance_mm=5).tp == 1
 
 
-def test_distance_follows_the_direction_matrix():
+def test_distance_ignores_the_direction_matrix_as_the_official_code_does():
     ref = cube(empty(), (10, 10, 10))
     pred = cube(empty(), (10, 10, 14), half=0)   # 4 voxels along x
     direction = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], float)  # x axis along world z
@@ -165,7 +235,7 @@ def test_cli_pairs_by_subject_and_scores_missing_as_worst(tmp_path, capsys):
     sitk.WriteImage(make_image(lesion), str(pred_dir / "sub-101_space-T2S_prediction.nii.gz"))
     csv_path = tmp_path / "scores.csv"
 
-    code = evaluate.main(["--reference", str(ref_dir), "--prediction", str(tmp_path / "pred"),
+    code = evaluate_main(["--reference", str(ref_dir), "--prediction", str(tmp_path / "pred"),
                           "--csv", str(csv_path)])
     out = capsys.readouterr().out
     assert code == 1                       # a prediction is missing
@@ -181,7 +251,7 @@ def test_report_side_outputs_beside_a_mask_are_not_taken_for_masks(tmp_path):
     for name in ("sub-101_space-T2S_prediction.nii.gz", "sub-101_space-T2S_prediction_labels.nii.gz",
                  "sub-101_space-T2S_prediction_probability.nii.gz", "b_labels.nii.gz"):
         sitk.WriteImage(make_image(lesion), str(tmp_path / name))
-    found = evaluate.collect(tmp_path)
+    found = folders.collect(tmp_path)
     assert {k: p.name for k, p in found.items()} == {"sub-101": "sub-101_space-T2S_prediction.nii.gz",
                                                      "b_labels": "b_labels.nii.gz"}
 
@@ -199,14 +269,13 @@ def test_component_evidence_scores_every_subset_as_score_case_does():
     cube(pred, (3, 25, 3), half=0)               # far from everything
     pred[11, 10, 25] = 1.0                       # within 5 mm of C, no overlap
     reference, prediction = make_image(ref, spacing), make_image(pred, spacing)
-    labels, n = evaluate.label_components(pred >= 0.5)
-    assert n == 5
-    evidence = evaluate.component_evidence(reference, labels, n)
+    pred[11, 9, 22] = pred[11, 11, 22] = 1.0     # two claims on C at exactly the same distance: two TPs
+    reference, prediction = make_image(ref, spacing), make_image(pred, spacing)
+    labels, n = label_components(pred >= 0.5)    # (z, y, x) order, as a lesion table numbers them
+    assert n == 7
+    evidence = component_evidence(reference, prediction, labels.transpose(2, 1, 0), n)
     for keep in itertools.product((False, True), repeat=n):
         filtered = np.isin(labels, [i + 1 for i in range(n) if keep[i]]).astype(np.float32)
         expected = score_case(reference, make_image(filtered, spacing), "sub-001")
-        got = evaluate.score_components(evidence, keep, "sub-001")
-        for field in ("tp", "fp", "fn", "n_ref", "n_pred", "count_diff"):
-            assert getattr(got, field) == getattr(expected, field), (keep, field)
-        for field in ("f1", "dice", "volume_diff"):
-            assert getattr(got, field) == pytest.approx(getattr(expected, field)), (keep, field)
+        got = score_components(evidence, keep, "sub-001")
+        assert got == expected, keep             # bit for bit, every field

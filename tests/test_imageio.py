@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from valdocmb.errors import CaseError
-from valdocmb.imageio import mask_image, read_scan, same_geometry, write_image_atomic
+from valdocmb.core.errors import CaseError
+from valdocmb.core.imageio import mask_image, read_scan, same_geometry, write_image_atomic
 
 from conftest import brain_like, make_image, rotation
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from valdocmb import run
-from valdocmb.imageio import same_geometry
-from valdocmb.layouts import detect_layout
+from valdocmb.core import run
+from valdocmb.core.imageio import same_geometry
+from valdocmb.core.layouts import detect_layout
 
 from conftest import DarkSpotSegmenter, brain_like, make_image, rotation
 
@@ -196,7 +196,7 @@ def test_no_network_while_running(tmp_path):
 
     import pytest
 
-    from valdocmb.offline import no_network
+    from valdocmb.core.offline import no_network
 
     before = socket.socket.connect
     with no_network(), pytest.raises(OSError, match="valdocmb runs offline"):

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from valdocmb import run, stagewise, tune
-from valdocmb.errors import CaseError
-from valdocmb.evaluate import label_components
-from valdocmb.lesion_rule import LesionRule, apply_rule, rule_from_manifest
-from valdocmb.methods import SegmentationResult
-from valdocmb.report import Lesion
-from valdocmb.three_stage import ThreeStagePipeline
-from valdocmb.weights import MANIFEST
+from valdocmb.core import run
+from valdocmb.core.errors import CaseError
+from valdocmb.evaluate.scoring import EVIDENCE_VERSION, label_components, pooled
+from valdocmb.train import stagewise, tune
+from valdocmb.core.lesion_rule import LesionRule, apply_rule, rule_from_manifest
+from valdocmb.core.result import SegmentationResult
+from valdocmb.core.report import Lesion
+from valdocmb.core.three_stage import ThreeStagePipeline
+from valdocmb.core.manifest import MANIFEST
 
 from conftest import make_image
 from test_three_stage import dark_blob_scan, save_fixed_weights
@@ -78,9 +79,13 @@ def test_rule_from_manifest(tmp_path):
 
 
 def record(subject, components, lesions, ref_voxels=(10,)):
-    return {"subject": subject, "grid": "rss", "ref_voxels": list(ref_voxels),
-            "evidence": {"voxel_mm3": 1.0, "ref_voxels": list(ref_voxels), "components": components},
-            "lesion_objects": lesions}
+    """A cached case: binary reference lesions of `ref_voxels` voxels; components claim at 1 mm when they claim."""
+    components = [{**c, "value_sum": float(c["voxels"]), "distance": None if c["claim"] is None else 1.0}
+                  for c in components]
+    evidence = {"version": EVIDENCE_VERSION, "voxel_mm3": 1.0, "ref_weights": [1.0] * len(ref_voxels),
+                "ref_sums": [float(v) for v in ref_voxels], "ref_total": float(sum(ref_voxels)),
+                "components": components}
+    return {"subject": subject, "grid": "rss", "evidence": evidence, "lesion_objects": lesions}
 
 
 def test_choose_rule_takes_the_best_f1_and_breaks_ties_by_the_lowest_minima():
@@ -92,7 +97,8 @@ def test_choose_rule_takes_the_best_f1_and_breaks_ties_by_the_lowest_minima():
     # F1 1 needs both mimics gone: the lowest minima that do it, compared in the order probability, volume,
     # discrimination, mean probability (the speck needs a volume minimum, a's mimic a mean or discrimination one)
     assert tune.choose_rule([a, b], min_sensitivity=0.9) == LesionRule(0.5, 0.5, 0.0, 0.8)
-    assert tune.pooled([tune.score_with(r, LesionRule(0.5, 0.5, 0.0, 0.8)) for r in (a, b)]) == (1.0, 1.0, 0.0)
+    figures = pooled([tune.score_with(r, LesionRule(0.5, 0.5, 0.0, 0.8)) for r in (a, b)])
+    assert (figures["f1"], figures["sensitivity"], figures["fp_per_scan"]) == (1.0, 1.0, 0.0)
     assert tune.choose_rule([a], min_sensitivity=0.9) == LesionRule(0.5, 0.0, 0.0, 0.8)
     # a sensitivity floor no rule can keep: still the best F1
     assert tune.choose_rule([a, b], min_sensitivity=1.1) == LesionRule(0.5, 0.5, 0.0, 0.8)
@@ -131,6 +137,13 @@ def test_stagewise_cache_then_tune_records_a_rule_the_pipeline_applies(tmp_path,
     assert capsys.readouterr().out == first
 
     assert tune.main(["--cache", str(cache), "--weights", str(weights), "--folds", "3", "--record"]) == 0
+    # the command recorded is the one main() was given (was: the test runner's own sys.argv)
+    tune_command = f"valdocmb-tune --cache {cache} --weights {weights} --folds 3 --record"
+    assert json.loads((weights / MANIFEST).read_text())["lesion_rule"]["command"] == tune_command
+    assert stagewise.main([*args, "--record"]) == 0
+    validation = json.loads((weights / MANIFEST).read_text())["validation"]
+    assert validation["command"] == "valdocmb-stagewise " + " ".join([*args, "--record"])
+    assert "lesion_rule" in json.loads((weights / MANIFEST).read_text())  # one update never drops another's entry
     # records of other weights: tune refuses to record, and stagewise runs such a case again
     stale = json.loads((cache / "sub-002.json").read_text())
     (cache / "sub-002.json").write_text(json.dumps({**stale, "weights": "0123456789ab"}))

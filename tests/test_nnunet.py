@@ -11,13 +11,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from valdocmb import run
-from valdocmb.errors import CaseError
-from valdocmb.imageio import same_geometry
-from valdocmb.methods import EnsembleMethod, SegmentationResult
-from valdocmb.nnunet_method import NnUNetMethod
-from valdocmb.nnunet_train import convert_dataset
-from valdocmb.weights import sha256
+from valdocmb.core import run
+from valdocmb.core.errors import CaseError
+from valdocmb.core.imageio import same_geometry
+from valdocmb.core.ensemble import EnsembleMethod
+from valdocmb.core.result import SegmentationResult
+from valdocmb.core.nnunet import NnUNetMethod
+from valdocmb.train.nnunet import convert_dataset
+from valdocmb.core.weights import sha256
 
 from conftest import brain_like, make_image, rotation
 from test_layouts_and_run import gc_input
@@ -245,8 +246,8 @@ def test_method_ensemble_runs_both_methods_from_one_weights_folder(trained, tmp_
 
 
 def test_compare_scores_each_method_and_their_ensemble_on_the_same_cases(data):
-    from valdocmb.compare import compare, summary_of, table
-    from valdocmb.samples import find_training_cases
+    from valdocmb.train.compare import compare, summary_of, table
+    from valdocmb.train.samples import find_training_cases
 
     from conftest import DarkSpotSegmenter
 
@@ -264,7 +265,7 @@ def test_compare_scores_each_method_and_their_ensemble_on_the_same_cases(data):
 
 
 def test_compare_resumes_from_the_cases_already_scored(data, tmp_path):
-    from valdocmb.compare import main, read_rows
+    from valdocmb.train.compare import main, read_rows
 
     out = tmp_path / "compare"
     assert main(["--data", str(data), "--device", "cpu", "--methods", "three-stage", "--max-cases", "1",

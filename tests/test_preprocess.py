@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from valdocmb.preprocess import DEFAULT_TARGET_SPACING, Geometry, preprocess, resampled_grid
+from valdocmb.core.preprocess import DEFAULT_TARGET_SPACING, Geometry, preprocess, resampled_grid
 
 from conftest import brain_like, make_image, rotation
 

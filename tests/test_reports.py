@@ -8,9 +8,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from valdocmb import run
-from valdocmb.methods import SegmentationResult
-from valdocmb.report import lesion_table
+from valdocmb.core import run
+from valdocmb.core.result import SegmentationResult
+from valdocmb.core.report import lesion_table
 
 from conftest import DarkSpotSegmenter, brain_like, make_image, rotation
 

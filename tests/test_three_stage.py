@@ -6,14 +6,14 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from models.discrimination import DiscriminationCNN
-from models.screening import ScreeningFCN
-from models.segmentation import SegmentationUNet
-from valdocmb import run
-from valdocmb.errors import CaseError
-from valdocmb.patches import add_patches, extract_patches
-from valdocmb.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
-from valdocmb.weights import load_weights, save_weights, sha256
+from valdocmb.models.discrimination import DiscriminationCNN
+from valdocmb.models.screening import ScreeningFCN
+from valdocmb.models.segmentation import SegmentationUNet
+from valdocmb.core import run
+from valdocmb.core.errors import CaseError
+from valdocmb.core.patches import add_patches, extract_patches
+from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
+from valdocmb.core.weights import load_weights, save_weights, sha256
 
 from conftest import make_image, rotation
 from fixed_weights import dark_spot_discrimination, dark_spot_screening, dark_spot_segmentation
@@ -191,7 +191,7 @@ def test_cuda_request_without_cuda_is_a_clear_error():
 
 
 def test_auto_device_says_why_a_cuda_build_runs_on_cpu(monkeypatch, caplog):
-    from valdocmb.three_stage import resolve_device
+    from valdocmb.core.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")

@@ -1,17 +1,20 @@
 """Training end to end on tiny cases: weights, manifest, resumption, and the pipeline loading the result."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from valdocmb import train
-from valdocmb.lesion_rule import rule_from_manifest
-from valdocmb.samples import CROP, augment, case_pool, draw_batch, find_training_cases
-from valdocmb.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
-from valdocmb.weights import sha256
+from valdocmb.train import crossval
+from valdocmb.train import three_stage as training
+from valdocmb.train.__main__ import main as train_main
+from valdocmb.core.lesion_rule import rule_from_manifest
+from valdocmb.train.samples import CROP, Crop, augment, case_pool, draw_batch, find_training_cases
+from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
+from valdocmb.core.weights import sha256
 
 from conftest import make_image
 
@@ -56,7 +59,7 @@ def test_augmentation_keeps_the_lesion_near_the_centre():
     label = np.zeros(CROP, np.uint8)
     c = np.array(CROP) // 2
     label[c[0] - 1:c[0] + 2, c[1] - 2:c[1] + 3, c[2] - 2:c[2] + 3] = 1
-    crop = train.Crop(crop_volume, label, "positive", "x")
+    crop = Crop(crop_volume, label, "positive", "x")
     rng = np.random.default_rng(0)
     for _ in range(20):
         _, patch_label = augment(crop, (16, 20, 20), rng)
@@ -65,7 +68,7 @@ def test_augmentation_keeps_the_lesion_near_the_centre():
 
 
 def test_batches_follow_the_proportions():
-    crops = {k: [train.Crop(np.zeros(CROP, np.float16), np.zeros(CROP, np.uint8), k, "x")]
+    crops = {k: [Crop(np.zeros(CROP, np.float16), np.zeros(CROP, np.uint8), k, "x")]
              for k in ("positive", "negative", "mined")}
     _, classes, _ = draw_batch(crops, {"positive": 1, "negative": 2, "mined": 1}, 4000, (16, 20, 20),
                                np.random.default_rng(0), augmentation=False)
@@ -73,10 +76,10 @@ def test_batches_follow_the_proportions():
 
 
 def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_path, monkeypatch):
-    monkeypatch.setitem(train.SCHEDULES, "smoke", train.Schedule(1, 32, 1, 32, 1, 32, 1, 8, 8))
+    monkeypatch.setitem(training.SCHEDULES, "smoke", training.Schedule(1, 32, 1, 32, 1, 32, 1, 8, 8))
     out, work = tmp_path / "weights", tmp_path / "work"
     args = ["--data", str(data), "--out", str(out), "--work", str(work), "--schedule", "smoke", "--workers", "1"]
-    assert train.main(args) == 0
+    assert train_main(args) == 0
     manifest = json.loads((out / "MANIFEST.json").read_text())
     for name, relative in WEIGHT_FILES.items():
         entry = manifest["files"][relative]
@@ -89,7 +92,7 @@ def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_pa
 
     # a second run finds every stage's checkpoint complete and the pool cached: nothing is trained again
     before = (work / "screening.ckpt").stat().st_mtime_ns
-    assert train.main(args) == 0
+    assert train_main(args) == 0
     assert (work / "screening.ckpt").stat().st_mtime_ns == before
 
     # new weights over old ones: the rule and figures measured on the old ones go, other methods' entries stay
@@ -100,34 +103,44 @@ def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_pa
     manifest["files"]["nnunet/plans.json"] = {"sha256": "0" * 64, "method": "nnunet"}
     (out / "MANIFEST.json").write_text(json.dumps(manifest))
     assert not rule_from_manifest(out).is_noop()
-    assert train.main(args) == 0  # the same weights again: nothing is dropped
+    assert train_main(args) == 0  # the same weights again: nothing is dropped
     assert not rule_from_manifest(out).is_noop()
     other_seed = ["--data", str(data), "--out", str(out), "--work", str(tmp_path / "work2"), "--schedule", "smoke",
                   "--workers", "1", "--seed", "1"]
-    assert train.main(other_seed) == 0
+    assert train_main(other_seed) == 0
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert not {"lesion_rule", "validation", "comparison"} & set(manifest)
     assert manifest["files"]["nnunet/plans.json"]["method"] == "nnunet"
     assert rule_from_manifest(out).is_noop()
 
 
+def test_weights_record_the_spacing_their_crops_were_made_at(data, tmp_path, monkeypatch):
+    # was: every weight file said [0.49, 0.49, 0.8], whatever grid the sample pool was cut from
+    monkeypatch.setitem(training.SCHEDULES, "smoke", training.Schedule(1, 8, 1, 8, 1, 8, 1, 4, 4, 4))
+    out = tmp_path / "weights"
+    assert train_main(["--data", str(data), "--out", str(out), "--work", str(tmp_path / "work"), "--schedule",
+                       "smoke", "--workers", "1", "--max-cases", "1", "--spacing", "0.7", "0.7", "1.2"]) == 0
+    assert (tmp_path / "work" / "pool_seed0_0.7x0.7x1.2mm" / "sub-001.pkl").is_file()  # crops cut on that grid
+    for relative in WEIGHT_FILES.values():
+        assert torch.load(out / relative, weights_only=True)["meta"]["target_spacing"] == [0.7, 0.7, 1.2]
+    assert ThreeStagePipeline.from_weights(out, "cpu").config.target_spacing == (0.7, 0.7, 1.2)
+
+
 def test_schedule_overrides_change_only_the_named_numbers():
-    base = train.SCHEDULES["cpu"]
-    changed = train.schedule_with(base, ["discrimination_iterations=30", "mining_threshold=0.2"])
+    base = training.SCHEDULES["cpu"]
+    changed = training.schedule_with(base, ["discrimination_iterations=30", "mining_threshold=0.2"])
     assert changed.discrimination_iterations == 30 and changed.mining_threshold == 0.2
     assert changed.screening_iterations == base.screening_iterations
-    assert train.SCHEDULES["cpu"].discrimination_iterations == 10  # the named schedule itself is untouched
+    assert training.SCHEDULES["cpu"].discrimination_iterations == 10  # the named schedule itself is untouched
     for bad in ("discrimination_iterations", "no_such=3", "batch_size=many", "batch_size=0"):
         with pytest.raises(SystemExit, match="--set"):
-            train.schedule_with(base, [bad])
+            training.schedule_with(base, [bad])
 
 
 def test_cross_validation_tests_every_case_once_on_networks_not_trained_on_it(data, tmp_path, monkeypatch, capsys):
-    from valdocmb import crossval
-
-    monkeypatch.setitem(train.SCHEDULES, "smoke", train.Schedule(1, 8, 1, 8, 1, 8, 1, 4, 4, 4))
+    monkeypatch.setitem(training.SCHEDULES, "smoke", training.Schedule(1, 8, 1, 8, 1, 8, 1, 4, 4, 4))
     trained_on, tested = [], []
-    real_train_all, real_evaluate = train.train_all, crossval.evaluate_stages
+    real_train_all, real_evaluate = crossval.train_all, crossval.evaluate_stages
 
     def recording_train_all(crops, *args, **kwargs):
         trained_on.append({c.case for c in crops})
@@ -137,13 +150,15 @@ def test_cross_validation_tests_every_case_once_on_networks_not_trained_on_it(da
         tested.append({c[0] for c in cases})
         return real_evaluate(pipeline, cases, *args, **kwargs)
 
-    monkeypatch.setattr(train, "train_all", recording_train_all)
+    monkeypatch.setattr(crossval, "train_all", recording_train_all)
     monkeypatch.setattr(crossval, "evaluate_stages", recording_evaluate)
     # untrained networks confirm every candidate: keep a few so that the test stays fast
-    few = lambda *nets_and_device: ThreeStagePipeline(*nets_and_device, config=ThreeStageConfig(max_candidates=4))
+    def few(*nets_and_device, config):
+        return ThreeStagePipeline(*nets_and_device, config=replace(config, max_candidates=4))
+
     monkeypatch.setattr(crossval, "ThreeStagePipeline", few)
     work = tmp_path / "work"
-    assert train.main(["--data", str(data), "--work", str(work), "--schedule", "smoke", "--workers", "1",
+    assert train_main(["--data", str(data), "--work", str(work), "--schedule", "smoke", "--workers", "1",
                        "--folds", "3"]) == 0
     assert len(tested) == 3 and sorted(s for fold in tested for s in fold) == ["sub-001", "sub-002", "sub-003"]
     for fold_train, fold_test in zip(trained_on, tested):

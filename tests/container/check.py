@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from valdocmb.evaluate import score_case
-from valdocmb.imageio import same_geometry
+from valdocmb.core.imageio import same_geometry
 
 SCAN = "sub-001_space-T2S_desc-masked_T2S.nii.gz"
 REFERENCE = "sub-001_space-T2S_CMB.nii.gz"

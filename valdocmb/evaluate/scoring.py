@@ -18,13 +18,16 @@ The official code is WhereIsValdo/valdo-eval-2021 (`compare_segmentations.py -ta
   references; Dice is averaged over the references with a TP, each reference (its values) against the union of
   every prediction that claimed it; count difference |#ref - #pred|; volume difference
   |sum(kept prediction values) - sum(reference)| x voxel volume, the voxel volume a float32 product of the voxel
-  sizes (NIfTI stores them as float32; the official code multiplies them as such);
+  sizes (NIfTI stores them as float32; the official code multiplies them as such, and numpy 1.x, which it ran
+  with in 2021, multiplies that by the difference in float64);
 - an empty reference gives F1 and Dice NaN; an empty prediction with a non-empty reference gives 0.
 
 `component_evidence` reduces a case to what scoring needs per predicted component, so that any subset of the
 components (a lesion rule's choice) is scored without the images, exactly as `score_case` scores the mask made of
-that subset: `score_case` itself goes through the same evidence. For binary masks every figure is bit-exact; for
-probability maps the volume sums the same values in another order (float rounding only).
+that subset: `score_case` itself goes through the same evidence. Every figure is bit-exact with the official code on
+NIfTI files (voxel sizes are taken as float32, as NIfTI stores them, whatever the file); a subset of a probability
+map's components sums their values in float64 for the volume (float rounding only; the pipeline's masks are
+binary, where it is exact).
 """
 
 from __future__ import annotations
@@ -82,7 +85,13 @@ def centres_mm(labels_xyz: np.ndarray, n: int, spacing) -> np.ndarray:
     return np.array(ndimage.center_of_mass(ones, labels_xyz, range(1, n + 1))) * np.asarray(spacing, float)
 
 
+def nifti_spacing(image: sitk.Image) -> np.ndarray:
+    """The voxel size as a NIfTI header stores it (float32), whatever file the image came from."""
+    return np.asarray(image.GetSpacing(), np.float32).astype(np.float64)
+
+
 def voxel_volume_mm3(spacing) -> float:
+    """A float32 product, as the official code's np.prod of the header's float32 voxel sizes."""
     return float(np.prod(np.asarray(spacing, np.float32)))
 
 
@@ -104,10 +113,12 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
     follow that numbering. `prediction` holds the values (probabilities, or 0/1); voxels >= 0.5 belong to
     components.
     """
-    spacing = prediction.GetSpacing()  # the official code takes the voxel size from the prediction's header
-    ref = np.around(xyz(reference).astype(np.float64), 1)
+    spacing = nifti_spacing(prediction)  # the official code takes the voxel size from the prediction's header
+    ref_native = np.around(xyz(reference), 1)   # rounded in the file's own type, as the official code does
+    ref = ref_native.astype(np.float64)
     ref_labels, n_ref = label_components(ref != 0, connectivity)
-    values = xyz(prediction).astype(np.float64)
+    native = np.ascontiguousarray(xyz(prediction))  # the official code copies it in C order: same sum order
+    values = native.astype(np.float64)
     if labels_xyz is None:
         labels_xyz, n = label_components(values >= 0.5, connectivity)
     ref_centres = centres_mm(ref_labels, n_ref, spacing)
@@ -117,7 +128,10 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
         "version": EVIDENCE_VERSION, "voxel_mm3": voxel_volume_mm3(spacing),
         "ref_weights": [float(v) for v in ndimage.maximum(ref, ref_labels, index)] if n_ref else [],
         "ref_sums": [float(v) for v in ndimage.sum(ref, ref_labels, index)] if n_ref else [],
-        "ref_total": float(np.sum(ref)), "components": [],
+        # totals summed as the official code sums them (in the images' own types), for the volume difference
+        "ref_total": float(np.sum(ref_native)),
+        "pred_total": float(np.sum(np.where(native >= 0.5, native, np.zeros_like(native)))),
+        "components": [],
     }
     distances = cdist(pred_centres, ref_centres) if n and n_ref else np.zeros((n, 0))
     boxes = ndimage.find_objects(labels_xyz, n) if n else []
@@ -150,7 +164,8 @@ def score_components(evidence: dict, keep=None, subject: str = "") -> CaseScore:
         tp_refs += [ref for c in claimed if c["distance"] == nearest]
     tp, found = len(tp_refs), len(claims)
     fp, fn = n_pred - tp, n_ref - found
-    seg_sum = sum(c["value_sum"] for c in kept)
+    # the whole prediction: its total as the official code sums it; a subset: the sum of its components' sums
+    seg_sum = evidence["pred_total"] if n_pred == len(components) else sum(c["value_sum"] for c in kept)
     if evidence["ref_total"] == 0:
         f1 = dice = math.nan
     elif seg_sum == 0:
@@ -176,7 +191,7 @@ def score_case(reference: sitk.Image, prediction: sitk.Image, subject: str = "",
 
 
 def reference_count(reference: sitk.Image, connectivity: int = 26) -> int:
-    return label_components(np.around(xyz(reference).astype(np.float64), 1) != 0, connectivity)[1]
+    return label_components(np.around(xyz(reference), 1) != 0, connectivity)[1]
 
 
 def missing_score(subject: str, n_ref: int, status: str = "missing") -> CaseScore:

@@ -44,7 +44,7 @@ def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed:
         log.info("fold %d/%d: %d training crops, %d test cases", fold + 1, folds, len(train_crops), len(test_cases))
         nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed)
         pipeline = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
-                                      ThreeStageConfig(target_spacing=tuple(target_spacing)))
+                                      config=ThreeStageConfig(target_spacing=tuple(target_spacing)))
         rows = evaluate_stages(pipeline, test_cases)
         # the fold's networks have no lesion rule of their own: score the thresholded U-Net map, every component
         scores = [stage_scores(r, LesionRule())["segmentation"] for r in rows]

@@ -16,7 +16,7 @@ from valdocmb.core.errors import CaseError
 from valdocmb.core.imageio import same_geometry
 from valdocmb.core.ensemble import EnsembleMethod
 from valdocmb.core.result import SegmentationResult
-from valdocmb.core.nnunet import NnUNetMethod
+from valdocmb.core.nnunet import NnUNetMethod, nnunet_environment
 from valdocmb.train.nnunet import convert_dataset
 from valdocmb.core.weights import sha256
 
@@ -98,7 +98,7 @@ def test_baked_model_folder_is_inference_only_and_in_the_manifest(trained):
     checkpoint_path = model / "fold_all" / "checkpoint_final.pth"
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     assert set(checkpoint) == {"network_weights", "trainer_name", "inference_allowed_mirroring_axes", "init_args"}
-    assert checkpoint["trainer_name"] == "nnUNetTrainerCMB"
+    assert checkpoint["trainer_name"] == "nnUNetTrainer"   # a class nnU-Net's own tools can find by name
     assert all(v.dtype == torch.float16 for v in checkpoint["network_weights"].values() if v.is_floating_point())
     manifest = json.loads((trained["weights"] / "MANIFEST.json").read_text())
     entry = manifest["files"]["nnunet/fold_all/checkpoint_final.pth"]
@@ -106,6 +106,33 @@ def test_baked_model_folder_is_inference_only_and_in_the_manifest(trained):
     assert entry["training"]["schedule"] == {"epochs": 2, "iterations": 2, "val_iterations": 1}
     assert entry["training"]["trainer"] == "nnUNetTrainerCMB" and entry["training"]["cases"] == 4
     assert trained["stdout"] == ""  # nnU-Net's prints go to the log (stderr)
+
+
+def nnunet_own_predictor(model_folder: Path):
+    """nnU-Net's own way to load a model folder (what nnUNetv2_predict_from_modelfolder does): it finds the
+    trainer class by the name in the checkpoint."""
+    nnunet_environment()
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
+                                device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=("all",),
+                                                   checkpoint_name="checkpoint_final.pth")
+    return predictor
+
+
+@pytest.mark.parametrize("which", ["baked", "shipped"])
+def test_nnunet_own_tools_load_the_model_folder_and_predict_as_we_do(which, request):
+    # was: the checkpoint named nnUNetTrainerCMB, a class made inside a function, and nnU-Net could not load it
+    weights = request.getfixturevalue("trained")["weights"] if which == "baked" else ROOT / "weights"
+    predictor = nnunet_own_predictor(weights / "nnunet")
+    ours = NnUNetMethod.from_weights(weights, "cpu")
+    scan = sitk.DICOMOrient(make_image(brain_like((24, 40, 40), seed=5), SPACING), "LPS")
+    array = sitk.GetArrayFromImage(scan)[None].astype(np.float32)
+    properties = {"spacing": list(scan.GetSpacing()[::-1])}
+    _, theirs = predictor.predict_single_npy_array(array, properties, None, None, True)
+    expected = sitk.GetArrayFromImage(ours.probability(scan, {}))
+    np.testing.assert_allclose(theirs[1], expected, atol=1e-6)
 
 
 def test_training_again_resumes_instead_of_retraining(data, trained):

@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from valdocmb.core import run
@@ -205,3 +206,53 @@ def test_no_network_while_running(tmp_path):
         left, right = socket.socketpair()  # local pipes (AF_UNIX) stay allowed
         left.close(), right.close()
     assert socket.socket.connect is before  # restored afterwards
+
+
+def test_grand_challenge_tif_socket_is_read_and_its_lost_geometry_said(tmp_path, capfd):
+    # was: layouts took the .tif as the case, then imageio refused it as an unsupported file type
+    inp, out = tmp_path / "input", tmp_path / "output"
+    gc_input(inp, {"t2-star-brain-mri": None})
+    array = brain_like((17, 40, 36), dark_spots=((8, 20, 18),)).astype(np.int16)
+    tif = inp / "images" / "t2-star-brain-mri" / "5f9c2a1e-0d3b-4c55-9e7a-1b2c3d4e5f60.tif"
+    sitk.WriteImage(make_image(array, (0.49, 0.49, 1.0)), str(tif))
+    assert run_main(inp, out) == 0
+    check_mask(out / "images" / "cerebral-microbleed-segmentation" / "output.mha", sitk.ReadImage(str(tif)))
+    assert "TIFF stores no slice spacing" in capfd.readouterr().err
+
+
+def test_a_plain_folder_does_not_take_tiff_files_for_scans(tmp_path):
+    inp = tmp_path / "input"
+    inp.mkdir()
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "scan.nii.gz"))
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkUInt8), str(inp / "screenshot.tif"))
+    assert run_main(inp, tmp_path / "output") == 0
+    assert sorted(p.name for p in (tmp_path / "output").glob("*_CMB.*")) == ["scan_CMB.nii.gz"]
+
+
+class WrongGeometrySegmenter(DarkSpotSegmenter):
+    def segment(self, image, timings):
+        result = super().segment(image, timings)
+        result.mask = result.mask[1:, :, :]   # a method bug: one column short
+        return result
+
+
+def test_a_method_returning_a_wrong_grid_fails_the_case_with_a_named_error(tmp_path, capfd):
+    # was: an AssertionError, reported as "unexpected"; now a CaseError naming the scan, and nothing is written
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "a.nii.gz"))
+    assert run.main(["--input", str(inp), "--output", str(out)], method=WrongGeometrySegmenter()) == 1
+    log = capfd.readouterr().err
+    assert "a.nii.gz: the method returned a mask whose geometry differs" in log
+    assert "unexpected" not in log and not (out / "a_CMB.nii.gz").exists()
+
+
+def test_a_scan_too_small_for_the_processing_grid_is_a_case_error(tmp_path):
+    # was: preprocess raised ValueError, which the runner reported as "unexpected"
+    from valdocmb.core.errors import CaseError
+    from valdocmb.core.preprocess import preprocess
+
+    array = np.zeros((10, 10, 10), np.float32)
+    array[0, 0, 0] = 5.0                       # one 0.1 mm voxel: lost on the 0.49 x 0.49 x 0.8 mm grid
+    with pytest.raises(CaseError, match="no brain voxel left after resampling"):
+        preprocess(make_image(array, (0.1, 0.1, 0.1)))

@@ -84,7 +84,7 @@ def record(subject, components, lesions, ref_voxels=(10,)):
                   for c in components]
     evidence = {"version": EVIDENCE_VERSION, "voxel_mm3": 1.0, "ref_weights": [1.0] * len(ref_voxels),
                 "ref_sums": [float(v) for v in ref_voxels], "ref_total": float(sum(ref_voxels)),
-                "components": components}
+                "pred_total": float(sum(c["voxels"] for c in components)), "components": components}
     return {"subject": subject, "grid": "rss", "evidence": evidence, "lesion_objects": lesions}
 
 

@@ -160,7 +160,7 @@ def test_process_py_runs_the_three_stage_method_from_weights(tmp_path):
 
 def test_weight_files_are_checked(tmp_path):
     save_fixed_weights(tmp_path)
-    with pytest.raises(CaseError, match="segmentation.pt: weight file missing"):
+    with pytest.raises(CaseError, match="segmentation.pt: a three-stage weight file is missing"):
         (tmp_path / WEIGHT_FILES["segmentation"]).unlink()
         ThreeStagePipeline.from_weights(tmp_path, "cpu")
     (tmp_path / WEIGHT_FILES["segmentation"]).write_bytes(b"not a torch file")

@@ -1,0 +1,52 @@
+"""weights/MANIFEST.json through its one owner: merging updates, JSON without NaN, damaged files, stale entries."""
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from valdocmb.core import manifest
+from valdocmb.core.errors import CaseError
+
+
+def test_updates_merge_and_store_undefined_figures_as_null(tmp_path):
+    manifest.update(tmp_path, lambda m: m["files"].update({"a.pt": {"sha256": "1" * 64}}))
+    manifest.update(tmp_path, lambda m: m.update(validation={"f1": math.nan, "cases": 3}))
+    stored = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert stored == {"files": {"a.pt": {"sha256": "1" * 64}}, "validation": {"f1": None, "cases": 3}}
+    assert manifest.entry(tmp_path, "a.pt") == {"sha256": "1" * 64}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # no temporary file left behind
+
+
+def test_concurrent_updates_lose_nothing(tmp_path):
+    def add(i):
+        manifest.update(tmp_path, lambda m: m.update({f"key{i}": i}))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, range(40)))
+    stored = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert {f"key{i}" for i in range(40)} <= set(stored)
+
+
+def test_a_damaged_manifest_is_a_case_error_naming_the_file(tmp_path):
+    (tmp_path / "MANIFEST.json").write_text('{"files": ')
+    with pytest.raises(CaseError, match="MANIFEST.json: not a readable JSON manifest"):
+        manifest.read(tmp_path)
+    (tmp_path / "MANIFEST.json").write_text('["not", "a", "manifest"]')
+    with pytest.raises(CaseError, match="not a valdocmb manifest"):
+        manifest.read(tmp_path)
+
+
+def test_new_three_stage_weights_make_the_figures_measured_on_the_old_ones_stale():
+    files = {"three_stage/screening.pt": {"sha256": "a"}, "nnunet/plans.json": {"sha256": "n"}}
+    content = {"files": {**files}, "lesion_rule": {}, "validation": {}, "comparison": {}, "other": 1}
+    assert manifest.drop_stale(content, files, ["three_stage/screening.pt"]) == []
+    content["files"]["three_stage/screening.pt"] = {"sha256": "b"}
+    assert manifest.drop_stale(content, files, ["three_stage/screening.pt"]) == ["lesion_rule", "validation",
+                                                                                  "comparison"]
+    assert set(content) == {"files", "other"}
+
+
+def test_the_command_recorded_is_the_one_main_was_given():
+    assert manifest.command_line("valdocmb-tune", ["--cache", "x"]) == "valdocmb-tune --cache x"

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
 from .device import resolve_device
 from .errors import CaseError
 from .logs import timed
-from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
 from .result import SegmentationResult
 from .weights import load_checked
 

@@ -39,7 +39,7 @@ def compare(cases, members: dict, ensemble: EnsembleMethod | None, first: int = 
             ) -> list[dict]:
     rows = []
     for index, (subject, scan_path, label_path) in enumerate(cases, first):
-        scan, reference = read_scan(scan_path), read_mask(label_path)
+        scan, reference = read_scan(scan_path), read_mask(label_path, cast=False)
         results, seconds = {}, {}
         for name, method in members.items():
             start = time.perf_counter()

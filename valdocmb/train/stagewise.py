@@ -106,7 +106,7 @@ def evaluate_stages(pipeline, cases, radius_mm: float = 1.5, distance_mm: float 
             log.warning("[%d/%d] %s: %s was made with other weights or scoring (%s, evidence version %s); running "
                         "it again", i, len(cases), subject, cached, *made_with)
         start = time.perf_counter()
-        record = case_record(pipeline, read_scan(scan), read_mask(label), radius_mm, distance_mm)
+        record = case_record(pipeline, read_scan(scan), read_mask(label, cast=False), radius_mm, distance_mm)
         record.update(subject=subject, grid=grid_of(scan, subject), seconds=time.perf_counter() - start,
                       weights=pipeline.weights_info.get("version"))
         scores = stage_scores(record, pipeline.config.lesion_rule)

@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from valdocmb.core.result import SegmentationResult
 from valdocmb.core.preprocess import preprocess
+from valdocmb.core.result import SegmentationResult
 
 
 def rotation(*degrees_xyz) -> np.ndarray:

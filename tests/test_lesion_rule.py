@@ -6,13 +6,13 @@ import SimpleITK as sitk
 
 from valdocmb.core import run
 from valdocmb.core.errors import CaseError
+from valdocmb.core.lesion_rule import LesionRule, apply_rule, rule_from_manifest
+from valdocmb.core.manifest import MANIFEST
+from valdocmb.core.report import Lesion
+from valdocmb.core.result import SegmentationResult
+from valdocmb.core.three_stage import ThreeStagePipeline
 from valdocmb.evaluate.scoring import EVIDENCE_VERSION, label_components, pooled
 from valdocmb.train import stagewise, tune
-from valdocmb.core.lesion_rule import LesionRule, apply_rule, rule_from_manifest
-from valdocmb.core.result import SegmentationResult
-from valdocmb.core.report import Lesion
-from valdocmb.core.three_stage import ThreeStagePipeline
-from valdocmb.core.manifest import MANIFEST
 
 from conftest import make_image
 from test_three_stage import dark_blob_scan, save_fixed_weights

@@ -12,13 +12,13 @@ import SimpleITK as sitk
 import torch
 
 from valdocmb.core import run
+from valdocmb.core.ensemble import EnsembleMethod
 from valdocmb.core.errors import CaseError
 from valdocmb.core.imageio import same_geometry
-from valdocmb.core.ensemble import EnsembleMethod
-from valdocmb.core.result import SegmentationResult
 from valdocmb.core.nnunet import NnUNetMethod, nnunet_environment
-from valdocmb.train.nnunet import convert_dataset
+from valdocmb.core.result import SegmentationResult
 from valdocmb.core.weights import sha256
+from valdocmb.train.nnunet import convert_dataset
 
 from conftest import brain_like, make_image, rotation
 from test_layouts_and_run import gc_input

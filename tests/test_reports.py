@@ -9,8 +9,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from valdocmb.core import run
-from valdocmb.core.result import SegmentationResult
 from valdocmb.core.report import lesion_table
+from valdocmb.core.result import SegmentationResult
 
 from conftest import DarkSpotSegmenter, brain_like, make_image, rotation
 

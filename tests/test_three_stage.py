@@ -6,14 +6,14 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from valdocmb.models.discrimination import DiscriminationCNN
-from valdocmb.models.screening import ScreeningFCN
-from valdocmb.models.segmentation import SegmentationUNet
 from valdocmb.core import run
 from valdocmb.core.errors import CaseError
 from valdocmb.core.patches import add_patches, extract_patches
 from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
 from valdocmb.core.weights import load_weights, save_weights, sha256
+from valdocmb.models.discrimination import DiscriminationCNN
+from valdocmb.models.screening import ScreeningFCN
+from valdocmb.models.segmentation import SegmentationUNet
 
 from conftest import make_image, rotation
 from fixed_weights import dark_spot_discrimination, dark_spot_screening, dark_spot_segmentation

@@ -8,13 +8,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from valdocmb.core.lesion_rule import rule_from_manifest
+from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
+from valdocmb.core.weights import sha256
 from valdocmb.train import crossval
 from valdocmb.train import three_stage as training
 from valdocmb.train.__main__ import main as train_main
-from valdocmb.core.lesion_rule import rule_from_manifest
 from valdocmb.train.samples import CROP, Crop, augment, case_pool, draw_batch, find_training_cases
-from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
-from valdocmb.core.weights import sha256
 
 from conftest import make_image
 

@@ -28,9 +28,9 @@ from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
 from ..core import manifest
+from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import WEIGHT_FILES
 from ..core.weights import save_weights
-from ..core.preprocess import DEFAULT_TARGET_SPACING
 from .samples import CROP, Crop, case_pool, draw_batch
 
 log = logging.getLogger("valdocmb.train")

@@ -6,16 +6,16 @@ in the same folder, then a rename), so a crash never leaves a half-written mask 
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
+import re
 import uuid
-import zlib
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import filecheck
 from .errors import CaseError
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,12 @@ def strip_image_extension(name: str) -> str:
 def read_scan(path: str | Path) -> sitk.Image:
     """Read one 3D scalar scan as float32; refuse what cannot be a 3D T2* volume, naming the file."""
     path = Path(path)
-    image = _read_checked(path)
+    image, raw_non_finite = _read_checked(path)
     array = sitk.GetArrayViewFromImage(image)
     finite = np.isfinite(array)
     if not np.any(finite & (array != 0)):
         raise CaseError(f"{path}: scan contains no non-zero finite voxel (all zero or all NaN)")
-    n_bad = array.size - int(finite.sum())
+    n_bad = array.size - int(finite.sum()) + raw_non_finite
     if n_bad:
         log.warning("%s: %d non-finite voxels (NaN/Inf) are treated as background", path, n_bad)
     return image
@@ -61,29 +61,36 @@ def read_scan(path: str | Path) -> sitk.Image:
 def read_mask(path: str | Path, cast: bool = True) -> sitk.Image:
     """Read a 3D label or probability image, as float32 unless `cast` is False (values kept; callers threshold)."""
     path = Path(path)
-    image = _read_checked(path, cast)
+    image, raw_non_finite = _read_checked(path, cast)
     array = sitk.GetArrayViewFromImage(image)
-    if not np.all(np.isfinite(array)):
+    if raw_non_finite or not np.all(np.isfinite(array)):
         raise CaseError(f"{path}: mask contains NaN or Inf values")
     return image
 
 
-def _read_checked(path: Path, cast: bool = True) -> sitk.Image:
+def _read_checked(path: Path, cast: bool = True) -> tuple[sitk.Image, int]:
+    """(the image, NaN/Inf voxels that the file holds but ITK read as 0)."""
     if not path.exists():
-        raise CaseError(f"{path}: file not found")
+        raise CaseError(f"{path}: file not found" + (" (a symbolic link to a missing file)" if path.is_symlink()
+                                                     else ""))
     if not path.is_file():
         raise CaseError(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise CaseError(f"{path}: permission denied (the file is not readable by this user)")
     if path.stat().st_size == 0:
         raise CaseError(f"{path}: empty file (0 bytes)")
-    if image_extension(path) is None:
+    ext = image_extension(path)
+    if ext is None:
         raise CaseError(f"{path}: unsupported file type; expected one of {', '.join(IMAGE_EXTENSIONS)}")
-    _check_not_truncated(path)
     try:
+        raw_non_finite = filecheck.check_file(path, ext, _declared(path, ext)) or 0
         image = sitk.ReadImage(str(path))
+    except PermissionError:
+        raise CaseError(f"{path}: permission denied (the file is not readable by this user)") from None
+    except MemoryError:
+        raise CaseError(f"{path}: too large to read into memory") from None
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()
-        reason = next((line for line in reason if "ERROR" in line or "rror" in line), reason[-1] if reason else "")
-        raise CaseError(f"{path}: cannot be read as an image (corrupt or truncated?): {reason.strip()}") from None
+        raise CaseError(f"{path}: cannot be read as an image: {itk_reason(exc)}") from None
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(
@@ -105,57 +112,48 @@ def _read_checked(path: Path, cast: bool = True) -> sitk.Image:
     if not all(np.isfinite(s) and s > 0 for s in spacing):
         raise CaseError(f"{path}: invalid voxel spacing {spacing}")
     direction = np.array(image.GetDirection()).reshape(3, 3)
-    if abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
-        raise CaseError(f"{path}: direction matrix is not orthonormal: {image.GetDirection()}")
-    if image_extension(path) in TIFF_EXTENSIONS:
+    if not np.all(np.isfinite(direction)) or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise CaseError(f"{path}: direction matrix is not orthonormal (sheared or scaled axes): "
+                        f"{tuple(round(v, 4) for v in image.GetDirection())}")
+    if ext in TIFF_EXTENSIONS:
         log.warning("%s: TIFF stores no slice spacing, origin or direction; read with spacing %s mm, origin %s and "
                     "identity direction, which the mask keeps. Give a .mha or NIfTI file for true 3D geometry", path,
                     tuple(round(s, 4) for s in spacing), image.GetOrigin())
+    if image.GetPixelID() in (sitk.sitkFloat64, sitk.sitkInt64, sitk.sitkUInt64):
+        values = sitk.GetArrayViewFromImage(image)
+        largest = float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0))
+        if largest > float(np.finfo(np.float32).max):
+            raise CaseError(f"{path}: voxel values up to {largest:.3g}, beyond the float32 range this program "
+                            "computes in")
     if cast and image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
-    return image
+    return image, raw_non_finite
 
 
-def _check_not_truncated(path: Path) -> None:
-    """ITK reads a truncated file without complaint (the missing voxels become 0), so check completeness first."""
-    if path.name.lower().endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as stream:
-                while stream.read(1 << 24):
-                    pass
-        except (EOFError, OSError, zlib.error) as exc:
-            raise CaseError(f"{path}: cannot be read as an image (corrupt or truncated gzip stream: {exc})") from None
-        return
-    if image_extension(path) in TIFF_EXTENSIONS:
-        return  # TIFF strips may be compressed: the file size says nothing; libtiff reports short strips itself
+def _declared(path: Path, ext: str) -> tuple[tuple[int, ...], int] | None:
+    """(size, bytes per voxel) as ITK reads them from the header, for the formats whose data is checked by size."""
+    if ext not in (".mha", ".mhd", ".nrrd", ".nhdr"):
+        return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-    except RuntimeError:
-        return  # the full read reports the problem
-    if _header_says_compressed(path):
-        return
-    expected = int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents() * _pixel_bytes(reader)
-    data_file = path.with_suffix(".raw") if image_extension(path) == ".mhd" else path
-    if data_file.is_file() and data_file.stat().st_size < expected:
-        raise CaseError(f"{path}: truncated: {data_file.stat().st_size} bytes hold less than the "
-                        f"{expected} bytes of voxel data its header declares")
+    except RuntimeError as exc:
+        raise CaseError(f"{path}: cannot be read as an image: {itk_reason(exc)}") from None
+    return tuple(reader.GetSize()), reader.GetNumberOfComponents() * _pixel_bytes(reader)
 
 
-def _header_says_compressed(path: Path) -> bool:
-    """MetaImage `CompressedData = True` or NRRD `encoding: gzip|bzip2`, read from the text header."""
-    ext = image_extension(path)
-    if ext not in (".mha", ".mhd", ".nrrd", ".nhdr"):
-        return False
-    with open(path, "rb") as fh:
-        header = fh.read(8192).decode("latin-1").lower()
-    header = header.split("elementdatafile")[0] if ext in (".mha", ".mhd") else header.split("\n\n")[0]
-    for line in header.splitlines():
-        key, _, value = line.replace("=", ":").partition(":")
-        if key.strip() in ("compresseddata", "encoding") and value.strip() not in ("false", "raw"):
-            return True
-    return False
+_ITK_NOISE = [re.compile(p) for p in (r"\(0x[0-9a-fA-F]+\)", r"\S+\.(?:cxx|hxx|txx|cpp|h)(?::\d+)?:?",
+                                      r"Exception thrown in SimpleITK \S+:?", r"(?:itk::|ITK )?ERROR:",
+                                      r"\b\w+ \(\s*\):")]
+
+
+def itk_reason(exc: Exception) -> str:
+    """ITK's message without source paths, line numbers and object addresses."""
+    text = str(exc)
+    for pattern in _ITK_NOISE:
+        text = pattern.sub(" ", text)
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _pixel_bytes(reader: sitk.ImageFileReader) -> int:

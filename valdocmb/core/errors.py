@@ -1,11 +1,17 @@
-"""The one exception type a case can fail with; its message names the file and the problem.
+"""The two exception types the runner expects; their messages name the file or folder and the problem.
 
-Everything in the inference core that refuses a case's input, a method's result or a weights folder raises CaseError;
-the runner reports any other exception as an unexpected failure (a bug), with the traceback in the verbose log.
-Only input discovery (`layouts.discover`: no input folder, no scan at all) raises ValueError, which stops the run
-before any case (exit code 2).
+- CaseError: a problem with one case's input, a method's result, a weights folder or one case's output file. That
+  case fails (its outputs are removed), the batch goes on.
+- RunError: the run cannot start (no input folder, no scan at all, an unusable output folder or setting): exit 2
+  before any inference.
+The runner reports any other exception as an unexpected failure of that case (a bug), with the traceback in the
+verbose log.
 """
 
 
 class CaseError(Exception):
-    """A problem with one case's input (or a weights folder) that stops that case but not the batch."""
+    """A problem with one case that stops that case but not the batch."""
+
+
+class RunError(Exception):
+    """A problem that stops the whole run before it starts."""

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from . import filecheck
 from .errors import CaseError
+from .stopping import uninterrupted
 
 log = logging.getLogger(__name__)
 
@@ -188,31 +189,78 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:
     )
 
 
+TEMPORARY_PREFIX = ".tmp-"  # every temporary output file starts so: a later run removes what a killed one left
+
+
 def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Write `image` to `path` through a temporary file in the same folder and an atomic rename."""
+    """Write `image` to `path` through a temporary file in the same folder, read it back, then rename it atomically.
+
+    SimpleITK's writer can return without error on a full disk, leaving a short or empty file: reading the file
+    back (size and voxels) turns that into a CaseError naming `path`, and nothing is renamed into place.
+    """
     path = Path(path)
     ext = image_extension(path)
     if ext is None:
         raise ValueError(f"{path}: not an image file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{ext}"
+    _make_folder(path)
+    tmp = path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}{ext}"
     try:
-        sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, path)
+        with uninterrupted():
+            sitk.WriteImage(image, str(tmp), compress)
+            written = sitk.ReadImage(str(tmp))
+            if written.GetSize() != image.GetSize() or not np.array_equal(
+                    sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image), equal_nan=True):
+                raise CaseError(f"{path}: the written file does not read back as written (disk full?)")
+            os.replace(tmp, path)
+    except RuntimeError as exc:
+        raise CaseError(f"{path}: could not be written (disk full or not writable?): {itk_reason(exc)}") from None
+    except OSError as exc:
+        raise CaseError(f"{path}: could not be written: {exc.strerror or exc}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write text through a temporary file, flushed to disk and read back, then renamed atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
+    _make_folder(path)
+    tmp = path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.name}"
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with uninterrupted():
+            with open(tmp, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if tmp.read_text() != text:
+                raise CaseError(f"{path}: the written file does not read back as written (disk full?)")
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise CaseError(f"{path}: could not be written: {exc.strerror or exc}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def write_bytes_checked(write, path: Path) -> Path:
+    """`write(tmp)` writes a file (a picture, say); it is checked non-empty and renamed atomically onto `path`."""
+    _make_folder(path)
+    tmp = path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    try:
+        with uninterrupted():
+            write(tmp)
+            if not tmp.is_file() or tmp.stat().st_size == 0:
+                raise CaseError(f"{path}: the written file is empty (disk full?)")
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise CaseError(f"{path}: could not be written: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CaseError(f"{path.parent}: cannot be created as a folder for {path.name}: {exc.strerror or exc}") from None

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .imageio import image_like, write_text_atomic
+from .imageio import image_like, write_bytes_checked, write_text_atomic
 
 MAX_PANELS = 24
 HALF_WIDTH_MM = 20.0
@@ -70,12 +70,10 @@ def qc_png(image: sitk.Image, labels: np.ndarray, lesions, path: Path, title: st
     more = f" (first {MAX_PANELS} shown)" if len(lesions) > MAX_PANELS else ""
     fig.suptitle(f"{title}: {len(lesions)} CMB{'s' if len(lesions) != 1 else ''} detected{more}", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return write_bytes_checked(lambda tmp: fig.savefig(tmp, dpi=80, format="png"), path)
+    finally:
+        plt.close(fig)
 
 
 def overview_html(rows: list[dict], path: Path, title: str = "CMB detection: QC overview") -> Path:

@@ -2,7 +2,12 @@
 
 A broken scan never costs the other cases their results: each case's error is logged with the file's name,
 recorded (in results.json for the VALDO layout), and the process exits 1 at the end if any case failed.
-Exit codes: 0 all cases written, 1 some case failed, 2 the run could not start (bad folder, bad method).
+Exit codes: 0 all cases written, 1 some case failed, 2 the run could not start (bad setting, input or output folder,
+method), 143 stopped by SIGTERM (130 by Ctrl-C) after recording what was done.
+
+An output folder that already holds results: a case's earlier outputs are removed when it runs again, so what is
+there afterwards is this run's (a failed case has none, never an earlier mask beside a report saying it failed);
+temporary files a killed run left are removed at the start.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -22,19 +28,36 @@ import SimpleITK as sitk
 
 from .. import __version__
 from . import report
-from .errors import CaseError
-from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, image_extension, image_like, read_scan, same_geometry,
-                      write_image_atomic, write_text_atomic)
+from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
+from .errors import CaseError, RunError
+from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, TEMPORARY_PREFIX, image_extension, image_like, read_scan,
+                      same_geometry, write_image_atomic, write_text_atomic)
 from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
 from .logs import setup_logging
-from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
 from .methods import NAMES as METHODS
 from .offline import no_network
 from .qc import overview_html, qc_png
 from .result import SegmentationResult
+from .stopping import Terminated, stop_on_sigterm, uninterrupted
 from .weights import default_weights_dir
 
 log = logging.getLogger("valdocmb")
+
+
+# options that an environment variable can set too: (option, variable, choices); argparse checks only the flags
+ENV_CHOICES = (("layout", "CMB_LAYOUT", LAYOUTS), ("method", "CMB_METHOD", METHODS),
+               ("device", "CMB_DEVICE", ("auto", "cpu", "cuda")), ("reports", "CMB_REPORTS", ("auto", "on", "off")),
+               ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")))
+
+
+def tile_step(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction of the patch in (0, 1]")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights folder (default: /opt/ml/model when present, else the baked-in weights/)")
     parser.add_argument("--input-socket", default=None, help="grand-challenge: slug of the T2* image socket")
     parser.add_argument("--output-socket-path", default=GC_DEFAULT_OUTPUT_PATH,
-                        help="grand-challenge: relative path of the output mask socket")
+                        help="grand-challenge: relative path of the output mask socket (inside the output folder)")
     parser.add_argument("--reports", choices=("auto", "on", "off"), default=env("CMB_REPORTS", "auto"),
                         help="lesion tables, labelled masks, QC pictures, summary.csv and index.html "
                         "(auto: on for a plain folder, off in the grand-challenge layouts)")
@@ -58,12 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesion-rule", choices=("weights", "off"), default=env("CMB_LESION_RULE", "weights"),
                         help="three-stage: drop faint, tiny or weakly confirmed components by the rule stored with "
                         "the weights (default), or keep every component of the thresholded map (off)")
-    parser.add_argument("--nnunet-tile-step", type=float, default=NNUNET_TILE_STEP,
-                        help="nnU-Net sliding-window step as a fraction of the patch (default %(default)s)")
+    parser.add_argument("--nnunet-tile-step", type=tile_step, default=NNUNET_TILE_STEP,
+                        help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,
                         help="nnU-Net test-time mirroring (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with values from environment variables held to the same choices as the flags (exit 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option, variable, choices in ENV_CHOICES:
+        if getattr(args, option) not in choices:
+            parser.error(f"{variable}={getattr(args, option)!r} is not one of {', '.join(choices)}")
+    return args
 
 
 def load_method(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None,
@@ -118,16 +151,86 @@ def reports_on(args, layout: str) -> bool:
     return args.reports == "on" or (args.reports == "auto" and layout == "folder")
 
 
+def case_outputs(case: Case, args, layout: str) -> list[Path]:
+    """Every file a case can write: the mask, its reports, its QC picture, grand-challenge's value outputs."""
+    if case.output_path is None:
+        return []
+    files = [case.output_path, sibling(case.output_path, "_lesions", ".csv"),
+             sibling(case.output_path, "_lesions", ".json"), sibling(case.output_path, LABELS_SUFFIX),
+             sibling(case.output_path, PROBABILITY_SUFFIX), args.output / "qc" / f"{case.case_id}.png"]
+    if layout == "gc":
+        files += [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json"]
+    return files
+
+
+def remove_outputs(case: Case, args, layout: str, why: str) -> None:
+    """Remove a case's outputs: an earlier run's before the case runs again, this run's when it fails."""
+    for path in case_outputs(case, args, layout):
+        try:
+            if path.is_file():
+                path.unlink()
+                log.info("  removed %s (%s)", path, why)
+        except OSError as exc:
+            log.warning("  could not remove %s: %s", path, exc.strerror or exc)
+
+
+def check_names(case: Case, args, layout: str) -> None:
+    """Output names the file system cannot hold fail the case before any inference."""
+    limit = os.pathconf(args.output, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    for path in case_outputs(case, args, layout):
+        if len(path.name.encode()) > limit:
+            raise CaseError(f"{case.input_path}: the output name {path.name[:40]}... is longer than the {limit} "
+                            "bytes a file name may have here; rename the scan")
+
+
+def check_output(args, layout: str, cases: list[Case]) -> None:
+    """The output folder can take the run's results, before any inference; RunError names the output otherwise."""
+    output = args.output
+    if output.exists() and not output.is_dir():
+        raise RunError(f"{output}: is a file, not an output folder")
+    socket = (output / args.output_socket_path).resolve()
+    if layout == "gc" and not socket.is_relative_to(output.resolve()):
+        raise RunError(f"--output-socket-path {args.output_socket_path!r} leads outside the output folder {output}")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f"{TEMPORARY_PREFIX}write-test"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"{output}: the output folder is not writable: {exc.strerror or exc}") from None
+    folders = {path.parent for case in cases for path in case_outputs(case, args, layout)}
+    for folder in sorted(folders):
+        for parent in [folder, *folder.parents]:
+            if parent == output or output not in parent.parents:
+                break
+            if parent.exists() and not parent.is_dir():
+                raise RunError(f"{parent}: exists as a file where the run writes a folder")
+    needed = sum(4 * case.input_path.stat().st_size + (1 << 20) for case in cases
+                 if case.error is None and case.input_path is not None and case.input_path.is_file())
+    free = shutil.disk_usage(output).free
+    if free < needed:
+        raise RunError(f"{output}: {free / 2**20:.0f} MB free, the run needs about {needed / 2**20:.0f} MB")
+    stale = [p for p in output.rglob(f"{TEMPORARY_PREFIX}*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary file(s) an earlier, interrupted run left in %s", len(stale), output)
+
+
 def run(args: argparse.Namespace, method=None) -> int:
     started, start_time = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     try:
-        layout, cases = discover(args.input, args.output, args.layout, args.input_socket, args.output_socket_path)
-    except ValueError as exc:
+        found = discover(args.input, args.output, args.layout, args.input_socket, args.output_socket_path)
+        layout, cases = found.layout, found.cases
+        check_output(args, layout, cases)
+    except RunError as exc:
         log.error("%s", exc)
         return 2
     runnable = [c for c in cases if c.error is None]
     log.info("valdocmb %s: %d case(s) in %s (layout %s), method %s", __version__, len(cases), args.input,
              layout, args.method)
+    for path, reason in found.ignored:
+        log.info("  ignored %s: %s", path, reason)
 
     if method is None and runnable:
         weights = args.weights or default_weights_dir()
@@ -139,19 +242,24 @@ def run(args: argparse.Namespace, method=None) -> int:
             log.error("cannot start method %s: %s", args.method, exc)
             return 2
 
-    results, rows, case_records, method_info, failed = [], [], [], {}, 0
+    results, rows, case_records, method_info, failed, stopped = [], [], [], {}, 0, None
     for index, case in enumerate(cases, 1):
         start = time.perf_counter()
         log.info("[%d/%d] %s", index, len(cases), case.case_id)
-        error = case.error
+        error = case.error if stopped is None else f"not run: the run was stopped ({stopped}) before this case"
         timings: dict = {}
         row = {"case": case.case_id, "input": str(case.input_path or ""), "mask": str(case.output_path or ""),
                "method": args.method}
         if error is None:
             try:
+                check_names(case, args, layout)
+                remove_outputs(case, args, layout, "an earlier run's result, replaced now")
                 image, result = process_case(case, method, timings)
                 method_info = result.info or method_info
                 write_reports(case, image, result, args, layout, row)
+            except (Terminated, KeyboardInterrupt) as exc:
+                stopped = str(exc) or "SIGINT"
+                error = f"{case.input_path}: interrupted ({stopped})"
             except CaseError as exc:
                 error = str(exc)
             except Exception as exc:  # a bug or an unforeseen input: report it for this case and go on
@@ -161,6 +269,7 @@ def run(args: argparse.Namespace, method=None) -> int:
         if error:
             failed += 1
             log.error("  FAILED: %s", error)
+            remove_outputs(case, args, layout, "the case failed")
         else:
             log.info("  wrote %s (%.1f s)", case.output_path, seconds)
         row.update(status="failed" if error else "ok", error=error or "", seconds=round(seconds, 2),
@@ -170,22 +279,35 @@ def run(args: argparse.Namespace, method=None) -> int:
                              "seconds": round(seconds, 2), "timings": {k: round(v, 3) for k, v in timings.items()}})
         results.append(valdo_results_entry(case, error))
 
-    if layout == "valdo2021":
-        write_text_atomic(json.dumps(results, indent=2), args.output / "results.json")
-    if reports_on(args, layout):
-        write_text_atomic(report.summary_csv(rows), args.output / "summary.csv")
-        overview_html(rows, args.output / "index.html")
-    if runnable:
-        record = report.run_record(args, method_info, case_records, started, time.perf_counter() - start_time)
-        write_text_atomic(json.dumps(record, indent=1, default=str), args.output / "run.json")
-    log.info("done: %d of %d case(s) written, %d failed", len(cases) - failed, len(cases), failed)
+    try:
+        with uninterrupted():
+            if layout == "valdo2021":
+                write_text_atomic(json.dumps(results, indent=2), args.output / "results.json")
+            if reports_on(args, layout):
+                write_text_atomic(report.summary_csv(rows), args.output / "summary.csv")
+                overview_html(rows, args.output / "index.html")
+            if runnable:
+                record = report.run_record(args, method_info, case_records, started,
+                                           time.perf_counter() - start_time)
+                record["ignored"] = [{"path": str(path), "reason": reason} for path, reason in found.ignored]
+                record["stopped"] = stopped
+                write_text_atomic(json.dumps(record, indent=1, default=str), args.output / "run.json")
+    except CaseError as exc:
+        log.error("the run's records could not be written: %s", exc)
+        return 1
+    except Terminated as exc:
+        stopped = stopped or str(exc)
+    log.info("done: %d of %d case(s) written, %d failed%s", len(cases) - failed, len(cases), failed,
+             f"; stopped by {stopped}" if stopped else "")
+    if stopped:
+        return 130 if stopped == "SIGINT" else 143
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None, method=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     setup_logging(args.verbose)
-    with no_network():
+    with no_network(), stop_on_sigterm():
         return run(args, method)
 
 

@@ -60,7 +60,22 @@ def load_checked(weights_dir: Path, relative: str, what: str) -> tuple[dict, str
         raise CaseError(f"{path}: cannot be loaded as {what}: {exc}") from None
     if not isinstance(checkpoint, dict):
         raise CaseError(f"{path}: not {what} (holds a {type(checkpoint).__name__})")
+    damaged = non_finite_tensors(checkpoint)
+    if damaged:  # the manifest's sha256 catches this too, but a folder without a manifest has only this check
+        raise CaseError(f"{path}: {len(damaged)} parameter tensor(s) hold NaN or Inf values ({', '.join(damaged[:3])}"
+                        f"{', ...' if len(damaged) > 3 else ''}); the file is damaged")
     return checkpoint, actual
+
+
+def non_finite_tensors(value, name: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict/list that hold NaN or Inf."""
+    if isinstance(value, torch.Tensor):
+        return [name or "tensor"] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
+    if isinstance(value, dict):
+        return [bad for key, item in value.items() for bad in non_finite_tensors(item, f"{name}.{key}".lstrip("."))]
+    if isinstance(value, (list, tuple)):
+        return [bad for i, item in enumerate(value) for bad in non_finite_tensors(item, f"{name}[{i}]")]
+    return []
 
 
 def save_weights(model: torch.nn.Module, path: Path, meta: dict | None = None) -> str:

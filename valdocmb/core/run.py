@@ -260,8 +260,8 @@ def run(args: argparse.Namespace, method=None) -> int:
             except (Terminated, KeyboardInterrupt) as exc:
                 stopped = str(exc) or "SIGINT"
                 error = f"{case.input_path}: interrupted ({stopped})"
-            except CaseError as exc:
-                error = str(exc)
+            except CaseError as exc:  # a method's refusal may not know the file: every case error names it
+                error = str(exc) if str(case.input_path) in str(exc) else f"{case.input_path}: {exc}"
             except Exception as exc:  # a bug or an unforeseen input: report it for this case and go on
                 log.debug("%s", traceback.format_exc())
                 error = f"{case.input_path}: unexpected {type(exc).__name__}: {exc}"

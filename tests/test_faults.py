@@ -84,6 +84,7 @@ def test_a_full_disk_at_the_end_is_an_error_naming_the_file_not_a_traceback(tmp_
 
 @pytest.mark.parametrize("fault,message", [
     ("output is a file", "is a file, not an output folder"),
+    ("output's parent is a file", "the output folder is not writable"),
     ("qc is a file", "exists as a file where the run writes a folder"),
     ("socket path leaves the output", "leads outside the output folder"),
 ])
@@ -93,6 +94,9 @@ def test_an_unusable_output_stops_the_run_before_inference(tmp_path, capfd, faul
     out, extra = tmp_path / "out", ["--reports", "on"]
     if fault == "output is a file":
         out.write_text("not a folder")
+    elif fault == "output's parent is a file":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
     elif fault == "qc is a file":
         out.mkdir()
         (out / "qc").write_text("")

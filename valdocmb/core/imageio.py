@@ -91,7 +91,10 @@ def _read_checked(path: Path, cast: bool = True) -> tuple[sitk.Image, int]:
     except MemoryError:
         raise CaseError(f"{path}: too large to read into memory") from None
     except RuntimeError as exc:
-        raise CaseError(f"{path}: cannot be read as an image: {itk_reason(exc)}") from None
+        reason = itk_reason(exc)
+        if "allocat" in reason.lower():
+            raise CaseError(f"{path}: too large to read into memory ({reason})") from None
+        raise CaseError(f"{path}: cannot be read as an image: {reason}") from None
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(

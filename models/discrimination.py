@@ -39,3 +39,15 @@ class DiscriminationCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+    # C1-C2 are valid convolutions with batch norm and leaky ReLU: translation-equivariant, so they can run once on
+    # a region covering several shifted patches (see ThreeStagePipeline.discriminate); the rest starts at pooling.
+    LOCAL_LAYERS = 2
+
+    def local_features(self, x):
+        """C1-C2 of any region at least a patch large: (N, 64, z - 4, y - 8, x - 8)."""
+        return self.features[: self.LOCAL_LAYERS](x)
+
+    def classify_local(self, local):
+        """Pooling, C3-C4 and the classifier on the 16x16x16 C2 output of one patch."""
+        return self.classifier(self.features[self.LOCAL_LAYERS:](local))

@@ -61,6 +61,25 @@ def test_screening_skips_tiles_outside_the_brain():
     assert np.all(scores[:2, :2, :2] > 0)
 
 
+@pytest.mark.parametrize("shift", [1, 0, 2])
+def test_shared_discrimination_equals_classifying_every_shifted_patch(shift):
+    """C1-C2 once per candidate region, then each shift's window: the probabilities of the per-patch path."""
+    net = randomised(DiscriminationCNN(), seed=3)
+    config = ThreeStageConfig(discrimination_shift=shift, batch_size=16)
+    pipeline = ThreeStagePipeline(ScreeningFCN(), net, SegmentationUNet(), "cpu", config)
+    volume = np.random.default_rng(4).normal(size=(23, 29, 31)).astype(np.float32)
+    # odd positions, the borders and corners of the volume included (patches reach beyond it: zero padding)
+    centres = np.array([(0, 0, 0), (22, 28, 30), (11, 14, 15), (1, 27, 3), (21, 1, 29), (5, 6, 7), (12, 13, 14)])
+    shared = pipeline.discriminate(volume, centres)
+
+    shifts = pipeline.discrimination_shifts()
+    positions = (centres[:, None, :] + shifts[None]).reshape(-1, 3)
+    patches = extract_patches(volume, positions, DiscriminationCNN.patch_size)
+    with torch.no_grad():
+        per_patch = torch.softmax(net(torch.from_numpy(patches)[:, None]), 1)[:, 1].numpy()
+    np.testing.assert_allclose(shared, per_patch.reshape(len(centres), len(shifts)).mean(1), atol=1e-6)
+
+
 def test_networks_take_the_documented_patch_sizes():
     assert DiscriminationCNN()(torch.zeros(2, 1, 20, 24, 24)).shape == (2, 2)
     assert SegmentationUNet()(torch.zeros(2, 1, 24, 32, 32)).shape == (2, 2, 24, 32, 32)

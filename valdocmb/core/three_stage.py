@@ -183,23 +183,33 @@ class ThreeStagePipeline:
                     shifts.append(tuple(shift))
         return np.array(shifts)
 
+    @torch.inference_mode()
     def discriminate(self, volume: np.ndarray, centres) -> np.ndarray:
-        """Mean CMB probability of each centre over its translated neighbourhoods."""
+        """Mean CMB probability of each centre over its translated neighbourhoods.
+
+        The shifted patches of a candidate overlap almost entirely, and C1-C2 are translation-equivariant: they run
+        once on the region covering all of them (the patch grown by the shift on every side), and each shifted
+        patch's C2 output is a window of that result. Pooling and the rest run per shift. The same arithmetic as
+        classifying each shifted patch alone (tested), for about a fifth of the convolutions.
+        """
         centres = np.asarray(centres, int).reshape(-1, 3)
         if len(centres) == 0:
             return np.zeros(0, np.float32)
+        net = self.discrimination
         shifts = self.discrimination_shifts()
-        positions = (centres[:, None, :] + shifts[None]).reshape(-1, 3)
-        probs = self._classify(self.discrimination, volume, positions, DiscriminationCNN.patch_size)
-        return probs.reshape(len(centres), len(shifts)).mean(axis=1)
-
-    @torch.inference_mode()
-    def _classify(self, net, volume, positions, size) -> np.ndarray:
+        reach = self.config.discrimination_shift
+        region = np.array(DiscriminationCNN.patch_size) + 2 * reach
+        per_batch = max(1, self.config.batch_size // len(shifts))  # as many patches per step as before
         out = []
-        for start in range(0, len(positions), self.config.batch_size):
-            batch = extract_patches(volume, positions[start:start + self.config.batch_size], size)
-            logits = net(torch.from_numpy(batch)[:, None].to(self.device))
-            out.append(torch.softmax(logits, 1)[:, 1].float().cpu().numpy())
+        for start in range(0, len(centres), per_batch):
+            batch = extract_patches(volume, centres[start:start + per_batch], region)
+            local = net.local_features(torch.from_numpy(batch)[:, None].to(self.device))
+            size = np.array(local.shape[2:]) - 2 * reach     # C2 output of one patch
+            windows = [local[:, :, reach + dz:reach + dz + size[0], reach + dy:reach + dy + size[1],
+                             reach + dx:reach + dx + size[2]] for dz, dy, dx in shifts]
+            logits = net.classify_local(torch.stack(windows, 1).flatten(0, 1))
+            probs = torch.softmax(logits, 1)[:, 1].float().cpu().numpy()
+            out.append(probs.reshape(-1, len(shifts)).mean(axis=1))
         return np.concatenate(out)
 
     # -- stage 4 ------------------------------------------------------------------------------------------------

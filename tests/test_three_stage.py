@@ -80,6 +80,18 @@ def test_shared_discrimination_equals_classifying_every_shifted_patch(shift):
     np.testing.assert_allclose(shared, per_patch.reshape(len(centres), len(shifts)).mean(1), atol=1e-6)
 
 
+def test_screening_cut_to_the_brain_equals_the_whole_volume_fcn_inside_it():
+    net = randomised(ScreeningFCN(), seed=5)
+    volume = np.random.default_rng(6).normal(size=(26, 34, 30)).astype(np.float32)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in volume.shape], indexing="ij")
+    brain = (zz / 0.7) ** 2 + ((yy - 0.2) / 0.6) ** 2 + (xx / 0.5) ** 2 < 1   # an off-centre ellipsoid
+    everywhere = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu",
+                                    ThreeStageConfig(tile=(5, 6, 7))).screen(volume, np.ones(volume.shape, bool))
+    cut = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu",
+                             ThreeStageConfig(tile=(5, 6, 7))).screen(volume, brain)
+    np.testing.assert_allclose(cut, everywhere * brain[::2, ::2, ::2], atol=2e-6)
+
+
 def test_networks_take_the_documented_patch_sizes():
     assert DiscriminationCNN()(torch.zeros(2, 1, 20, 24, 24)).shape == (2, 2)
     assert SegmentationUNet()(torch.zeros(2, 1, 24, 32, 32)).shape == (2, 2, 24, 32, 32)

@@ -142,9 +142,12 @@ class ThreeStagePipeline:
                 for ix in range(0, m[2], tile[2]):
                     lo = np.array([iz, iy, ix])
                     hi = np.minimum(lo + tile, m)
-                    block = tuple(slice(a, b) for a, b in zip(lo, hi))
-                    if not centre_in_brain[block].any():
+                    inside = np.argwhere(centre_in_brain[tuple(slice(a, b) for a, b in zip(lo, hi))])
+                    if not len(inside):
                         continue
+                    # only the tile's box around its brain centres: scores elsewhere are zeroed anyway
+                    lo, hi = lo + inside.min(0), lo + inside.max(0) + 1
+                    block = tuple(slice(a, b) for a, b in zip(lo, hi))
                     region = tuple(slice(stride * a, stride * (b - 1) + p) for a, b, p in zip(lo, hi, patch))
                     x = torch.from_numpy(np.ascontiguousarray(padded[region]))[None, None].to(self.device)
                     logits = self.screening(x)[0]

@@ -292,3 +292,35 @@ def test_random_corruptions_end_in_a_correct_mask_or_a_clear_refusal(tmp_path):
             assert "scan.nii" in error and "unexpected" not in error, (trial, error)
             outcomes["refused"] += 1
     assert outcomes["mask"] and outcomes["refused"]
+
+
+# -- threads (issue 18) -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("files,expected", [({"cpu.max": "150000 100000\n"}, 2), ({"cpu.max": "max 100000\n"}, None),
+                                            ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3),
+                                            ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+                                            ({}, None)])
+def test_the_container_cpu_quota_is_read_from_cgroups(tmp_path, files, expected):
+    from valdocmb.core.device import cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+
+
+def test_threads_option_and_its_environment_variable(monkeypatch, capsys):
+    assert run.parse_arguments(["--threads", "3"]).threads == 3
+    monkeypatch.setenv("CMB_THREADS", "2")
+    assert run.parse_arguments([]).threads == 2
+    monkeypatch.setenv("CMB_THREADS", "zero")
+    with pytest.raises(SystemExit):
+        run.parse_arguments([])
+    assert "CMB_THREADS='zero'" in capsys.readouterr().err
+    from valdocmb.core.device import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert cpu_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -60,6 +60,16 @@ def tile_step(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="process.py", description="Cerebral microbleed segmentation (VALDO Task 2)")
@@ -69,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input layout (default: detected)")
     parser.add_argument("--method", choices=METHODS, default=env("CMB_METHOD", "three-stage"))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=env("CMB_DEVICE", "auto"))
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for torch (default: the CPUs this process may use, within a container's "
+                        "CPU quota)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="weights folder (default: /opt/ml/model when present, else the baked-in weights/)")
     parser.add_argument("--input-socket", default=None, help="grand-challenge: slug of the T2* image socket")
@@ -96,6 +109,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for option, variable, choices in ENV_CHOICES:
         if getattr(args, option) not in choices:
             parser.error(f"{variable}={getattr(args, option)!r} is not one of {', '.join(choices)}")
+    if args.threads is None and os.environ.get("CMB_THREADS"):
+        try:
+            args.threads = positive_int(os.environ["CMB_THREADS"])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"CMB_THREADS={os.environ['CMB_THREADS']!r}: {exc}")
     return args
 
 
@@ -233,6 +251,10 @@ def run(args: argparse.Namespace, method=None) -> int:
         log.info("  ignored %s: %s", path, reason)
 
     if method is None and runnable:
+        from .device import cpu_threads  # imported here so `--help` and I/O errors need no torch
+
+        args.threads = cpu_threads(args.threads)
+        log.info("torch uses %d CPU thread(s)", args.threads)
         weights = args.weights or default_weights_dir()
         try:
             method = load_method(args.method, weights, args.device,

@@ -114,6 +114,8 @@ def _discover_valdo(input_dir: Path, output_dir: Path) -> Discovery:
             companions.setdefault(m.group(1), []).append(path.name)
         elif VALDO_LABEL.match(path.name):
             found.ignored.append((path, "a training label (_CMB), not an input"))
+        elif path.is_dir():
+            found.ignored.append((path, "a folder"))
         else:
             problems.append(Case(
                 strip_image_extension(path.name), path, None, [path.name],

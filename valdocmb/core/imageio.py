@@ -1,7 +1,8 @@
 """Reading scans and writing masks with SimpleITK, with the checks that turn bad files into clear errors.
 
-Every reader raises CaseError with the file's path in the message; every writer is atomic (a temporary file
-in the same folder, then a rename), so a crash never leaves a half-written mask that looks like a result.
+Every reader raises CaseError with the file's path in the message (what ITK itself does not check is in
+`filecheck`); every writer is atomic and verified: a temporary file in the same folder, read back, then renamed,
+so neither a crash nor a full disk ever leaves a partial file under a final name.
 """
 
 from __future__ import annotations

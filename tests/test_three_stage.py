@@ -159,6 +159,18 @@ def test_dark_blob_comes_out_where_it_was_put(direction):
     assert np.linalg.norm(detection.preprocessed.voxel_to_world(best.centre) - blob_world) < 1.5
 
 
+def test_bfloat16_precision_finds_the_same_blob_and_is_opt_in():
+    scan = dark_blob_scan()
+    exact = fixed_pipeline().segment(scan, {})
+    fast = fixed_pipeline(precision="bfloat16").segment(scan, {})
+    assert np.array_equal(sitk.GetArrayFromImage(fast.mask), sitk.GetArrayFromImage(exact.mask))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(fast.probability), sitk.GetArrayFromImage(exact.probability),
+                               atol=0.05)
+    assert ThreeStageConfig().precision == "float32"
+    with pytest.raises(CaseError, match="unknown precision"):
+        fixed_pipeline(precision="int8").segment(scan, {})
+
+
 def test_nothing_found_in_a_scan_without_blob():
     mask = fixed_pipeline().segment(dark_blob_scan(blob=None), {}).mask
     assert sitk.GetArrayFromImage(mask).sum() == 0

@@ -47,7 +47,8 @@ log = logging.getLogger("valdocmb")
 # options that an environment variable can set too: (option, variable, choices); argparse checks only the flags
 ENV_CHOICES = (("layout", "CMB_LAYOUT", LAYOUTS), ("method", "CMB_METHOD", METHODS),
                ("device", "CMB_DEVICE", ("auto", "cpu", "cuda")), ("reports", "CMB_REPORTS", ("auto", "on", "off")),
-               ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")))
+               ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")),
+               ("precision", "CMB_PRECISION", ("float32", "bfloat16")))
 
 
 def tile_step(text: str) -> float:
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesion-rule", choices=("weights", "off"), default=env("CMB_LESION_RULE", "weights"),
                         help="three-stage: drop faint, tiny or weakly confirmed components by the rule stored with "
                         "the weights (default), or keep every component of the thresholded map (off)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=env("CMB_PRECISION", "float32"),
+                        help="three-stage networks' arithmetic: float32 (default) or bfloat16 under autocast, about "
+                        "2x faster on CPUs with bfloat16 instructions, probabilities within about 1e-4")
     parser.add_argument("--nnunet-tile-step", type=tile_step, default=NNUNET_TILE_STEP,
                         help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,
@@ -118,11 +122,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_method(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None,
-                lesion_rule: bool = True):
+                lesion_rule: bool = True, precision: str = "float32"):
     """The segmenter for `name`: an object with segment(image, timings) -> SegmentationResult."""
     from .methods import load  # imported here so `--help` and I/O errors need no torch
 
-    return load(name, weights_dir, device, nnunet_options, lesion_rule)
+    return load(name, weights_dir, device, nnunet_options, lesion_rule, precision)
 
 
 def process_case(case: Case, method, timings: dict) -> tuple[sitk.Image, SegmentationResult]:
@@ -259,7 +263,7 @@ def run(args: argparse.Namespace, method=None) -> int:
         try:
             method = load_method(args.method, weights, args.device,
                                  {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring},
-                                 args.lesion_rule == "weights")
+                                 args.lesion_rule == "weights", args.precision)
         except CaseError as exc:
             log.error("cannot start method %s: %s", args.method, exc)
             return 2

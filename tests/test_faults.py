@@ -208,7 +208,7 @@ def test_scans_sharing_a_name_in_several_formats_get_their_own_reports(tmp_path)
 # -- 9. settings ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variable,value", [("CMB_LESION_RULE", "weight"), ("CMB_REPORTS", "yes"),
-                                            ("CMB_DEVICE", "gpu"), ("CMB_METHOD", "nnUNet")])
+                                            ("CMB_DEVICE", "gpu"), ("CMB_METHOD", "nnUNet"), ("CMB_PRECISION", "half")])
 def test_environment_values_are_held_to_the_flags_choices(tmp_path, monkeypatch, capsys, variable, value):
     # was: the lesion rule or the reports turned off silently, or a torch traceback (gpu)
     monkeypatch.setenv(variable, value)

@@ -197,65 +197,68 @@ TEMPORARY_PREFIX = ".tmp-"  # every temporary output file starts so: a later run
 
 
 def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Write `image` to `path` through a temporary file in the same folder, read it back, then rename it atomically.
+    """Write `image` to `path` through a temporary file, read it back, then rename it atomically.
 
     SimpleITK's writer can return without error on a full disk, leaving a short or empty file: reading the file
     back (size and voxels) turns that into a CaseError naming `path`, and nothing is renamed into place.
     """
     path = Path(path)
-    ext = image_extension(path)
-    if ext is None:
+    if image_extension(path) is None:
         raise ValueError(f"{path}: not an image file name")
-    _make_folder(path)
-    tmp = path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}{ext}"
-    try:
-        with uninterrupted():
-            sitk.WriteImage(image, str(tmp), compress)
-            written = sitk.ReadImage(str(tmp))
-            if written.GetSize() != image.GetSize() or not np.array_equal(
-                    sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image), equal_nan=True):
-                raise CaseError(f"{path}: the written file does not read back as written (disk full?)")
-            os.replace(tmp, path)
-    except RuntimeError as exc:
-        raise CaseError(f"{path}: could not be written (disk full or not writable?): {itk_reason(exc)}") from None
-    except OSError as exc:
-        raise CaseError(f"{path}: could not be written: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    def write(tmp: Path) -> None:
+        sitk.WriteImage(image, str(tmp), compress)
+        written = sitk.ReadImage(str(tmp))
+        if written.GetSize() != image.GetSize() or not np.array_equal(
+                sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image), equal_nan=True):
+            raise CaseError(f"{path}: the written file does not read back as written (disk full?)")
+
+    return _write_verified(write, path)
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
     """Write text through a temporary file, flushed to disk and read back, then renamed atomically."""
     path = Path(path)
-    _make_folder(path)
-    tmp = path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.name}"
-    try:
-        with uninterrupted():
-            with open(tmp, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if tmp.read_text() != text:
-                raise CaseError(f"{path}: the written file does not read back as written (disk full?)")
-            os.replace(tmp, path)
-    except OSError as exc:
-        raise CaseError(f"{path}: could not be written: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if tmp.read_text() != text:
+            raise CaseError(f"{path}: the written file does not read back as written (disk full?)")
+
+    return _write_verified(write, path)
 
 
 def write_bytes_checked(write, path: Path) -> Path:
     """`write(tmp)` writes a file (a picture, say); it is checked non-empty and renamed atomically onto `path`."""
+
+    def write_nonempty(tmp: Path) -> None:
+        write(tmp)
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise CaseError(f"{path}: the written file is empty (disk full?)")
+
+    return _write_verified(write_nonempty, Path(path))
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place (the longest name a write needs)."""
+    return path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.name}"
+
+
+def _write_verified(write, path: Path) -> Path:
+    """The one write path: `write(tmp)` writes a temporary file beside `path` (its name ends like `path`'s, so
+    format detection by extension works) and checks it, raising CaseError when it does not read back; it is then
+    renamed onto `path`, never interrupted by SIGTERM. Nothing partial stays under `path` or beside it."""
     _make_folder(path)
-    tmp = path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    tmp = temporary_path(path)
     try:
         with uninterrupted():
             write(tmp)
-            if not tmp.is_file() or tmp.stat().st_size == 0:
-                raise CaseError(f"{path}: the written file is empty (disk full?)")
             os.replace(tmp, path)
+    except RuntimeError as exc:  # SimpleITK reports its I/O failures so
+        raise CaseError(f"{path}: could not be written (disk full or not writable?): {itk_reason(exc)}") from None
     except OSError as exc:
         raise CaseError(f"{path}: could not be written: {exc.strerror or exc}") from None
     finally:

@@ -31,7 +31,7 @@ from . import report
 from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
 from .errors import CaseError, RunError
 from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, TEMPORARY_PREFIX, image_extension, image_like, read_scan,
-                      same_geometry, write_image_atomic, write_text_atomic)
+                      same_geometry, temporary_path, write_image_atomic, write_text_atomic)
 from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
 from .logs import setup_logging
 from .methods import NAMES as METHODS
@@ -200,9 +200,10 @@ def check_names(case: Case, args, layout: str) -> None:
     """Output names the file system cannot hold fail the case before any inference."""
     limit = os.pathconf(args.output, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
     for path in case_outputs(case, args, layout):
-        if len(path.name.encode()) > limit:
-            raise CaseError(f"{case.input_path}: the output name {path.name[:40]}... is longer than the {limit} "
-                            "bytes a file name may have here; rename the scan")
+        if len(temporary_path(path).name.encode()) > limit:  # each file is written under a longer name first
+            raise CaseError(f"{case.input_path}: the output name {path.name[:40]}..., with the temporary prefix it "
+                            f"is written under first, is longer than the {limit} bytes a file name may have here; "
+                            "rename the scan")
 
 
 def check_output(args, layout: str, cases: list[Case]) -> None:

@@ -33,7 +33,7 @@ binary, where it is exact).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -114,13 +114,12 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
     components.
     """
     spacing = nifti_spacing(prediction)  # the official code takes the voxel size from the prediction's header
-    ref_native = np.around(xyz(reference), 1)   # rounded in the file's own type, as the official code does
-    ref = ref_native.astype(np.float64)
+    # both arrays stay in the files' own types (no float64 copies of whole volumes); sums are taken in float64
+    ref = np.around(xyz(reference), 1)   # rounded in the file's own type, as the official code does
     ref_labels, n_ref = label_components(ref != 0, connectivity)
     native = np.ascontiguousarray(xyz(prediction))  # the official code copies it in C order: same sum order
-    values = native.astype(np.float64)
     if labels_xyz is None:
-        labels_xyz, n = label_components(values >= 0.5, connectivity)
+        labels_xyz, n = label_components(native >= 0.5, connectivity)
     ref_centres = centres_mm(ref_labels, n_ref, spacing)
     pred_centres = centres_mm(labels_xyz, n, spacing)
     index = range(1, n_ref + 1)
@@ -129,7 +128,7 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
         "ref_weights": [float(v) for v in ndimage.maximum(ref, ref_labels, index)] if n_ref else [],
         "ref_sums": [float(v) for v in ndimage.sum(ref, ref_labels, index)] if n_ref else [],
         # totals summed as the official code sums them (in the images' own types), for the volume difference
-        "ref_total": float(np.sum(ref_native)),
+        "ref_total": float(np.sum(ref)),
         "pred_total": float(np.sum(np.where(native >= 0.5, native, np.zeros_like(native)))),
         "components": [],
     }
@@ -137,13 +136,14 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
     boxes = ndimage.find_objects(labels_xyz, n) if n else []
     for p in range(n):
         inside = labels_xyz[boxes[p]] == p + 1
-        component = {"voxels": int(inside.sum()), "value_sum": float(values[boxes[p]][inside].sum()),
+        component = {"voxels": int(inside.sum()), "value_sum": float(native[boxes[p]][inside].sum(dtype=np.float64)),
                      "claim": None, "distance": None, "overlap": 0.0}
         near = np.flatnonzero(distances[p] < distance_mm)
         if near.size:
             claim = int(near[np.argmin(distances[p, near])])  # argmin: the first of equally near references
             component.update(claim=claim, distance=float(distances[p, claim]),
-                             overlap=float(ref[boxes[p]][inside & (ref_labels[boxes[p]] == claim + 1)].sum()))
+                             overlap=float(ref[boxes[p]][inside & (ref_labels[boxes[p]] == claim + 1)]
+                                           .sum(dtype=np.float64)))
         evidence["components"].append(component)
     return evidence
 
@@ -228,6 +228,3 @@ def summarize(scores: list[CaseScore]) -> dict:
     summary["pooled"] = pooled(scores)
     return summary
 
-
-def as_row(score: CaseScore) -> dict:
-    return asdict(score)

@@ -12,6 +12,11 @@ Layer (kernel x, y, z -> channels)        output for a 20x20x16 patch (x, y, z)
 Every layer is a convolution or pooling without padding, so applied to a whole volume it yields the score of every
 patch whose start is a multiple of the pooling stride (2): score[i, j, k] is the class logits of the patch
 starting at input voxel (2i, 2j, 2k) (torch order z, y, x). Tensor layout is (N, 1, z, y, x).
+
+The net splits at the pooling: `local_features` (C1, C2, M1) maps any region to pooled features, one per pair of
+input voxels, and `head` (C3-C6) maps a 6x6x6 window of pooled features to one score. Score (i, j, k) reads the
+pooled features (i..i+5, j..j+5, k..k+5), so the expensive C1-C2 can run once per pooled voxel in independent
+blocks (see ThreeStagePipeline.screen) and give the same scores as the whole-volume FCN.
 """
 
 from torch import nn
@@ -20,11 +25,14 @@ from .layers import LEAKY_SLOPE, conv_block
 
 PATCH_SIZE = (16, 20, 20)   # z, y, x
 STRIDE = 2
+POOLED_WINDOW = 6           # pooled features one score reads along each axis
 
 
 class ScreeningFCN(nn.Module):
     patch_size = PATCH_SIZE
     stride = STRIDE
+    pooled_window = POOLED_WINDOW
+    LOCAL_LAYERS = 3            # C1, C2 and the pooling
 
     def __init__(self):
         super().__init__()
@@ -41,6 +49,14 @@ class ScreeningFCN(nn.Module):
 
     def forward(self, x):
         return self.features(x)
+
+    def local_features(self, x):
+        """C1-C2 and pooling: (N, 64, (z - 4) // 2, (y - 8) // 2, (x - 8) // 2)."""
+        return self.features[: self.LOCAL_LAYERS](x)
+
+    def head(self, pooled):
+        """C3-C6: the logits of every 6x6x6 window of pooled features."""
+        return self.features[self.LOCAL_LAYERS:](pooled)
 
     @staticmethod
     def output_size(input_size: int, patch: int) -> int:

@@ -33,10 +33,11 @@ def randomised(net, seed=0):
     return net.eval()
 
 
-@pytest.mark.parametrize("shape,tile", [((13, 15, 17), (3, 4, 5)), ((16, 20, 20), (24, 48, 48)), ((9, 11, 30), (2, 2, 7))])
-def test_screening_fcn_equals_patch_classifier_everywhere(shape, tile):
+@pytest.mark.parametrize("shape,block", [((13, 15, 17), 5), ((16, 20, 20), 8), ((9, 11, 30), 6), ((40, 22, 19), 5)])
+def test_screening_fcn_equals_patch_classifier_everywhere(shape, block):
     net = randomised(ScreeningFCN())
-    pipeline = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu", ThreeStageConfig(tile=tile))
+    config = ThreeStageConfig(screening_block=block, batch_size=3)     # several batches of blocks per row
+    pipeline = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu", config)
     volume = np.random.default_rng(1).normal(size=shape).astype(np.float32)
     scores = pipeline.screen(volume, np.ones(shape, bool))
     assert scores.shape == tuple(-(-np.array(shape) // 2))   # one score per even voxel, borders included
@@ -52,7 +53,8 @@ def test_screening_fcn_equals_patch_classifier_everywhere(shape, tile):
 
 def test_screening_skips_tiles_outside_the_brain():
     net = randomised(ScreeningFCN())
-    pipeline = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu", ThreeStageConfig(tile=(2, 2, 2)))
+    pipeline = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu",
+                                  ThreeStageConfig(screening_block=5))
     volume = np.random.default_rng(2).normal(size=(12, 12, 12)).astype(np.float32)
     brain = np.zeros(volume.shape, bool)
     brain[:4, :4, :4] = True
@@ -85,11 +87,23 @@ def test_screening_cut_to_the_brain_equals_the_whole_volume_fcn_inside_it():
     volume = np.random.default_rng(6).normal(size=(26, 34, 30)).astype(np.float32)
     zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in volume.shape], indexing="ij")
     brain = (zz / 0.7) ** 2 + ((yy - 0.2) / 0.6) ** 2 + (xx / 0.5) ** 2 < 1   # an off-centre ellipsoid
-    everywhere = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu",
-                                    ThreeStageConfig(tile=(5, 6, 7))).screen(volume, np.ones(volume.shape, bool))
-    cut = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu",
-                             ThreeStageConfig(tile=(5, 6, 7))).screen(volume, brain)
-    np.testing.assert_allclose(cut, everywhere * brain[::2, ::2, ::2], atol=2e-6)
+    # the FCN over the whole volume, zero-padded by half a patch in front as screening defines it
+    before = np.array(ScreeningFCN.patch_size) // 2
+    after = 2 * (-(-np.array(volume.shape) // 2) - 1) + np.array(ScreeningFCN.patch_size) - volume.shape - before
+    padded = np.pad(volume, list(zip(before, after)))
+    with torch.no_grad():
+        everywhere = torch.softmax(net(torch.from_numpy(padded)[None, None]), 1)[0, 1].numpy()
+    for block in (5, 7):
+        cut = ThreeStagePipeline(net, DiscriminationCNN(), SegmentationUNet(), "cpu",
+                                 ThreeStageConfig(screening_block=block, batch_size=4)).screen(volume, brain)
+        np.testing.assert_allclose(cut, everywhere * brain[::2, ::2, ::2], atol=2e-6)
+
+
+def test_screening_blocks_smaller_than_a_scores_reach_are_refused():
+    pipeline = ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), SegmentationUNet(), "cpu",
+                                  ThreeStageConfig(screening_block=4))
+    with pytest.raises(CaseError, match="screening_block"):
+        pipeline.screen(np.ones((12, 12, 12), np.float32))
 
 
 def test_networks_take_the_documented_patch_sizes():

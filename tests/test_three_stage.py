@@ -9,7 +9,7 @@ from scipy import ndimage
 from valdocmb.core import run
 from valdocmb.core.errors import CaseError
 from valdocmb.core.patches import add_patches, extract_patches
-from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
+from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline, cuda_fp32_precision
 from valdocmb.core.weights import load_weights, save_weights, sha256
 from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
@@ -183,6 +183,21 @@ def test_bfloat16_precision_finds_the_same_blob_and_is_opt_in():
     assert ThreeStageConfig().precision == "float32"
     with pytest.raises(CaseError, match="unknown precision"):
         fixed_pipeline(precision="int8").segment(scan, {})
+
+
+@pytest.mark.parametrize("mode", ["float16", "tf32"])
+def test_cuda_only_precisions_fall_back_to_float32_on_cpu(mode, caplog):
+    pipeline = fixed_pipeline(precision=mode)
+    assert pipeline.config.precision == "float32" and "needs a CUDA device" in caplog.text
+    assert pipeline.describe()["config"]["precision"] == "float32"     # run.json says what ran
+
+
+def test_cuda_float32_context_sets_and_restores_the_tf32_flags():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with cuda_fp32_precision("ieee"):
+        assert conv.fp32_precision == matmul.fp32_precision == "ieee"
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
 
 
 def test_nothing_found_in_a_scan_without_blob():

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from valdocmb.core.lesion_rule import rule_from_manifest
-from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline
+from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStagePipeline
 from valdocmb.core.weights import sha256
 from valdocmb.train import crossval
 from valdocmb.train import three_stage as training

@@ -7,3 +7,7 @@ costs on CPU).
 
 NNUNET_TILE_STEP = 0.5
 NNUNET_MIRRORING = False
+
+# The three-stage networks' arithmetic (README, "Speed"): float32 is the default; float16 and tf32 exist on CUDA only.
+PRECISIONS = ("float32", "bfloat16", "float16", "tf32")
+CUDA_ONLY_PRECISIONS = ("float16", "tf32")

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from . import report
-from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
+from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
 from .errors import CaseError, RunError
 from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, TEMPORARY_PREFIX, image_extension, image_like, read_scan,
                       same_geometry, temporary_path, write_image_atomic, write_text_atomic)
@@ -48,7 +48,7 @@ log = logging.getLogger("valdocmb")
 ENV_CHOICES = (("layout", "CMB_LAYOUT", LAYOUTS), ("method", "CMB_METHOD", METHODS),
                ("device", "CMB_DEVICE", ("auto", "cpu", "cuda")), ("reports", "CMB_REPORTS", ("auto", "on", "off")),
                ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")),
-               ("precision", "CMB_PRECISION", ("float32", "bfloat16")))
+               ("precision", "CMB_PRECISION", PRECISIONS))
 
 
 def tile_step(text: str) -> float:
@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesion-rule", choices=("weights", "off"), default=env("CMB_LESION_RULE", "weights"),
                         help="three-stage: drop faint, tiny or weakly confirmed components by the rule stored with "
                         "the weights (default), or keep every component of the thresholded map (off)")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=env("CMB_PRECISION", "float32"),
-                        help="three-stage networks' arithmetic: float32 (default) or bfloat16 under autocast, about "
-                        "2x faster on CPUs with bfloat16 instructions, probabilities within about 1e-4")
+    parser.add_argument("--precision", choices=PRECISIONS, default=env("CMB_PRECISION", "float32"),
+                        help="three-stage networks' arithmetic: float32 (default; on CUDA without TF32), bfloat16 "
+                        "under autocast (about 2x faster on CPUs with bfloat16 instructions), or on CUDA float16 "
+                        "autocast or TF32 convolutions; see the README for what each changes")
     parser.add_argument("--nnunet-tile-step", type=tile_step, default=NNUNET_TILE_STEP,
                         help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,

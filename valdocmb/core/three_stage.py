@@ -32,6 +32,7 @@ from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
+from .defaults import CUDA_ONLY_PRECISIONS, PRECISIONS
 from .device import resolve_device
 from .errors import CaseError
 from .lesion_rule import LesionRule, apply_rule, rule_from_manifest
@@ -50,6 +51,19 @@ WEIGHT_FILES = {
 }
 
 
+@contextlib.contextmanager
+def cuda_fp32_precision(mode: str):
+    """cuDNN convolutions and cuBLAS products in float32 as "ieee" (exact float32) or "tf32" (10-bit mantissa on
+    tensor cores); torch's own default lets convolutions use TF32. Restored afterwards, so nnU-Net keeps its own."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = mode
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
+
+
 @dataclass
 class ThreeStageConfig:
     screening_threshold: float = 0.1
@@ -62,7 +76,7 @@ class ThreeStageConfig:
     screening_block: int = 8               # edge of the blocks of pooled features C1-C2 compute (>= 5)
     batch_size: int = 64
     lesion_rule: LesionRule = field(default_factory=LesionRule)
-    precision: str = "float32"             # or "bfloat16": the networks under torch autocast (opt-in, see README)
+    precision: str = "float32"             # see PRECISIONS and README: the others are opt-in
 
 
 @dataclass
@@ -115,6 +129,10 @@ class ThreeStagePipeline:
         self.screening = screening.eval().to(self.device)
         self.discrimination = discrimination.eval().to(self.device)
         self.segmentation = segmentation.eval().to(self.device)
+        if self.config.precision in CUDA_ONLY_PRECISIONS and self.device.type != "cuda":
+            log.warning("precision %s needs a CUDA device; running float32 on %s", self.config.precision,
+                        self.device)
+            self.config.precision = "float32"
         self.last_detection: Detection | None = None
         self.weights_info: dict = {}
 
@@ -140,13 +158,17 @@ class ThreeStagePipeline:
         return pipeline
 
     def precision(self):
-        """The networks' arithmetic: float32, or bfloat16 under torch's autocast (about 2x on CPUs with bf16
-        instructions; probabilities differ by about 1e-4, so it is opt-in)."""
-        if self.config.precision == "float32":
-            return contextlib.nullcontext()
-        if self.config.precision == "bfloat16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        raise CaseError(f"unknown precision {self.config.precision!r}; float32 or bfloat16")
+        """The networks' arithmetic (`PRECISIONS`): float32 (on CUDA without TF32, so GPU and CPU compute the
+        same), bfloat16 under torch's autocast (about 2x on CPUs with bf16 instructions; probabilities move by
+        about 1e-3), or on CUDA only TF32 convolutions or float16 autocast."""
+        mode = self.config.precision
+        if mode not in PRECISIONS:
+            raise CaseError(f"unknown precision {mode!r}; one of {', '.join(PRECISIONS)}")
+        if mode in ("bfloat16", "float16"):
+            return torch.autocast(self.device.type, dtype=getattr(torch, mode))
+        if self.device.type == "cuda":
+            return cuda_fp32_precision("tf32" if mode == "tf32" else "ieee")
+        return contextlib.nullcontext()
 
     # -- stage 1 ------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -7,6 +7,7 @@ import torch
 from scipy import ndimage
 
 from valdocmb.core import run
+from valdocmb.core.device import activation_bytes
 from valdocmb.core.errors import CaseError
 from valdocmb.core.patches import add_patches, extract_patches
 from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline, cuda_fp32_precision
@@ -298,3 +299,23 @@ def test_process_py_writes_only_to_the_output_and_temp_folders(tmp_path):
     changed = [p for p in tmp_path.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns]
     outside = [p for p in changed if not (p.is_relative_to(out) or p.is_relative_to(scratch))]
     assert outside == [] and (out / "patient_CMB.nii.gz").is_file()
+
+
+def test_activation_bytes_counts_every_layer_output_without_computing():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool3d(2))
+    # conv (4, 8, 8, 8), relu the same, pool (4, 4, 4, 4): float32
+    assert activation_bytes(net, lambda n, x: n(x), (1, 10, 10, 10)) == 4 * (2 * 4 * 8 ** 3 + 4 * 4 ** 3)
+    assert next(net.parameters()).device.type == "cpu"             # the network itself is untouched
+
+
+def test_items_per_call_from_free_cuda_memory(monkeypatch):
+    pipeline = ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), SegmentationUNet(), "cpu")
+    assert pipeline.items_per_call("screening") == 64 and pipeline.items_per_call("discrimination") == 64 // 7
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 16 * 2**30))
+    pipeline.device = torch.device("cuda")
+    per_candidate = pipeline._bytes_per_item("discrimination")
+    assert 5 * 2**20 < per_candidate < 100 * 2**20
+    assert pipeline.items_per_call("discrimination") == 8 * 2**30 // 4 // per_candidate
+    assert pipeline.items_per_call("segmentation") >= 1
+    pipeline.config.batch_size = 14                                   # a configured size wins
+    assert pipeline.items_per_call("segmentation") == 14 and pipeline.items_per_call("discrimination") == 2

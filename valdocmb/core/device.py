@@ -1,7 +1,8 @@
-"""Which torch device a method runs on, and how many CPU threads it uses."""
+"""Which torch device a method runs on, how many CPU threads it uses, and how many items a network call takes."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -54,3 +55,35 @@ def cpu_threads(requested: int | None = None) -> int:
         requested = min(available, cpu_quota() or available)
     torch.set_num_threads(requested)
     return requested
+
+
+CPU_ITEMS_PER_CALL = 64       # larger CPU batches gain nothing: the convolutions are compute-bound there
+MAX_ITEMS_PER_CALL = 4096
+
+
+def activation_bytes(net: torch.nn.Module, forward, input_shape) -> int:
+    """Bytes of every layer's output while `forward(net, x)` runs on one input of `input_shape` (channels first,
+    no batch axis), traced on torch's meta device (shapes only, no arithmetic, no memory): an upper bound of the
+    memory one item holds during inference."""
+    meta = copy.deepcopy(net).to("meta")
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += output.numel() * output.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in meta.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            forward(meta, torch.empty((1, *input_shape), device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def cuda_items_per_call(device: torch.device, bytes_per_item: int) -> int:
+    """How many items one network call on a CUDA device takes: as many as fit twice in half its free memory
+    (cuDNN's workspace and the allocator's slack need room too)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(MAX_ITEMS_PER_CALL, max(1, free // 2 // (2 * bytes_per_item))))

@@ -33,7 +33,7 @@ from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
 from .defaults import CUDA_ONLY_PRECISIONS, PRECISIONS
-from .device import resolve_device
+from .device import CPU_ITEMS_PER_CALL, activation_bytes, cuda_items_per_call, resolve_device
 from .errors import CaseError
 from .lesion_rule import LesionRule, apply_rule, rule_from_manifest
 from .logs import timed
@@ -74,7 +74,7 @@ class ThreeStageConfig:
     segmentation_threshold: float = 0.5
     target_spacing: tuple = DEFAULT_TARGET_SPACING
     screening_block: int = 8               # edge of the blocks of pooled features C1-C2 compute (>= 5)
-    batch_size: int = 64
+    batch_size: int | None = None          # items per network call; None: chosen from the device (device.py)
     lesion_rule: LesionRule = field(default_factory=LesionRule)
     precision: str = "float32"             # see PRECISIONS and README: the others are opt-in
 
@@ -135,6 +135,7 @@ class ThreeStagePipeline:
             self.config.precision = "float32"
         self.last_detection: Detection | None = None
         self.weights_info: dict = {}
+        self._item_bytes: dict[str, int] = {}
 
     @classmethod
     def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None,
@@ -169,6 +170,32 @@ class ThreeStagePipeline:
         if self.device.type == "cuda":
             return cuda_fp32_precision("tf32" if mode == "tf32" else "ieee")
         return contextlib.nullcontext()
+
+    def items_per_call(self, stage: str) -> int:
+        """Blocks, candidates or patches per network call for `stage`. On CUDA with no configured batch size, what
+        the free memory holds when the stage runs; otherwise the configured (or CPU default) number of network
+        inputs, so a discrimination call takes that many patches, a seventh as many candidates."""
+        if self.config.batch_size or self.device.type != "cuda":
+            patches = self.config.batch_size or CPU_ITEMS_PER_CALL
+            return max(1, patches // len(self.discrimination_shifts())) if stage == "discrimination" else patches
+        return cuda_items_per_call(self.device, self._bytes_per_item(stage))
+
+    def _bytes_per_item(self, stage: str) -> int:
+        if stage not in self._item_bytes:
+            if stage == "screening":
+                block = self.config.screening_block
+                shape = (1, *(ScreeningFCN.stride * block + np.array(ScreeningFCN.patch_size)
+                              - ScreeningFCN.stride * ScreeningFCN.pooled_window))
+                size = activation_bytes(self.screening, lambda net, x: net.local_features(x), shape)
+            elif stage == "discrimination":               # the shared region's C1-C2 and every shift's tail
+                region = (1, *(np.array(DiscriminationCNN.patch_size) + 2 * self.config.discrimination_shift))
+                size = (activation_bytes(self.discrimination, lambda net, x: net.local_features(x), region)
+                        + len(self.discrimination_shifts())
+                        * activation_bytes(self.discrimination, lambda net, x: net(x), (1, *DiscriminationCNN.patch_size)))
+            else:
+                size = activation_bytes(self.segmentation, lambda net, x: net(x), (1, *SegmentationUNet.patch_size))
+            self._item_bytes[stage] = size
+        return self._item_bytes[stage]
 
     # -- stage 1 ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -233,8 +260,9 @@ class ThreeStagePipeline:
         stride = ScreeningFCN.stride
         row = None
         span = stride * block + halo                      # input voxels of one block
-        for start in range(0, len(needed), self.config.batch_size):
-            chosen = needed[start:start + self.config.batch_size]
+        per_call = self.items_per_call("screening")
+        for start in range(0, len(needed), per_call):
+            chosen = needed[start:start + per_call]
             inputs = np.stack([padded[stride * block * k:stride * block * k + span[0],
                                       stride * block * j:stride * block * j + span[1],
                                       stride * block * i:stride * block * i + span[2]] for j, i in chosen])
@@ -295,7 +323,7 @@ class ThreeStagePipeline:
         shifts = self.discrimination_shifts()
         reach = self.config.discrimination_shift
         region = np.array(DiscriminationCNN.patch_size) + 2 * reach
-        per_batch = max(1, self.config.batch_size // len(shifts))  # as many patches per step as before
+        per_batch = self.items_per_call("discrimination")
         out = []
         for start in range(0, len(centres), per_batch):
             batch = extract_patches(volume, centres[start:start + per_batch], region)
@@ -316,8 +344,9 @@ class ThreeStagePipeline:
         centres = np.asarray(centres, int).reshape(-1, 3)
         total = np.zeros(volume.shape, np.float32)
         counts = np.zeros(volume.shape, np.float32)
-        for start in range(0, len(centres), self.config.batch_size):
-            batch_centres = centres[start:start + self.config.batch_size]
+        per_call = self.items_per_call("segmentation")
+        for start in range(0, len(centres), per_call):
+            batch_centres = centres[start:start + per_call]
             batch = extract_patches(volume, batch_centres, SegmentationUNet.patch_size)
             with self.precision():
                 logits = self.segmentation(torch.from_numpy(batch)[:, None].to(self.device))

@@ -189,9 +189,9 @@ class ThreeStagePipeline:
                 size = activation_bytes(self.screening, lambda net, x: net.local_features(x), shape)
             elif stage == "discrimination":               # the shared region's C1-C2 and every shift's tail
                 region = (1, *(np.array(DiscriminationCNN.patch_size) + 2 * self.config.discrimination_shift))
+                whole = activation_bytes(self.discrimination, lambda net, x: net(x), (1, *DiscriminationCNN.patch_size))
                 size = (activation_bytes(self.discrimination, lambda net, x: net.local_features(x), region)
-                        + len(self.discrimination_shifts())
-                        * activation_bytes(self.discrimination, lambda net, x: net(x), (1, *DiscriminationCNN.patch_size)))
+                        + len(self.discrimination_shifts()) * whole)
             else:
                 size = activation_bytes(self.segmentation, lambda net, x: net(x), (1, *SegmentationUNet.patch_size))
             self._item_bytes[stage] = size

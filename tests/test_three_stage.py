@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -319,3 +320,21 @@ def test_items_per_call_from_free_cuda_memory(monkeypatch):
     assert pipeline.items_per_call("segmentation") >= 1
     pipeline.config.batch_size = 14                                   # a configured size wins
     assert pipeline.items_per_call("segmentation") == 14 and pipeline.items_per_call("discrimination") == 2
+
+
+def test_benchmark_times_variants_in_their_own_processes(tmp_path, capsys):
+    from valdocmb.bench import three_stage as bench
+
+    example = sitk.ReadImage(str(bench.EXAMPLE))
+    scan = tmp_path / "small_T2S.nii.gz"
+    sitk.WriteImage(example[40:72, 40:72, 10:22], str(scan))
+    report = tmp_path / "bench.json"
+    assert bench.main(["--scan", str(scan), "--simulate", "--variants", "three-stage", "three-stage:bfloat16",
+                       "--threads", "1", "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["scans"]["small_T2S.nii.gz"]
+    assert [r["variant"] for r in rows] == ["three-stage", "three-stage:bfloat16"]
+    assert rows[0]["ratio_to_first"] == 1.0 and rows[0]["voxels_differing_from_first_of_method"] == 0
+    assert set(rows[0]["stages"]) >= {"screening", "discrimination", "segmentation"}
+    assert "three-stage:bfloat16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "nnunet:float16"])

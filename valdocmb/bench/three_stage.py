@@ -1,119 +1,156 @@
-"""Time each three-stage step on a real-sized synthetic volume and report the process's peak memory.
+"""Time the methods end to end on real scans with the shipped weights, one fresh process per variant.
 
-    valdocmb-benchmark [--size 512 512 192] [--spacing 0.488 0.488 0.8] [--device cpu] [--candidates 100]
+    valdocmb-benchmark [--scan FILE ...] [--simulate GRID ...] [--variants V ...] [--device cpu] [--threads N]
+                       [--weights weights] [--json FILE]
 
-The volume is an ellipsoidal head of noisy tissue (about 60 % of the field of view is brain, as in VALDO scans).
-With --weights the trained networks are used; otherwise randomly initialised ones, and since an untrained
-screening net passes almost everything, discrimination and segmentation are then timed on the top --candidates
-candidates (a trained pipeline typically passes tens to a few hundred). This is a benchmark, not a test.
+Scans: the example scan and a simulated 512x512x192 case (0.49x0.49x0.8 mm, the `rss` grid; needs `.[sim]`)
+unless --scan / --simulate say otherwise. Variants (default: three-stage, three-stage:bfloat16, nnunet,
+nnunet:mirroring): a method, optionally with a three-stage precision (float32, bfloat16, float16, tf32) or nnU-Net's
+test-time mirroring. Each variant runs in its own process (so its peak memory is its own and no variant warms
+another's caches), loads the weights (timed apart), segments the scan through the same path as `process.py`, and
+reports seconds per stage, peak memory and how many mask voxels differ from the first variant of the same method.
+Ratios are to the first variant. This is a benchmark, not a test: run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
-import logging
+import multiprocessing
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
-import torch
 
-from valdocmb.models.discrimination import DiscriminationCNN
-from valdocmb.models.screening import ScreeningFCN
-from valdocmb.models.segmentation import SegmentationUNet
-
-from ..core.device import resolve_device
 from ..core.logs import setup_logging
-from ..core.preprocess import preprocess
-from ..core.three_stage import ThreeStageConfig, ThreeStagePipeline
+from ..core.weights import default_weights_dir
 
-log = logging.getLogger(__name__)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+EXAMPLE = Path(__file__).resolve().parents[2] / "tests/data/example/input/sub-001_space-T2S_desc-masked_T2S.nii.gz"
+DEFAULT_VARIANTS = ("three-stage", "three-stage:bfloat16", "nnunet", "nnunet:mirroring")
+SIMULATION_SEED = 918_273                        # a fixed case, never part of a training or hold-out set
 
 
-def synthetic_head(size, spacing, seed=0) -> sitk.Image:
-    rng = np.random.default_rng(seed)
-    shape = tuple(reversed(size))
-    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
-    zz, yy, xx = np.meshgrid(*axes, indexing="ij", sparse=True)
-    inside = (zz / 0.95) ** 2 + (yy / 0.85) ** 2 + (xx / 0.75) ** 2 < 1.0
-    array = np.where(inside, rng.normal(100.0, 8.0, shape).astype(np.float32), np.float32(0))
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(tuple(spacing))
-    return image
+def parse_variant(text: str) -> tuple[str, str | None]:
+    method, _, option = text.partition(":")
+    options = {"three-stage": ("float32", "bfloat16", "float16", "tf32"), "nnunet": ("mirroring",)}
+    if method not in options or (option and option not in options[method]):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use three-stage[:float32|bfloat16|float16|tf32] or nnunet[:mirroring]")
+    return method, option or None
+
+
+def run_variant(scan: str, variant: str, weights: str, device: str, threads: int | None, mask_out: str) -> dict:
+    """One variant on one scan, in a fresh process: load, segment, measure."""
+    import SimpleITK as sitk
+    import torch
+
+    from ..core.device import cpu_threads
+    from ..core.imageio import read_scan
+    from ..core.methods import load
+
+    setup_logging()
+    threads = cpu_threads(threads)
+    method_name, option = parse_variant(variant)
+    start = time.perf_counter()
+    if method_name == "three-stage":
+        method = load("three-stage", Path(weights), device, precision=option or "float32")
+    else:
+        method = load("nnunet", Path(weights), device, {"mirroring": option == "mirroring"})
+    load_seconds = time.perf_counter() - start
+    image = read_scan(scan)
+    on_cuda = device != "cpu" and torch.cuda.is_available()
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timings: dict = {}
+    start = time.perf_counter()
+    result = method.segment(image, timings)
+    if on_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    mask = sitk.GetArrayFromImage(result.mask).astype(bool)
+    np.save(mask_out, mask)
+    return {"variant": variant, "threads": threads, "load_seconds": round(load_seconds, 2),
+            "seconds": round(seconds, 2), "stages": {k: round(v, 2) for k, v in timings.items()},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if on_cuda else None,
+            "mask_voxels": int(mask.sum()), "info": {k: v for k, v in result.info.items()
+                                                     if k in ("candidates", "confirmed", "components", "kept")}}
+
+
+def simulated_scan(grid: str, folder: Path) -> Path:
+    try:
+        from ..synth.simulate import simulate_case
+    except ImportError as exc:
+        raise SystemExit(f"--simulate needs the simulator's extra: pip install -e '.[sim]' ({exc})") from None
+    import SimpleITK as sitk
+
+    case = simulate_case(SIMULATION_SEED, grid)
+    path = folder / f"simulated-{grid}_T2S.nii.gz"
+    sitk.WriteImage(case.image, str(path), True)
+    return path
+
+
+def benchmark_scan(scan: Path, variants: list[str], args, scratch: Path) -> list[dict]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(scan))
+    reader.ReadImageInformation()
+    print(f"\n{scan.name}: {'x'.join(map(str, reader.GetSize()))} voxels at "
+          f"{'x'.join(f'{s:.3g}' for s in reader.GetSpacing())} mm, device {args.device}", flush=True)
+    rows, first_mask = [], {}
+    for index, variant in enumerate(variants):
+        mask_out = scratch / f"{scan.name}-{index}.npy"
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            row = pool.submit(run_variant, str(scan), variant, str(args.weights), args.device, args.threads,
+                              str(mask_out)).result()
+        mask = np.load(mask_out)
+        method = parse_variant(variant)[0]
+        first_mask.setdefault(method, mask)
+        row["voxels_differing_from_first_of_method"] = int((mask != first_mask[method]).sum())
+        row["ratio_to_first"] = round(row["seconds"] / rows[0]["seconds"], 3) if rows else 1.0
+        rows.append(row)
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items())
+        print(f"  {variant:<22} {row['seconds']:7.1f} s  x{row['ratio_to_first']:<6.2f} peak {row['peak_rss_mb']} MB"
+              f"{'' if row['peak_gpu_mb'] is None else ' (GPU ' + str(row['peak_gpu_mb']) + ' MB)'}  "
+              f"mask {row['mask_voxels']} voxels ({row['voxels_differing_from_first_of_method']} differ)  "
+              f"[{stages}] {row['info'] or ''}", flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="valdocmb-benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, nargs=3, default=(512, 512, 192), metavar=("X", "Y", "Z"))
-    parser.add_argument("--spacing", type=float, nargs=3, default=(0.488, 0.488, 0.8))
+    parser.add_argument("--scan", type=Path, nargs="*", help="scans to time (default: the example scan)")
+    parser.add_argument("--simulate", nargs="*", choices=("rss", "sabre", "alfa3", "alfa4"),
+                        help="also simulate one case per grid (default: rss, 512x512x192)")
+    parser.add_argument("--variants", type=str, nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--weights", type=Path, help="trained weights folder (default: random networks)")
-    parser.add_argument("--candidates", type=int, default=100, help="candidates timed in stages 3-4")
-    parser.add_argument("--tile", type=int, nargs=3, default=None, help="screening tile in score voxels (z y x)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may use)")
+    parser.add_argument("--weights", type=Path, default=default_weights_dir())
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    for variant in args.variants:
+        try:
+            parse_variant(variant)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
     setup_logging()
-
-    config = ThreeStageConfig()
-    if args.tile:
-        config.tile = tuple(args.tile)
-    device = resolve_device(args.device)
-    if args.weights:
-        pipeline = ThreeStagePipeline.from_weights(args.weights, str(device), config)
-    else:
-        torch.manual_seed(0)
-        pipeline = ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), SegmentationUNet(), device, config)
-
-    image = synthetic_head(args.size, args.spacing)
-    log.info("benchmark: %s voxels at %s mm on %s (%d CPU threads), base memory %.0f MB",
-             "x".join(map(str, args.size)), args.spacing, device, torch.get_num_threads(), peak_rss_mb())
-    rows = []
-
-    def stage(name, fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-        rows.append({"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb()),
-                     "peak_gpu_mb": round(gpu) if gpu is not None else None})
-        log.info("%-16s %8.2f s   peak RSS %6.0f MB%s", name, seconds, peak_rss_mb(),
-                 f"   peak GPU {gpu:.0f} MB" if gpu is not None else "")
-        return result
-
-    total_start = time.perf_counter()
-    pre = stage("preprocess", lambda: preprocess(image, config.target_spacing))
-    scores = stage("screening", lambda: pipeline.screen(pre.array, pre.foreground))
-    candidates = stage("candidates", lambda: pipeline.find_candidates(scores))
-    timed_candidates = candidates[: args.candidates]
-    centres = [c.centre for c in timed_candidates]
-    stage("discrimination", lambda: pipeline.discriminate(pre.array, centres))
-    probability = stage("segmentation", lambda: pipeline.segment_candidates(pre.array, centres) * pre.foreground)
-    stage("to_input_grid", lambda: pre.to_original(probability, "linear") >= config.segmentation_threshold)
-    total = time.perf_counter() - total_start
-
-    summary = {
-        "size": list(args.size), "spacing": list(args.spacing), "device": str(device),
-        "threads": torch.get_num_threads(), "processing_grid": list(pre.array.shape[::-1]),
-        "candidates_found": len(candidates), "candidates_timed": len(timed_candidates),
-        "weights": str(args.weights) if args.weights else "random", "stages": rows,
-        "total_seconds": round(total, 2), "peak_rss_mb": round(peak_rss_mb()),
-    }
-    print(json.dumps(summary, indent=2))
+    scans = list(args.scan) if args.scan is not None else [EXAMPLE]
+    grids = args.simulate if args.simulate is not None else (["rss"] if args.scan is None else [])
+    report = {"device": args.device, "weights": str(args.weights), "scans": {}}
+    with tempfile.TemporaryDirectory(prefix="valdocmb-bench-") as scratch:
+        scratch = Path(scratch)
+        scans += [simulated_scan(grid, scratch) for grid in grids]
+        for scan in scans:
+            report["scans"][scan.name] = benchmark_scan(scan, args.variants, args, scratch)
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -3,9 +3,10 @@
 All stages work on the preprocessed volume (`valdocmb.core.preprocess`), in (z, y, x) voxel coordinates of its cropped
 processing grid:
 
-1. Screening: the fully convolutional net runs over the whole volume (in tiles, skipping tiles with no brain).
-   Score voxel (i, j, k) is the CMB probability of the 20x20x16 patch centred at voxel (2i, 2j, 2k): the volume is
-   zero-padded by half a patch in front, so patch starts 2i - 8 (z) / 2j - 10 (y, x) line up with the pooling stride.
+1. Screening: the fully convolutional net's scores at the brain's even voxels (C1-C2 in blocks of pooled features,
+   the rest per slab; see `screen`). Score voxel (i, j, k) is the CMB probability of the 20x20x16 patch centred at
+   voxel (2i, 2j, 2k): the volume is zero-padded by half a patch in front, so patch starts 2i - 8 (z) / 2j - 10
+   (y, x) line up with the pooling stride.
 2. Candidates: scores >= threshold, greedy non-maximum suppression in a window of +-nms_radius score voxels.
 3. Discrimination: each candidate's 24x24x20 neighbourhood, at the centre and translated by +-shift voxels along
    each axis; the mean CMB probability must reach the threshold.

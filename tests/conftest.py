@@ -55,3 +55,10 @@ class DarkSpotSegmenter:
 @pytest.fixture
 def segmenter():
     return DarkSpotSegmenter()
+
+
+@pytest.fixture(autouse=True)
+def same_arithmetic_on_every_machine(monkeypatch):
+    """The command line's precision `auto` depends on the CPU (bfloat16 where it is native): tests that run the
+    whole command get float32 everywhere, so their figures do not depend on the machine. `auto` is tested apart."""
+    monkeypatch.setenv("CMB_PRECISION", "float32")

@@ -7,8 +7,8 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from valdocmb.core import run
-from valdocmb.core.device import activation_bytes
+from valdocmb.core import run, three_stage
+from valdocmb.core.device import activation_bytes, cpu_has_bfloat16
 from valdocmb.core.errors import CaseError
 from valdocmb.core.patches import add_patches, extract_patches
 from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline, cuda_fp32_precision
@@ -192,6 +192,25 @@ def test_cuda_only_precisions_fall_back_to_float32_on_cpu(mode, caplog):
     pipeline = fixed_pipeline(precision=mode)
     assert pipeline.config.precision == "float32" and "needs a CUDA device" in caplog.text
     assert pipeline.describe()["config"]["precision"] == "float32"     # run.json says what ran
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, native, expected):
+    monkeypatch.setattr(three_stage, "cpu_has_bfloat16", lambda: native)
+    assert fixed_pipeline(precision="auto").config.precision == expected
+
+
+def test_cpu_bfloat16_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    assert cpu_has_bfloat16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f\n")
+    assert not cpu_has_bfloat16(cpuinfo) and not cpu_has_bfloat16(tmp_path / "missing")
+
+
+def test_command_line_precision_defaults_to_auto(monkeypatch):
+    monkeypatch.delenv("CMB_PRECISION")
+    assert run.parse_arguments([]).precision == "auto"
 
 
 def test_cuda_float32_context_sets_and_restores_the_tf32_flags():

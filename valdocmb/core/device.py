@@ -57,6 +57,16 @@ def cpu_threads(requested: int | None = None) -> int:
     return requested
 
 
+def cpu_has_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX): without it torch emulates bfloat16, and
+    that is slower than float32."""
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 CPU_ITEMS_PER_CALL = 64       # larger CPU batches gain nothing: the convolutions are compute-bound there
 MAX_ITEMS_PER_CALL = 4096
 

@@ -95,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesion-rule", choices=("weights", "off"), default=env("CMB_LESION_RULE", "weights"),
                         help="three-stage: drop faint, tiny or weakly confirmed components by the rule stored with "
                         "the weights (default), or keep every component of the thresholded map (off)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=env("CMB_PRECISION", "float32"),
-                        help="three-stage networks' arithmetic: float32 (default; on CUDA without TF32), bfloat16 "
-                        "under autocast (about 2x faster on CPUs with bfloat16 instructions), or on CUDA float16 "
-                        "autocast or TF32 convolutions; see the README for what each changes")
+    parser.add_argument("--precision", choices=PRECISIONS, default=env("CMB_PRECISION", "auto"),
+                        help="three-stage networks' arithmetic: auto (default: bfloat16 on a CPU with bfloat16 "
+                        "instructions, else float32), float32 (on CUDA without TF32), bfloat16 under autocast, or on "
+                        "CUDA float16 autocast or TF32 convolutions; see the README for what each changes")
     parser.add_argument("--nnunet-tile-step", type=tile_step, default=NNUNET_TILE_STEP,
                         help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,

@@ -34,7 +34,7 @@ from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
 from .defaults import CUDA_ONLY_PRECISIONS, PRECISIONS
-from .device import CPU_ITEMS_PER_CALL, activation_bytes, cuda_items_per_call, resolve_device
+from .device import CPU_ITEMS_PER_CALL, activation_bytes, cpu_has_bfloat16, cuda_items_per_call, resolve_device
 from .errors import CaseError
 from .lesion_rule import LesionRule, apply_rule, rule_from_manifest
 from .logs import timed
@@ -77,7 +77,7 @@ class ThreeStageConfig:
     screening_block: int = 8               # edge of the blocks of pooled features C1-C2 compute (>= 5)
     batch_size: int | None = None          # items per network call; None: chosen from the device (device.py)
     lesion_rule: LesionRule = field(default_factory=LesionRule)
-    precision: str = "float32"             # see PRECISIONS and README: the others are opt-in
+    precision: str = "float32"             # see PRECISIONS; auto is resolved when the pipeline is built
 
 
 @dataclass
@@ -130,6 +130,9 @@ class ThreeStagePipeline:
         self.screening = screening.eval().to(self.device)
         self.discrimination = discrimination.eval().to(self.device)
         self.segmentation = segmentation.eval().to(self.device)
+        if self.config.precision == "auto":
+            self.config.precision = ("bfloat16" if self.device.type == "cpu" and cpu_has_bfloat16() else "float32")
+            log.info("precision auto: %s on %s", self.config.precision, self.device)
         if self.config.precision in CUDA_ONLY_PRECISIONS and self.device.type != "cuda":
             log.warning("precision %s needs a CUDA device; running float32 on %s", self.config.precision,
                         self.device)

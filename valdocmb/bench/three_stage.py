@@ -76,10 +76,22 @@ def run_variant(scan: str, variant: str, weights: str, device: str, threads: int
     np.save(mask_out, mask)
     return {"variant": variant, "threads": threads, "load_seconds": round(load_seconds, 2),
             "seconds": round(seconds, 2), "stages": {k: round(v, 2) for k, v in timings.items()},
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": peak_rss_mb(),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if on_cuda else None,
             "mask_voxels": int(mask.sum()), "info": {k: v for k, v in result.info.items()
                                                      if k in ("candidates", "confirmed", "components", "kept")}}
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory. Linux's ru_maxrss would carry over the parent's peak across the fork
+    and exec that start a variant's process; VmHWM belongs to this process's own memory map."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def simulated_scan(grid: str, folder: Path) -> Path:

@@ -106,3 +106,29 @@ def test_reports_off_writes_only_masks(tmp_path):
     sitk.WriteImage(make_image(brain_like(), (0.49, 0.49, 0.8)), str(inp / "a.nii.gz"))
     assert run.main(["--input", str(inp), "--output", str(out), "--reports", "off"], method=DarkSpotSegmenter()) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_CMB.nii.gz", "run.json"]
+
+
+def test_lesion_table_in_the_mask_box_equals_scipy_over_the_whole_volume():
+    """The table measures components in the box around the mask: the same figures as scipy's whole-volume ones."""
+    rng = np.random.default_rng(7)
+    mask = np.zeros((30, 40, 50), np.uint8)
+    for z, y, x in [(5, 8, 40), (20, 30, 12), (21, 31, 14), (12, 20, 25)]:
+        mask[z:z + rng.integers(1, 4), y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = 1
+    probability = (rng.random(mask.shape) * mask).astype(np.float32)
+    image = sitk.GetImageFromArray(mask)
+    image.SetSpacing((0.5, 0.7, 2.0))
+    prob_image = sitk.GetImageFromArray(probability)
+    prob_image.CopyInformation(image)
+    labels, lesions = lesion_table(SegmentationResult(image, prob_image, []))
+
+    expected, n = ndimage.label(mask, np.ones((3, 3, 3)))
+    assert len(lesions) == n and labels.shape == mask.shape and labels.dtype == np.uint16
+    assert set(np.unique(labels[mask > 0])) == set(range(1, n + 1)) and not labels[mask == 0].any()
+    for lesion in lesions:
+        component = expected == expected[labels == lesion.id][0]
+        assert np.array_equal(component, labels == lesion.id)
+        assert lesion.volume_voxels == component.sum()
+        assert lesion.max_probability == round(float(probability[component].max()), 4)
+        assert lesion.mean_probability == round(float(probability[component].mean()), 4)
+        centre = ndimage.center_of_mass(component)
+        assert (lesion.voxel_z, lesion.voxel_y, lesion.voxel_x) == tuple(round(c, 2) for c in centre)

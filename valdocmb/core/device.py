@@ -48,8 +48,6 @@ def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
 def cpu_threads(requested: int | None = None) -> int:
     """Threads for torch on CPU: the request, else the CPUs this process may run on, within the cgroup quota.
     torch alone counts the host's cores, which oversubscribes a container limited to fewer."""
-    import torch
-
     if requested is None:
         available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         requested = min(available, cpu_quota() or available)

@@ -26,12 +26,15 @@ from .layers import LEAKY_SLOPE, conv_block
 PATCH_SIZE = (16, 20, 20)   # z, y, x
 STRIDE = 2
 POOLED_WINDOW = 6           # pooled features one score reads along each axis
+# (4, 8, 8): input voxels C1-C2 consume beyond the 2 per pooled feature they produce
+LOCAL_HALO = tuple(p - STRIDE * POOLED_WINDOW for p in PATCH_SIZE)
 
 
 class ScreeningFCN(nn.Module):
     patch_size = PATCH_SIZE
     stride = STRIDE
     pooled_window = POOLED_WINDOW
+    local_halo = LOCAL_HALO
     LOCAL_LAYERS = 3            # C1, C2 and the pooling
 
     def __init__(self):

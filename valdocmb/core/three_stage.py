@@ -187,9 +187,7 @@ class ThreeStagePipeline:
     def _bytes_per_item(self, stage: str) -> int:
         if stage not in self._item_bytes:
             if stage == "screening":
-                block = self.config.screening_block
-                shape = (1, *(ScreeningFCN.stride * block + np.array(ScreeningFCN.patch_size)
-                              - ScreeningFCN.stride * ScreeningFCN.pooled_window))
+                shape = (1, *self._screening_block_span())
                 size = activation_bytes(self.screening, lambda net, x: net.local_features(x), shape)
             elif stage == "discrimination":               # the shared region's C1-C2 and every shift's tail
                 region = (1, *(np.array(DiscriminationCNN.patch_size) + 2 * self.config.discrimination_shift))
@@ -200,6 +198,10 @@ class ThreeStagePipeline:
                 size = activation_bytes(self.segmentation, lambda net, x: net(x), (1, *SegmentationUNet.patch_size))
             self._item_bytes[stage] = size
         return self._item_bytes[stage]
+
+    def _screening_block_span(self) -> np.ndarray:
+        """Input voxels (z, y, x) of one block of pooled features."""
+        return ScreeningFCN.stride * self.config.screening_block + np.array(ScreeningFCN.local_halo)
 
     # -- stage 1 ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -213,8 +215,8 @@ class ThreeStagePipeline:
         tile's margin (about 1.6x for 48x96x96-voxel tiles) on top of the non-brain corners of their boxes.
         """
         net = self.screening
-        stride, window = ScreeningFCN.stride, ScreeningFCN.pooled_window
-        reach = window - 1                                # pooled voxels a score reads beyond its own index
+        stride = ScreeningFCN.stride
+        reach = ScreeningFCN.pooled_window - 1            # pooled voxels a score reads beyond its own index
         block = self.config.screening_block
         if block < reach:
             raise CaseError(f"screening_block must be at least {reach} pooled voxels, not {block}")
@@ -227,15 +229,14 @@ class ThreeStagePipeline:
         blocks = -(-(m + reach) // block)                 # blocks of pooled features per axis
         needed = blocks_read_by(centre_in_brain, reach, block, blocks)
         # score s's patch starts at padded voxel stride * s: half a patch of zeros in front, whole blocks behind
-        halo = np.array(ScreeningFCN.patch_size) - stride * window     # input C1-C2 consume beyond their output
         before = np.array(ScreeningFCN.patch_size) // 2
-        padded = np.zeros(tuple(stride * block * blocks + halo), np.float32)
+        padded = np.zeros(tuple(stride * block * blocks + np.array(ScreeningFCN.local_halo)), np.float32)
         padded[tuple(slice(b, b + s) for b, s in zip(before, n))] = volume
         rows = {}                                         # pooled features of block rows k (z), computed once
 
         def block_row(k):
             if k not in rows:
-                rows[k] = self._pooled_block_row(padded, k, np.argwhere(needed[k]), blocks, block, halo)
+                rows[k] = self._pooled_block_row(padded, k, np.argwhere(needed[k]), blocks)
             return rows[k]
 
         for k in range(blocks[0]):
@@ -258,12 +259,12 @@ class ThreeStagePipeline:
             scores[z0:z1, y0:y1, x0:x1] = torch.softmax(logits.float(), 0)[1].cpu().numpy()
         return scores * centre_in_brain
 
-    def _pooled_block_row(self, padded: np.ndarray, k: int, needed: np.ndarray, blocks, block: int, halo):
+    def _pooled_block_row(self, padded: np.ndarray, k: int, needed: np.ndarray, blocks):
         """C1-C2 and pooling for the needed (y, x) blocks of block row k: (64, block, y, x) pooled features, zero
         in blocks no brain score reads; None when no block of the row is read."""
-        stride = ScreeningFCN.stride
+        stride, block = ScreeningFCN.stride, self.config.screening_block
         row = None
-        span = stride * block + halo                      # input voxels of one block
+        span = self._screening_block_span()
         per_call = self.items_per_call("screening")
         for start in range(0, len(needed), per_call):
             chosen = needed[start:start + per_call]

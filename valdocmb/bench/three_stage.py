@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.defaults import PRECISIONS
 from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
 
@@ -34,12 +35,15 @@ DEFAULT_VARIANTS = ("three-stage", "three-stage:bfloat16", "nnunet", "nnunet:mir
 SIMULATION_SEED = 918_273                        # a fixed case, never part of a training or hold-out set
 
 
+# a variant names what ran: every precision but auto, which would depend on the machine
+VARIANT_OPTIONS = {"three-stage": tuple(p for p in PRECISIONS if p != "auto"), "nnunet": ("mirroring",)}
+
+
 def parse_variant(text: str) -> tuple[str, str | None]:
     method, _, option = text.partition(":")
-    options = {"three-stage": ("float32", "bfloat16", "float16", "tf32"), "nnunet": ("mirroring",)}
-    if method not in options or (option and option not in options[method]):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use three-stage[:float32|bfloat16|float16|tf32] or nnunet[:mirroring]")
+    if method not in VARIANT_OPTIONS or (option and option not in VARIANT_OPTIONS[method]):
+        usage = " or ".join(f"{name}[:{'|'.join(options)}]" for name, options in VARIANT_OPTIONS.items())
+        raise argparse.ArgumentTypeError(f"{text!r}: use {usage}")
     return method, option or None
 
 

@@ -25,6 +25,7 @@ from .errors import CaseError
 MAX_VOXELS = 1024**3          # larger declared volumes are refused before anything is allocated
 BLOCK = 1 << 22
 NIFTI_FLOATS = {16: "f4", 64: "f8"}
+SIZE_CHECKED = (".mha", ".mhd", ".nrrd", ".nhdr")   # data checked against the size ITK reads from the header
 
 
 def check_file(path: Path, ext: str, declared: tuple[tuple[int, ...], int] | None) -> int | None:
@@ -34,7 +35,7 @@ def check_file(path: Path, ext: str, declared: tuple[tuple[int, ...], int] | Non
     """
     if ext in (".nii", ".nii.gz"):
         return _check_nifti(path)
-    if declared is None or ext not in (".mha", ".mhd", ".nrrd", ".nhdr"):
+    if declared is None or ext not in SIZE_CHECKED:
         return None
     size, voxel_bytes = declared
     expected = _capped_voxels(path, size) * voxel_bytes

@@ -137,7 +137,7 @@ def _read_checked(path: Path, cast: bool = True) -> tuple[sitk.Image, int]:
 
 def _declared(path: Path, ext: str) -> tuple[tuple[int, ...], int] | None:
     """(size, bytes per voxel) as ITK reads them from the header, for the formats whose data is checked by size."""
-    if ext not in (".mha", ".mhd", ".nrrd", ".nhdr"):
+    if ext not in filecheck.SIZE_CHECKED:
         return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

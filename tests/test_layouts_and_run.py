@@ -256,3 +256,90 @@ def test_a_scan_too_small_for_the_processing_grid_is_a_case_error(tmp_path):
     array[0, 0, 0] = 5.0                       # one 0.1 mm voxel: lost on the 0.49 x 0.49 x 0.8 mm grid
     with pytest.raises(CaseError, match="no brain voxel left after resampling"):
         preprocess(make_image(array, (0.1, 0.1, 0.1)))
+
+
+# -- cohorts: shards and resumed runs ------------------------------------------------------------------------
+
+class CountingSegmenter(DarkSpotSegmenter):
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def segment(self, image, timings):
+        self.sizes.append(image.GetSize())
+        return super().segment(image, timings)
+
+
+def folder_of_scans(folder, count):
+    folder.mkdir()
+    for index in range(count):
+        sitk.WriteImage(scan_for("sub-201", seed=index), str(folder / f"scan{index}.nii.gz"))
+    return folder
+
+
+def test_shards_split_a_folder_into_disjoint_parts_that_cover_it(tmp_path):
+    inp, out = folder_of_scans(tmp_path / "in", 5), tmp_path / "out"
+    for index in (1, 2):
+        assert run_main(inp, out, "--shard", f"{index}/2") == 0
+    assert sorted(p.name for p in out.glob("*_CMB.nii.gz")) == [f"scan{i}_CMB.nii.gz" for i in range(5)]
+    # each shard's records name the shard, so neither overwrites the other's; no unsharded record is written
+    first = list(csv.DictReader((out / "summary.shard-1-of-2.csv").open()))
+    second = list(csv.DictReader((out / "summary.shard-2-of-2.csv").open()))
+    assert [row["case"] for row in first] == ["scan0", "scan2", "scan4"]
+    assert [row["case"] for row in second] == ["scan1", "scan3"]
+    assert (out / "run.shard-2-of-2.json").is_file() and (out / "index.shard-1-of-2.html").is_file()
+    assert not (out / "summary.csv").exists() and not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize("value", ["3/2", "0/2", "1", "a/b", "1/0"])
+def test_a_shard_that_is_not_k_of_n_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run.parse_arguments(["--shard", value])
+    assert stop.value.code == 2 and "--shard" in capsys.readouterr().err
+
+
+def test_the_shard_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CMB_SHARD", "2/4")
+    assert run.parse_arguments([]).shard == (2, 4)
+
+
+def test_resume_runs_only_the_cases_whose_outputs_are_incomplete(tmp_path):
+    inp, out = folder_of_scans(tmp_path / "in", 3), tmp_path / "out"
+    assert run_main(inp, out) == 0
+    before = {row["case"]: row for row in csv.DictReader((out / "summary.csv").open())}
+    (out / "scan1_CMB.nii.gz").unlink()           # a run killed before this case's mask
+    (out / "qc" / "scan2.png").unlink()           # ... or after its mask but before its QC picture
+    first_mask = (out / "scan0_CMB.nii.gz").stat().st_mtime_ns
+
+    segmenter = CountingSegmenter()
+    assert run.main(["--input", str(inp), "--output", str(out), "--resume"], method=segmenter) == 0
+    assert len(segmenter.sizes) == 2
+    assert (out / "scan0_CMB.nii.gz").stat().st_mtime_ns == first_mask
+    rows = {row["case"]: row for row in csv.DictReader((out / "summary.csv").open())}
+    assert [rows[c]["status"] for c in ("scan0", "scan1", "scan2")] == ["skipped", "ok", "ok"]
+    # the skipped case keeps its figures in the summary, read from its lesion table
+    assert rows["scan0"]["cmb_count"] == before["scan0"]["cmb_count"] != ""
+    assert rows["scan0"]["total_volume_mm3"] == before["scan0"]["total_volume_mm3"]
+    record = json.loads((out / "run.json").read_text())
+    assert [case["status"] for case in record["cases"]] == ["skipped", "ok", "ok"]
+    assert 'qc/scan0.png' in (out / "index.html").read_text()
+
+    # without --resume every case runs again
+    segmenter = CountingSegmenter()
+    assert run.main(["--input", str(inp), "--output", str(out)], method=segmenter) == 0
+    assert len(segmenter.sizes) == 3
+
+
+def test_resume_in_the_valdo_layout_lists_skipped_cases_as_written(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    for sid in GEOMETRIES:
+        sitk.WriteImage(scan_for(sid), str(inp / f"{sid}_space-T2S_desc-masked_T2S.nii.gz"))
+    assert run_main(inp, out) == 0
+    segmenter = CountingSegmenter()
+    assert run.main(["--input", str(inp), "--output", str(out), "--resume"], method=segmenter) == 0
+    assert segmenter.sizes == []
+    results = json.loads((out / "results.json").read_text())
+    assert [entry["outputs"][0]["filename"] for entry in results] == [
+        [f"{sid}_space-T2S_prediction.nii.gz"] for sid in sorted(GEOMETRIES)]
+    assert all(entry["error_messages"] == [] for entry in results)

@@ -84,7 +84,7 @@ def overview_html(rows: list[dict], path: Path, title: str = "CMB detection: QC 
         cell = (f'<a href="{html.escape(picture)}"><img src="{html.escape(picture)}" loading="lazy"></a>'
                 if picture else "")
         status = html.escape(row["status"] + (f": {row['error']}" if row.get("error") else ""))
-        body.append(f"<tr class='{'ok' if row['status'] == 'ok' else 'failed'}'><td>{html.escape(row['case'])}</td>"
+        body.append(f"<tr class='{'failed' if row['status'] == 'failed' else 'ok'}'><td>{html.escape(row['case'])}</td>"
                     f"<td>{row.get('cmb_count', '')}</td><td>{row.get('total_volume_mm3', '')}</td>"
                     f"<td>{status}</td><td>{cell}</td></tr>")
     page = f"""<!doctype html>

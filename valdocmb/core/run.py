@@ -7,7 +7,12 @@ method), 143 stopped by SIGTERM (130 by Ctrl-C) after recording what was done.
 
 An output folder that already holds results: a case's earlier outputs are removed when it runs again, so what is
 there afterwards is this run's (a failed case has none, never an earlier mask beside a report saying it failed);
-temporary files a killed run left are removed at the start.
+temporary files a killed run left are removed at the start. With `--resume`, a case whose outputs are all there
+already is skipped instead.
+
+Cohorts: `--shard K/N` processes every N-th case starting at the K-th (in discovery's stable order), so N containers
+or cluster array jobs split one input folder; each writes its run-wide records (summary, run.json, results.json,
+index.html) under names that carry the shard, so shards can share one output folder.
 """
 
 from __future__ import annotations
@@ -71,6 +76,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def shard(text: str) -> tuple[int, int]:
+    """K/N, 1 <= K <= N: the K-th of N shards."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N (e.g. 3/8)") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: K must be between 1 and N")
+    return index, count
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="process.py", description="Cerebral microbleed segmentation (VALDO Task 2)")
@@ -92,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lesion tables, labelled masks, QC pictures, summary.csv and index.html "
                         "(auto: on for a plain folder, off in the grand-challenge layouts)")
     parser.add_argument("--probability", action="store_true", help="also write each scan's probability map")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip a case whose outputs (mask, and its reports when reports are on) all exist already, "
+                        "as an interrupted run left them")
+    parser.add_argument("--shard", type=shard, default=None, metavar="K/N",
+                        help="process only the K-th of N interleaved parts of the input (1-based), for N containers or "
+                        "array jobs on one folder; run-wide records are named after the shard")
     parser.add_argument("--lesion-rule", choices=("weights", "off"), default=env("CMB_LESION_RULE", "weights"),
                         help="three-stage: drop faint, tiny or weakly confirmed components by the rule stored with "
                         "the weights (default), or keep every component of the thresholded map (off)")
@@ -114,6 +136,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for option, variable, choices in ENV_CHOICES:
         if getattr(args, option) not in choices:
             parser.error(f"{variable}={getattr(args, option)!r} is not one of {', '.join(choices)}")
+    if args.shard is None and os.environ.get("CMB_SHARD"):
+        try:
+            args.shard = shard(os.environ["CMB_SHARD"])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"CMB_SHARD: {exc}")
     if args.threads is None and os.environ.get("CMB_THREADS"):
         try:
             args.threads = positive_int(os.environ["CMB_THREADS"])
@@ -186,6 +213,43 @@ def case_outputs(case: Case, args, layout: str) -> list[Path]:
     return files
 
 
+def expected_outputs(case: Case, args, layout: str) -> list[Path]:
+    """The files a successful run of the case leaves (a probability map only exists where the method makes one,
+    so it is not required)."""
+    files = [case.output_path]
+    if reports_on(args, layout):
+        files += [sibling(case.output_path, "_lesions", ".csv"), sibling(case.output_path, "_lesions", ".json"),
+                  sibling(case.output_path, LABELS_SUFFIX), args.output / "qc" / f"{case.case_id}.png"]
+    if layout == "gc":
+        files += [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json"]
+    return files
+
+
+def done_earlier(case: Case, args, layout: str) -> bool:
+    return case.output_path is not None and all(path.is_file() for path in expected_outputs(case, args, layout))
+
+
+def earlier_counts(case: Case, args, row: dict) -> None:
+    """A skipped case's count, volume and QC picture, from what its earlier run wrote (when reports were on)."""
+    picture = args.output / "qc" / f"{case.case_id}.png"
+    if picture.is_file():
+        row["qc"] = str(picture.relative_to(args.output))
+    try:
+        table = json.loads(sibling(case.output_path, "_lesions", ".json").read_text())
+        row.update(cmb_count=table["cmb_count"],
+                   total_volume_mm3=round(sum(lesion["volume_mm3"] for lesion in table["lesions"]), 3))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+
+
+def run_file(args, name: str) -> Path:
+    """A run-wide record's path: `name` in the output folder, with the shard in it when the run is one shard."""
+    if args.shard is None:
+        return args.output / name
+    stem, dot, ext = name.partition(".")
+    return args.output / f"{stem}.shard-{args.shard[0]}-of-{args.shard[1]}{dot}{ext}"
+
+
 def remove_outputs(case: Case, args, layout: str, why: str) -> None:
     """Remove a case's outputs: an earlier run's before the case runs again, this run's when it fails."""
     for path in case_outputs(case, args, layout):
@@ -246,13 +310,19 @@ def run(args: argparse.Namespace, method=None) -> int:
     try:
         found = discover(args.input, args.output, args.layout, args.input_socket, args.output_socket_path)
         layout, cases = found.layout, found.cases
-        check_output(args, layout, cases)
+        if args.shard is not None:
+            index, count = args.shard
+            cases = cases[index - 1::count]
+            log.info("shard %d/%d: %d of %d case(s)", index, count, len(cases), len(found.cases))
+        skipped = {case.case_id for case in cases
+                   if args.resume and case.error is None and done_earlier(case, args, layout)}
+        check_output(args, layout, [case for case in cases if case.case_id not in skipped])
     except RunError as exc:
         log.error("%s", exc)
         return 2
-    runnable = [c for c in cases if c.error is None]
-    log.info("valdocmb %s: %d case(s) in %s (layout %s), method %s", __version__, len(cases), args.input,
-             layout, args.method)
+    runnable = [c for c in cases if c.error is None and c.case_id not in skipped]
+    log.info("valdocmb %s: %d case(s) in %s (layout %s), method %s%s", __version__, len(cases), args.input,
+             layout, args.method, f"; {len(skipped)} done earlier, skipped (--resume)" if skipped else "")
     for path, reason in found.ignored:
         log.info("  ignored %s: %s", path, reason)
 
@@ -278,6 +348,15 @@ def run(args: argparse.Namespace, method=None) -> int:
         timings: dict = {}
         row = {"case": case.case_id, "input": str(case.input_path or ""), "mask": str(case.output_path or ""),
                "method": args.method}
+        if error is None and case.case_id in skipped:
+            log.info("  skipped: its outputs exist (--resume)")
+            earlier_counts(case, args, row)
+            row.update(status="skipped", error="", seconds=0.0, weights="")
+            rows.append(row)
+            case_records.append({"case": case.case_id, "status": "skipped", "error": None, "seconds": 0.0,
+                                 "timings": {}})
+            results.append(valdo_results_entry(case, None))
+            continue
         if error is None:
             try:
                 check_names(case, args, layout)
@@ -310,22 +389,22 @@ def run(args: argparse.Namespace, method=None) -> int:
     try:
         with uninterrupted():
             if layout == "valdo2021":
-                write_text_atomic(json.dumps(results, indent=2), args.output / "results.json")
+                write_text_atomic(json.dumps(results, indent=2), run_file(args, "results.json"))
             if reports_on(args, layout):
-                write_text_atomic(report.summary_csv(rows), args.output / "summary.csv")
-                overview_html(rows, args.output / "index.html")
+                write_text_atomic(report.summary_csv(rows), run_file(args, "summary.csv"))
+                overview_html(rows, run_file(args, "index.html"))
             if runnable:
                 record = report.run_record(args, method_info, case_records, started,
                                            time.perf_counter() - start_time)
                 record["ignored"] = [{"path": str(path), "reason": reason} for path, reason in found.ignored]
                 record["stopped"] = stopped
-                write_text_atomic(json.dumps(record, indent=1, default=str), args.output / "run.json")
+                write_text_atomic(json.dumps(record, indent=1, default=str), run_file(args, "run.json"))
     except CaseError as exc:
         log.error("the run's records could not be written: %s", exc)
         return 1
     except Terminated as exc:
         stopped = stopped or str(exc)
-    log.info("done: %d of %d case(s) written, %d failed%s", len(cases) - failed, len(cases), failed,
+    log.info("done: %d of %d case(s) written, %d failed%s", len(cases) - failed - len(skipped), len(cases), failed,
              f"; stopped by {stopped}" if stopped else "")
     if stopped:
         return 130 if stopped == "SIGINT" else 143

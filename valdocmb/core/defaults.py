@@ -13,3 +13,6 @@ NNUNET_MIRRORING = False
 # bfloat16 is slower; on GPUs it is unmeasured). float16 and tf32 exist on CUDA only.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "tf32")
 CUDA_ONLY_PRECISIONS = ("float16", "tf32")
+
+# grand-challenge's invoke mode: the port its platform calls /health and /invoke on
+INVOKE_PORT = 4743

@@ -33,7 +33,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from . import report
-from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
+from .defaults import INVOKE_PORT, NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
 from .errors import CaseError, RunError
 from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, TEMPORARY_PREFIX, image_extension, image_like, read_scan,
                       same_geometry, temporary_path, write_image_atomic, write_text_atomic)
@@ -125,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,
                         help="nnU-Net test-time mirroring (default: %(default)s)")
+    parser.add_argument("--serve", action=argparse.BooleanOptionalAction,
+                        default=env("CMB_API_METHOD", "exec") == "invoke",
+                        help="grand-challenge invoke mode: load the model once, then serve GET /health and POST "
+                        "/invoke (each invocation processes the input folder) until stopped (default: on when "
+                        "CMB_API_METHOD=invoke, as in the invoke image)")
+    parser.add_argument("--host", default=env("CMB_HOST", "127.0.0.1"),
+                        help="invoke mode: address to listen on (default %(default)s; 0.0.0.0 to be reached from "
+                        "outside the container)")
+    parser.add_argument("--port", type=positive_int, default=None,
+                        help=f"invoke mode: port (default {INVOKE_PORT}, grand-challenge's, or CMB_PORT)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -136,6 +146,15 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for option, variable, choices in ENV_CHOICES:
         if getattr(args, option) not in choices:
             parser.error(f"{variable}={getattr(args, option)!r} is not one of {', '.join(choices)}")
+    if os.environ.get("CMB_API_METHOD", "exec") not in ("exec", "invoke"):
+        parser.error(f"CMB_API_METHOD={os.environ['CMB_API_METHOD']!r} is not one of exec, invoke")
+    if args.port is None:
+        try:
+            args.port = positive_int(os.environ.get("CMB_PORT", str(INVOKE_PORT)))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"CMB_PORT={os.environ['CMB_PORT']!r}: {exc}")
+    if args.serve and args.shard is not None:
+        parser.error("--shard splits a folder among exec runs; invoke mode processes what each invocation puts there")
     if args.shard is None and os.environ.get("CMB_SHARD"):
         try:
             args.shard = shard(os.environ["CMB_SHARD"])
@@ -414,6 +433,11 @@ def run(args: argparse.Namespace, method=None) -> int:
 def main(argv: list[str] | None = None, method=None) -> int:
     args = parse_arguments(argv)
     setup_logging(args.verbose)
+    if args.serve:
+        from .serve import serve  # uvicorn handles SIGTERM itself: it stops accepting and ends the server
+
+        with no_network():
+            return serve(args)
     with no_network(), stop_on_sigterm():
         return run(args, method)
 

@@ -1,0 +1,167 @@
+"""Invoke mode (grand-challenge's HTTP API): health once loaded, one invocation per case, outputs never mixed."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+from fastapi.testclient import TestClient
+
+from valdocmb.core import run
+from valdocmb.core.serve import create_app, warm_up
+
+from conftest import DarkSpotSegmenter, brain_like, make_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scan(seed=0):
+    return make_image(brain_like((17, 40, 36), seed=seed, dark_spots=((8, 20, 18),)), (0.5, 0.5, 0.8))
+
+
+def client_for(inp, out, *extra, method=None):
+    args = run.parse_arguments(["--input", str(inp), "--output", str(out), "--serve", *extra])
+    return TestClient(create_app(args, method or DarkSpotSegmenter(), {"method": args.method}))
+
+
+def put_case(folder, name, seed=0):
+    for old in folder.iterdir():
+        old.unlink()
+    sitk.WriteImage(scan(seed), str(folder / name))
+
+
+def test_health_answers_once_the_app_exists(tmp_path):
+    with client_for(tmp_path, tmp_path / "out") as client:
+        response = client.get("/health")
+    assert response.status_code == 200 and response.json()["status"] == "ready"
+
+
+def test_two_invocations_in_a_row_never_mix_their_outputs(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    out.mkdir()
+    (out / "platform-note.txt").write_text("not ours")  # a file no invocation wrote stays
+    with client_for(inp, out) as client:
+        put_case(inp, "first.nii.gz")
+        first = client.post("/invoke")
+        assert first.status_code == 201, first.text
+        assert (out / "first_CMB.nii.gz").is_file() and "first_CMB.nii.gz" in first.json()["outputs"]
+
+        put_case(inp, "second.mha", seed=1)
+        second = client.post("/invoke")
+        assert second.status_code == 201, second.text
+        assert second.json()["invocation"] == 2
+    assert (out / "second_CMB.mha").is_file()
+    assert not (out / "first_CMB.nii.gz").exists() and not (out / "qc" / "first.png").exists()
+    assert (out / "platform-note.txt").read_text() == "not ours"
+    summary = (out / "summary.csv").read_text()
+    assert "second" in summary and "first" not in summary
+
+
+def test_a_failed_case_answers_500_with_the_error_and_leaves_no_stale_mask(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    with client_for(inp, out) as client:
+        put_case(inp, "good.nii.gz")
+        assert client.post("/invoke").status_code == 201
+        put_case(inp, "broken.nii.gz")
+        (inp / "broken.nii.gz").write_bytes(b"not a scan")
+        response = client.post("/invoke")
+    assert response.status_code == 500
+    body = response.json()
+    assert body["status"] == "failed" and body["exit_code"] == 1
+    assert any("broken.nii.gz" in error for error in body["errors"])
+    assert not list(out.glob("*_CMB.nii.gz"))
+
+
+def test_an_input_folder_without_a_case_answers_500(tmp_path):
+    (tmp_path / "input").mkdir()
+    with client_for(tmp_path / "input", tmp_path / "output") as client:
+        response = client.post("/invoke")
+    assert response.status_code == 500 and "no image file" in response.json()["errors"][0]
+
+
+def test_a_crash_inside_the_runner_answers_500_not_a_dropped_connection(tmp_path, monkeypatch):
+    def explode(*_args, **_kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(run, "run", explode)
+    with client_for(tmp_path, tmp_path / "out") as client:
+        response = client.post("/invoke")
+    assert response.status_code == 500 and "RuntimeError: boom" in response.json()["errors"][-1]
+
+
+def test_a_warm_up_failure_is_logged_not_fatal(caplog):
+    class Failing:
+        def segment(self, image, timings):
+            raise ValueError("no brain")
+
+    assert warm_up(Failing()) >= 0
+    assert "warm-up on a synthetic scan failed (ValueError: no brain)" in caplog.text
+
+
+def test_the_invoke_image_serves_by_default_and_settings_are_checked(monkeypatch, capsys):
+    monkeypatch.setenv("CMB_API_METHOD", "invoke")
+    monkeypatch.setenv("CMB_PORT", "5000")
+    args = run.parse_arguments([])
+    assert args.serve and args.port == 5000
+    assert not run.parse_arguments(["--no-serve"]).serve
+    with pytest.raises(SystemExit):
+        run.parse_arguments(["--shard", "1/2"])
+    monkeypatch.setenv("CMB_API_METHOD", "serve")
+    with pytest.raises(SystemExit) as stop:
+        run.parse_arguments([])
+    assert stop.value.code == 2 and "CMB_API_METHOD='serve'" in capsys.readouterr().err
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(url, method="GET", timeout=120):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_process_py_serve_with_the_shipped_weights(tmp_path):
+    """The real entry point in its own process: health only once loaded, then two invocations, then SIGTERM."""
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    port = free_port()
+    env = {**os.environ, "CMB_PRECISION": "float32"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "process.py"), "--serve", "--port", str(port),
+                               "--input", str(inp), "--output", str(out), "--device", "cpu"],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                status, body = request(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None and time.time() < deadline, "the server never became healthy"
+                time.sleep(0.5)
+        assert status == 200 and body["method"] == "three-stage"
+        for name in ("a.nii.gz", "b.nii.gz"):
+            put_case(inp, name)
+            status, body = request(f"http://127.0.0.1:{port}/invoke", method="POST")
+            assert status == 201, body
+        assert sorted(p.name for p in out.glob("*_CMB.nii.gz")) == ["b_CMB.nii.gz"]
+    finally:
+        server.terminate()
+        _, log = server.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal: the exit status says SIGTERM, as in exec mode
+    assert server.returncode == -15, log
+    assert "ready in" in log and "invocation 2: exit code 0" in log and "Finished server process" in log

@@ -1,0 +1,163 @@
+"""Grand-challenge's invoke API: an HTTP server that loads the model once and segments the case under the input
+folder each time it is invoked.
+
+    python process.py --serve [--port 4743] [--input DIR --output DIR --method ... --device ...]
+
+- `GET /health` answers 200 once the weights are loaded and the networks have run once (the server only starts
+  listening then, so the platform's health polls are refused until it is ready);
+- `POST /invoke` runs the same runner as exec mode on the input folder (any layout) and answers 201 when every
+  case's outputs are written, 500 with the errors when some case failed or the run could not start, 503 when it
+  was stopped. Invocations run one at a time.
+
+Before each invocation the files the previous one wrote are removed, so an output folder the platform did not clear
+never holds one case's mask beside another's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+log = logging.getLogger("valdocmb")
+
+
+class ErrorCollector(logging.Handler):
+    """The error lines the runner logs during one invocation, for the response."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def files_under(folder: Path) -> dict[Path, int]:
+    """Every file under `folder` with its modification time (ns)."""
+    if not folder.is_dir():
+        return {}
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def warm_up(method) -> float:
+    """Segment a small synthetic scan once, so that the first real case pays no first-call costs (memory pools,
+    cuDNN's algorithm search); returns the seconds it took. A failure is logged, not fatal: the real cases report
+    their own errors."""
+    log.info("warm-up: one synthetic 64x64x24 scan")
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    volume = (rng.normal(100.0, 5.0, size=(24, 64, 64))).astype(np.float32)
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((0.8, 0.8, 1.5))
+    try:
+        method.segment(image, {})
+    except Exception as exc:  # noqa: BLE001 - a warm-up must never keep the server from starting
+        log.warning("warm-up on a synthetic scan failed (%s: %s); serving anyway", type(exc).__name__, exc)
+    return time.perf_counter() - start
+
+
+class Invoker:
+    """Runs invocations one at a time with the loaded method, cleaning up after the previous one."""
+
+    def __init__(self, args, method):
+        self.args, self.method = args, method
+        self.lock = threading.Lock()
+        self.count = 0
+        self.written: dict[Path, int] = {}  # files the previous invocation left, with their modification times
+
+    def remove_previous_outputs(self) -> None:
+        for path, mtime in self.written.items():
+            try:
+                if path.is_file() and path.stat().st_mtime_ns == mtime:
+                    path.unlink()
+            except OSError as exc:
+                log.warning("could not remove %s from the previous invocation: %s", path, exc.strerror or exc)
+        self.written = {}
+
+    def invoke(self) -> tuple[int, dict]:
+        """(HTTP status, JSON body) of one invocation."""
+        from .run import run
+
+        with self.lock:
+            self.count += 1
+            number, start = self.count, time.perf_counter()
+            log.info("invocation %d: %s -> %s", number, self.args.input, self.args.output)
+            self.remove_previous_outputs()
+            before = files_under(self.args.output)
+            collector = ErrorCollector()
+            log.addHandler(collector)
+            try:
+                code = run(self.args, self.method)
+            except Exception as exc:  # noqa: BLE001 - a bug must answer 500, not drop the connection
+                log.exception("invocation %d failed", number)
+                code, collector.messages = 1, [*collector.messages, f"unexpected {type(exc).__name__}: {exc}"]
+            finally:
+                log.removeHandler(collector)
+            after = files_under(self.args.output)
+            self.written = {path: mtime for path, mtime in after.items() if before.get(path) != mtime}
+            seconds = time.perf_counter() - start
+            log.info("invocation %d: exit code %d in %.1f s", number, code, seconds)
+        body = {"invocation": number, "exit_code": code, "seconds": round(seconds, 2), "errors": collector.messages,
+                "outputs": sorted(str(path.relative_to(self.args.output)) for path in self.written)}
+        if code == 0:
+            return 201, {"status": "done", **body}
+        if code in (130, 143):
+            return 503, {"status": "stopped", **body}
+        return 500, {"status": "failed", **body}
+
+
+def create_app(args, method, ready_info: dict | None = None):
+    """The FastAPI application around a loaded method."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    invoker = Invoker(args, method)
+    app = FastAPI(title="valdocmb", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ready", **(ready_info or {})}
+
+    @app.post("/invoke")
+    def invoke():  # a plain def: FastAPI runs it in a worker thread, so /health keeps answering meanwhile
+        status, body = invoker.invoke()
+        return JSONResponse(body, status_code=status)
+
+    app.state.invoker = invoker
+    return app
+
+
+def serve(args) -> int:
+    """Load the method, warm it up, then serve until SIGTERM/SIGINT. Exit code 2 when it cannot start."""
+    import uvicorn
+
+    from .device import cpu_threads
+    from .errors import CaseError
+    from .run import load_method
+    from .weights import default_weights_dir
+
+    start = time.perf_counter()
+    args.threads = cpu_threads(args.threads)
+    weights = args.weights or default_weights_dir()
+    log.info("invoke mode: loading %s from %s (torch uses %d CPU thread(s))", args.method, weights, args.threads)
+    try:
+        method = load_method(args.method, weights, args.device,
+                             {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring},
+                             args.lesion_rule == "weights", args.precision)
+    except CaseError as exc:
+        log.error("cannot start method %s: %s", args.method, exc)
+        return 2
+    warm = warm_up(method)
+    log.info("ready in %.1f s (warm-up %.1f s); listening on %s:%d", time.perf_counter() - start, warm, args.host,
+             args.port)
+    info = {"method": args.method, "device": args.device, "weights": str(weights)}
+    config = uvicorn.Config(create_app(args, method, info), host=args.host, port=args.port, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 2

@@ -26,9 +26,9 @@ def scan(seed=0):
     return make_image(brain_like((17, 40, 36), seed=seed, dark_spots=((8, 20, 18),)), (0.5, 0.5, 0.8))
 
 
-def client_for(inp, out, *extra, method=None):
+def client_for(inp, out, *extra, runner=run.run):
     args = run.parse_arguments(["--input", str(inp), "--output", str(out), "--serve", *extra])
-    return TestClient(create_app(args, method or DarkSpotSegmenter(), {"method": args.method}))
+    return TestClient(create_app(args, DarkSpotSegmenter(), runner, {"method": args.method}))
 
 
 def put_case(folder, name, seed=0):
@@ -88,12 +88,11 @@ def test_an_input_folder_without_a_case_answers_500(tmp_path):
     assert response.status_code == 500 and "no image file" in response.json()["errors"][0]
 
 
-def test_a_crash_inside_the_runner_answers_500_not_a_dropped_connection(tmp_path, monkeypatch):
+def test_a_crash_inside_the_runner_answers_500_not_a_dropped_connection(tmp_path):
     def explode(*_args, **_kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(run, "run", explode)
-    with client_for(tmp_path, tmp_path / "out") as client:
+    with client_for(tmp_path, tmp_path / "out", runner=explode) as client:
         response = client.post("/invoke")
     assert response.status_code == 500 and "RuntimeError: boom" in response.json()["errors"][-1]
 

@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None, method=None) -> int:
         from .serve import serve  # uvicorn handles SIGTERM itself: it stops accepting and ends the server
 
         with no_network():
-            return serve(args)
+            return serve(args, run, load_method)
     with no_network(), stop_on_sigterm():
         return run(args, method)
 

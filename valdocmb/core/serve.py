@@ -62,10 +62,12 @@ def warm_up(method) -> float:
 
 
 class Invoker:
-    """Runs invocations one at a time with the loaded method, cleaning up after the previous one."""
+    """Runs invocations one at a time with the loaded method, cleaning up after the previous one.
+    `runner(args, method) -> exit code` is the exec mode's runner (run.run), passed in so this module needs no
+    import of it."""
 
-    def __init__(self, args, method):
-        self.args, self.method = args, method
+    def __init__(self, args, method, runner):
+        self.args, self.method, self.runner = args, method, runner
         self.lock = threading.Lock()
         self.count = 0
         self.written: dict[Path, int] = {}  # files the previous invocation left, with their modification times
@@ -81,8 +83,6 @@ class Invoker:
 
     def invoke(self) -> tuple[int, dict]:
         """(HTTP status, JSON body) of one invocation."""
-        from .run import run
-
         with self.lock:
             self.count += 1
             number, start = self.count, time.perf_counter()
@@ -92,7 +92,7 @@ class Invoker:
             collector = ErrorCollector()
             log.addHandler(collector)
             try:
-                code = run(self.args, self.method)
+                code = self.runner(self.args, self.method)
             except Exception as exc:  # noqa: BLE001 - a bug must answer 500, not drop the connection
                 log.exception("invocation %d failed", number)
                 code, collector.messages = 1, [*collector.messages, f"unexpected {type(exc).__name__}: {exc}"]
@@ -111,12 +111,12 @@ class Invoker:
         return 500, {"status": "failed", **body}
 
 
-def create_app(args, method, ready_info: dict | None = None):
-    """The FastAPI application around a loaded method."""
+def create_app(args, method, runner, ready_info: dict | None = None):
+    """The FastAPI application around a loaded method and the runner that processes the input folder."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    invoker = Invoker(args, method)
+    invoker = Invoker(args, method, runner)
     app = FastAPI(title="valdocmb", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/health")
@@ -132,13 +132,13 @@ def create_app(args, method, ready_info: dict | None = None):
     return app
 
 
-def serve(args) -> int:
-    """Load the method, warm it up, then serve until SIGTERM/SIGINT. Exit code 2 when it cannot start."""
+def serve(args, runner, load_method) -> int:
+    """Load the method with `load_method` (run.load_method), warm it up, then serve until SIGTERM/SIGINT, running
+    `runner` (run.run) on each invocation. Exit code 2 when it cannot start."""
     import uvicorn
 
     from .device import cpu_threads
     from .errors import CaseError
-    from .run import load_method
     from .weights import default_weights_dir
 
     start = time.perf_counter()
@@ -156,7 +156,7 @@ def serve(args) -> int:
     log.info("ready in %.1f s (warm-up %.1f s); listening on %s:%d", time.perf_counter() - start, warm, args.host,
              args.port)
     info = {"method": args.method, "device": args.device, "weights": str(weights)}
-    config = uvicorn.Config(create_app(args, method, info), host=args.host, port=args.port, log_config=None,
+    config = uvicorn.Config(create_app(args, method, runner, info), host=args.host, port=args.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     server.run()

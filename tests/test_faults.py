@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from valdocmb.core import imageio, run
+from valdocmb.core import device, imageio, run
 from valdocmb.core.errors import CaseError
 from valdocmb.core.weights import load_weights, save_weights
 from valdocmb.models.screening import ScreeningFCN
@@ -324,3 +324,35 @@ def test_threads_option_and_its_environment_variable(monkeypatch, capsys):
         assert cpu_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# -- 12. a GPU the torch build cannot use ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,version", [
+    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 19:39:15 UTC 2024\n", "535.183.01"),
+    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.82.07  Release Build  (dvs-builder@U16)\n",
+     "580.82.07"),
+    ("garbage\n", None),
+])
+def test_the_nvidia_driver_version_is_read_from_proc(tmp_path, text, version):
+    (tmp_path / "version").write_text(text)
+    assert device.nvidia_driver(tmp_path / "version") == version
+    assert device.nvidia_driver(tmp_path / "missing") is None
+
+
+def test_a_driver_too_old_for_the_cuda_build_is_named_with_the_fix():
+    problem = device.driver_problem("535.183.01", "13.0")
+    assert "535.183.01 is older" in problem and "580.65.06 or newer" in problem and "GPU builds" in problem
+    assert device.driver_problem("535.183.01", "12.8") is None      # minor-version compatibility
+    assert device.driver_problem("470.256.02", "12.8") is not None
+    assert device.driver_problem("580.82.07", "13.0") is None
+    assert device.driver_problem(None, "13.0") is None and device.driver_problem("535.1", None) is None
+
+
+def test_device_cuda_without_a_usable_gpu_names_the_driver(monkeypatch):
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(device, "nvidia_driver", lambda: "535.183.01")
+    with pytest.raises(CaseError, match="535.183.01 is older"):
+        device.resolve_device("cuda")
+    assert device.resolve_device("auto").type == "cpu"

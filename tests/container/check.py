@@ -2,7 +2,11 @@
 container wrote. Prints every difference and exits 1 if there is one.
 
   python check.py prepare EXAMPLE_DIR WORK_DIR
-  python check.py check LAYOUT METHOD EXAMPLE_DIR WORK_DIR
+  python check.py check LAYOUT METHOD EXAMPLE_DIR WORK_DIR [--weights-folder DIR]
+
+--weights-folder: the folder run.json must say the weights came from (test.sh mounts the model tarball at
+/opt/ml/model, as grand-challenge does, and the container must prefer it over its baked-in weights). The output
+folder must hold no other layout's mask: in invoke mode one output folder serves every invocation in turn.
 """
 
 from __future__ import annotations
@@ -47,10 +51,13 @@ def prepare(example: Path, work: Path) -> None:
     (work / "gc" / "input" / "inputs.json").write_text(json.dumps(inputs, indent=2))
 
 
-def check(layout: str, method: str, example: Path, work: Path) -> list[str]:
+def check(layout: str, method: str, example: Path, work: Path, weights_folder: str | None = None) -> list[str]:
     problems = []
     scan = sitk.ReadImage(str(example / "input" / SCAN))
     output = work / layout / "output"
+    for other, relative in OUTPUTS.items():
+        if other != layout and (output / relative).exists():
+            problems.append(f"{layout}: the output also holds {relative}, the {other} layout's mask")
     mask_path = output / OUTPUTS[layout]
     if not mask_path.is_file():
         found = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
@@ -98,14 +105,27 @@ def check(layout: str, method: str, example: Path, work: Path) -> list[str]:
               f" {score.n_pred} CMB(s) detected, {score.tp}/{score.n_ref} reference CMB(s) found")
         if status != ["ok"]:
             problems.append(f"{layout}: run.json case status {status}")
+        folders = {weights["folder"] for weights in weight_records(record["method"]) if weights.get("folder")}
+        if weights_folder and (not folders or not all(Path(f).is_relative_to(weights_folder) for f in folders)):
+            problems.append(f"{layout}: the weights came from {sorted(folders)}, not {weights_folder}")
     return problems
+
+
+def weight_records(info: dict) -> list[dict]:
+    """The weights records in a method's run.json entry (the ensemble's sit under its members)."""
+    found = [info["weights"]] if isinstance(info.get("weights"), dict) else []
+    for value in info.values():
+        if isinstance(value, dict) and value is not info.get("weights"):
+            found += weight_records(value)
+    return found
 
 
 def main(argv: list[str]) -> int:
     if argv[0] == "prepare":
         prepare(Path(argv[1]), Path(argv[2]))
         return 0
-    problems = check(argv[1], argv[2], Path(argv[3]), Path(argv[4]))
+    weights_folder = argv[argv.index("--weights-folder") + 1] if "--weights-folder" in argv else None
+    problems = check(argv[1], argv[2], Path(argv[3]), Path(argv[4]), weights_folder)
     for problem in problems:
         print("DIFFERENCE", problem)
     return 1 if problems else 0

@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -15,16 +16,53 @@ from .errors import CaseError
 log = logging.getLogger(__name__)
 
 
+# The oldest Linux NVIDIA driver each CUDA major version runs on (NVIDIA's CUDA compatibility guide: minor-version
+# compatibility within a major version)
+MINIMUM_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+
+
+def nvidia_driver(version_file: Path = Path("/proc/driver/nvidia/version")) -> str | None:
+    """The host's NVIDIA kernel driver version ("535.183.01"), visible inside a container given a GPU; None without."""
+    try:
+        text = version_file.read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?: for [\w]+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return match.group(1) if match else None
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def driver_problem(driver: str | None, cuda: str | None) -> str | None:
+    """Why a GPU is unusable with this torch build, when the driver explains it: too old for the build's CUDA."""
+    if not driver or not cuda:
+        return None
+    needed = MINIMUM_DRIVER.get(int(cuda.split(".")[0]))
+    if needed is None or version_tuple(driver) >= version_tuple(needed):
+        return None
+    return (f"the NVIDIA driver {driver} is older than torch {torch.__version__} (CUDA {cuda}) needs "
+            f"({needed} or newer): rebuild the image with a CUDA build this driver runs "
+            "(README, \"GPU builds and grand-challenge's driver\")")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.version.cuda:  # a CUDA build without a usable GPU: say so, since CPU is many times slower
-            log.warning("torch %s is built for CUDA %s but sees no usable GPU (none passed to the container, or "
-                        "an NVIDIA driver too old for this CUDA); running on CPU", torch.__version__, torch.version.cuda)
+            why = driver_problem(nvidia_driver(), torch.version.cuda)
+            if why:
+                log.error("running on CPU: %s", why)
+            elif nvidia_driver():
+                log.warning("torch %s (CUDA %s) sees no usable GPU although an NVIDIA driver %s is loaded; running "
+                            "on CPU", torch.__version__, torch.version.cuda, nvidia_driver())
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise CaseError("--device cuda was asked for, but torch sees no CUDA device")
+        why = driver_problem(nvidia_driver(), torch.version.cuda)
+        raise CaseError(f"--device cuda was asked for, but torch sees no CUDA device"
+                        f"{': ' + why if why else ' (torch ' + torch.__version__ + ')'}")
     return torch.device(device)
 
 

@@ -153,9 +153,11 @@ def run_record(args, method_info: dict, cases: list[dict], started: str, seconds
     """Everything needed to trace a result: versions, parameters, device, per-case stage timings."""
     import torch
 
+    from .device import nvidia_driver
+
     return {
         "valdocmb": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "nvidia_driver": nvidia_driver(),
         "simpleitk": sitk.Version_VersionString(), "numpy": np.__version__, "platform": platform.platform(),
         "started": started, "seconds": round(seconds, 2),
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -349,10 +349,11 @@ def test_a_driver_too_old_for_the_cuda_build_is_named_with_the_fix():
     assert device.driver_problem(None, "13.0") is None and device.driver_problem("535.1", None) is None
 
 
-def test_device_cuda_without_a_usable_gpu_names_the_driver(monkeypatch):
+def test_device_cuda_without_a_usable_gpu_names_the_driver(monkeypatch, caplog):
     monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(device.torch.version, "cuda", "13.0")
     monkeypatch.setattr(device, "nvidia_driver", lambda: "535.183.01")
     with pytest.raises(CaseError, match="535.183.01 is older"):
         device.resolve_device("cuda")
     assert device.resolve_device("auto").type == "cpu"
+    assert "running on CPU: the NVIDIA driver 535.183.01 is older" in caplog.text

@@ -52,12 +52,14 @@ def resolve_device(device: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.version.cuda:  # a CUDA build without a usable GPU: say so, since CPU is many times slower
-            why = driver_problem(nvidia_driver(), torch.version.cuda)
+            driver = nvidia_driver()
+            why = driver_problem(driver, torch.version.cuda)
             if why:
                 log.error("running on CPU: %s", why)
-            elif nvidia_driver():
-                log.warning("torch %s (CUDA %s) sees no usable GPU although an NVIDIA driver %s is loaded; running "
-                            "on CPU", torch.__version__, torch.version.cuda, nvidia_driver())
+            else:
+                log.warning("torch %s is built for CUDA %s but sees no usable GPU (%s); running on CPU",
+                            torch.__version__, torch.version.cuda,
+                            f"NVIDIA driver {driver} loaded" if driver else "none passed to the container?")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
         why = driver_problem(nvidia_driver(), torch.version.cuda)

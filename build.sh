@@ -52,11 +52,14 @@ case "$ENGINE" in
             mounts+=(-v "$(cd "$CMB_WHEELS" && pwd):/wheels:ro")
             build_args+=(--build-arg PIP_FIND_LINKS=/wheels)
         fi
-        # --layers: the exec and invoke images share every layer but the last few, so the second build is quick
+        # --layers: the exec and invoke images share every layer but the last few, so the second build is quick.
+        # buildah/podman's layer cache ignores a changed build argument (ARG API_METHOD would come back from the
+        # cache with the other mode's value), so the mode's label and variable are also set on the final image.
+        mode=(--label "org.grand-challenge.api-method=$API_METHOD" --env "CMB_API_METHOD=$API_METHOD")
         if [[ "$ENGINE" == podman ]]; then
-            podman build --layers --isolation chroot "${mounts[@]}" "${build_args[@]}" -t "$IMAGE" "$@" .
+            podman build --layers --isolation chroot "${mounts[@]}" "${build_args[@]}" "${mode[@]}" -t "$IMAGE" "$@" .
         else
-            buildah bud --layers --isolation chroot "${mounts[@]}" "${build_args[@]}" -t "$IMAGE" "$@" .
+            buildah bud --layers --isolation chroot "${mounts[@]}" "${build_args[@]}" "${mode[@]}" -t "$IMAGE" "$@" .
         fi ;;
     *)
         echo "build.sh: unknown engine '$ENGINE' (docker, podman or buildah)" >&2; exit 2 ;;

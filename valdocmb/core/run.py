@@ -153,13 +153,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             args.port = positive_int(os.environ.get("CMB_PORT", str(INVOKE_PORT)))
         except argparse.ArgumentTypeError as exc:
             parser.error(f"CMB_PORT={os.environ['CMB_PORT']!r}: {exc}")
-    if args.serve and args.shard is not None:
-        parser.error("--shard splits a folder among exec runs; invoke mode processes what each invocation puts there")
     if args.shard is None and os.environ.get("CMB_SHARD"):
         try:
             args.shard = shard(os.environ["CMB_SHARD"])
         except argparse.ArgumentTypeError as exc:
             parser.error(f"CMB_SHARD: {exc}")
+    if args.serve and args.shard is not None:
+        parser.error("--shard splits a folder among exec runs; invoke mode processes what each invocation puts there")
     if args.threads is None and os.environ.get("CMB_THREADS"):
         try:
             args.threads = positive_int(os.environ["CMB_THREADS"])
@@ -220,28 +220,32 @@ def reports_on(args, layout: str) -> bool:
     return args.reports == "on" or (args.reports == "auto" and layout == "folder")
 
 
+def report_files(case: Case, args) -> list[Path]:
+    """A case's reports: lesion tables, labelled mask, QC picture."""
+    return [sibling(case.output_path, "_lesions", ".csv"), sibling(case.output_path, "_lesions", ".json"),
+            sibling(case.output_path, LABELS_SUFFIX), args.output / "qc" / f"{case.case_id}.png"]
+
+
+def value_files(args, layout: str) -> list[Path]:
+    """Grand-challenge's value outputs (the count and the lesion list), in its layout."""
+    if layout != "gc":
+        return []
+    return [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json"]
+
+
 def case_outputs(case: Case, args, layout: str) -> list[Path]:
-    """Every file a case can write: the mask, its reports, its QC picture, grand-challenge's value outputs."""
+    """Every file a case can write: the mask, its reports, its probability map, grand-challenge's value outputs."""
     if case.output_path is None:
         return []
-    files = [case.output_path, sibling(case.output_path, "_lesions", ".csv"),
-             sibling(case.output_path, "_lesions", ".json"), sibling(case.output_path, LABELS_SUFFIX),
-             sibling(case.output_path, PROBABILITY_SUFFIX), args.output / "qc" / f"{case.case_id}.png"]
-    if layout == "gc":
-        files += [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json"]
-    return files
+    return [case.output_path, *report_files(case, args), sibling(case.output_path, PROBABILITY_SUFFIX),
+            *value_files(args, layout)]
 
 
 def expected_outputs(case: Case, args, layout: str) -> list[Path]:
-    """The files a successful run of the case leaves (a probability map only exists where the method makes one,
-    so it is not required)."""
-    files = [case.output_path]
-    if reports_on(args, layout):
-        files += [sibling(case.output_path, "_lesions", ".csv"), sibling(case.output_path, "_lesions", ".json"),
-                  sibling(case.output_path, LABELS_SUFFIX), args.output / "qc" / f"{case.case_id}.png"]
-    if layout == "gc":
-        files += [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json"]
-    return files
+    """The files a successful run of the case leaves with these settings (a probability map only exists where the
+    method makes one, so it is not required)."""
+    return [case.output_path, *(report_files(case, args) if reports_on(args, layout) else []),
+            *value_files(args, layout)]
 
 
 def done_earlier(case: Case, args, layout: str) -> bool:

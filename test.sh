@@ -63,7 +63,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/valdocmb-test.XXXXXX")"
 NETNS_PID=""
 cleanup() {
     [[ -n "$NETNS_PID" ]] && kill "$NETNS_PID" 2>/dev/null
-    rm -rf "$WORK"
+    rm -rf "$WORK" 2>/dev/null || echo "test.sh: $WORK holds files the containers' user wrote; remove them as root" >&2
 }
 trap cleanup EXIT
 chmod 777 "$WORK"
@@ -159,7 +159,7 @@ stop_container() {
         docker|podman) "$CMB_ENGINE" stop -t 10 "$name" >/dev/null; wait_container "$name" || true ;;
         buildah)
             # chroot isolation: the server is a process of this machine; SIGTERM it as the platform would
-            pkill -TERM -f "^python /opt/app/process.py" || true
+            pkill -TERM -f "^(/opt/venv/bin/)?python3? /opt/app/process\.py" || true
             wait_container "$name" || true ;;
     esac
 }
@@ -172,8 +172,8 @@ run_once() {
     wait_container "$name"
 }
 
-check() {  # check LAYOUT METHOD
-    run_once "${IMAGES[exec]}" "$PWD/tests:/tests:ro" "$WORK:/work:ro" -- \
+check() {  # check LAYOUT METHOD OUTPUT_DIR: the outputs in OUTPUT_DIR, mounted where check.py looks for them
+    run_once "${IMAGES[exec]}" "$PWD/tests:/tests:ro" "$WORK:/work:ro" "$3:/work/$1/output:ro" -- \
         python /tests/container/check.py check "$1" "$2" /tests/data/example /work --weights-folder /opt/ml/model
 }
 
@@ -184,18 +184,18 @@ for method in $METHODS; do
     if [[ " $MODES " == *" exec "* ]]; then
         for layout in $LAYOUTS; do
             echo "== exec, $method, $layout" >&2
-            rm -rf "$WORK/$layout/output" && mkdir -m 777 "$WORK/$layout/output"
+            output="$WORK/runs/exec-$method-$layout"  # a new folder per run: the container's files are not ours
+            mkdir -p -m 777 "$output"
             start=$(date +%s)
             name="valdocmb-exec-$RANDOM"
-            start_container "$name" "${IMAGES[exec]}" "$method" "$WORK/$layout/input:/input:ro" \
-                "$WORK/$layout/output:/output"
+            start_container "$name" "${IMAGES[exec]}" "$method" "$WORK/$layout/input:/input:ro" "$output:/output"
             if ! wait_container "$name"; then
                 echo "DIFFERENCE exec $method $layout: the container exited non-zero" >&2
                 status=1
             fi
             seconds=$(( $(date +%s) - start ))
             summary+=("exec    $method $layout: ${seconds} s (container start to exit, model load included)")
-            check "$layout" "$method" || status=1
+            check "$layout" "$method" "$output" || status=1
         done
     fi
     if [[ " $MODES " == *" invoke "* ]]; then
@@ -225,9 +225,9 @@ for method in $METHODS; do
                 status=1
             fi
             summary+=("invoke  $method $layout: invocation $number: $(( $(date +%s) - start )) s")
-            rm -rf "$WORK/$layout/output" && mkdir -m 777 "$WORK/$layout/output"
-            cp -r "$staging/output/." "$WORK/$layout/output/"
-            check "$layout" "$method" || status=1
+            output="$WORK/runs/invoke-$method-$layout"  # what /output held after this invocation
+            mkdir -p "$output" && cp -r "$staging/output/." "$output/"
+            check "$layout" "$method" "$output" || status=1
         done
         stop_container "$name"
     fi

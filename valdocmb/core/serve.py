@@ -6,8 +6,9 @@ folder each time it is invoked.
 - `GET /health` answers 200 once the weights are loaded and the networks have run once (the server only starts
   listening then, so the platform's health polls are refused until it is ready);
 - `POST /invoke` runs the same runner as exec mode on the input folder (any layout) and answers 201 when every
-  case's outputs are written, 500 with the errors when some case failed or the run could not start, 503 when it
-  was stopped. Invocations run one at a time.
+  case's outputs are written, 500 with the errors when some case failed or the run could not start. Invocations run
+  one at a time. SIGTERM is uvicorn's to handle (graceful shutdown); the runner, in a worker thread, installs no
+  handler.
 
 Before each invocation the files the previous one wrote are removed, so an output folder the platform did not clear
 never holds one case's mask beside another's.
@@ -106,8 +107,6 @@ class Invoker:
                 "outputs": sorted(str(path.relative_to(self.args.output)) for path in self.written)}
         if code == 0:
             return 201, {"status": "done", **body}
-        if code in (130, 143):
-            return 503, {"status": "stopped", **body}
         return 500, {"status": "failed", **body}
 
 

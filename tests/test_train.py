@@ -167,3 +167,131 @@ def test_cross_validation_tests_every_case_once_on_networks_not_trained_on_it(da
     assert [row["cases"] for row in table["folds"]] == [1, 1, 1]
     out = capsys.readouterr().out
     assert "Dice" in out and "CntDiff" in out and "mean" in out
+
+
+# -- fine-tuning from given weights (--init) ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def parent_weights(data, tmp_path_factory):
+    """Weights trained on the tiny cases (the 'shipped' weights a user starts from), with an nnU-Net entry."""
+    out = tmp_path_factory.mktemp("parent")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(training.SCHEDULES, "smoke", training.Schedule(1, 16, 1, 16, 1, 16, 1, 8, 8))
+        assert train_main(["--data", str(data), "--out", str(out), "--work", str(out.parent / "parent-work"),
+                           "--schedule", "smoke", "--workers", "1"]) == 0
+    (out / "nnunet").mkdir()
+    (out / "nnunet" / "plans.json").write_text("{}")
+    content = json.loads((out / "MANIFEST.json").read_text())
+    content["files"]["nnunet/plans.json"] = {"sha256": sha256(out / "nnunet" / "plans.json"), "method": "nnunet"}
+    (out / "MANIFEST.json").write_text(json.dumps(content))
+    return out
+
+
+def finetune_schedule(monkeypatch):
+    monkeypatch.setitem(training.SCHEDULES, "finetune",
+                        training.Schedule(1, 8, 1, 16, 1, 16, 1, 8, 8, learning_rate_scale=0.1))
+    # barely trained networks find candidates everywhere: a few per scan keep mining and scoring fast
+    find_candidates = ThreeStagePipeline.find_candidates
+    monkeypatch.setattr(ThreeStagePipeline, "find_candidates", lambda self, scores: find_candidates(self, scores)[:3])
+
+
+def test_finetuning_starts_from_the_given_weights_and_leaves_them_as_they_were(data, parent_weights, tmp_path,
+                                                                               monkeypatch):
+    finetune_schedule(monkeypatch)
+    before = {relative: sha256(parent_weights / relative) for relative in WEIGHT_FILES.values()}
+    parent_version = ThreeStagePipeline.from_weights(parent_weights, "cpu").weights_info["version"]
+    out, work = tmp_path / "mine", tmp_path / "work"
+    assert train_main(["--data", str(data), "--init", str(parent_weights), "--out", str(out), "--work", str(work),
+                       "--workers", "1", "--freeze-early"]) == 0
+    assert {relative: sha256(parent_weights / relative) for relative in WEIGHT_FILES.values()} == before
+    content = json.loads((out / "MANIFEST.json").read_text())
+    for relative in WEIGHT_FILES.values():
+        training_meta = content["files"][relative]["training"]
+        assert training_meta["parent"]["version"] == parent_version and training_meta["parent"]["freeze_early"]
+        assert training_meta["schedule"] == "finetune"
+    # a complete weights folder: the parent's nnU-Net files come along, and no rule chosen for other networks
+    assert (out / "nnunet" / "plans.json").is_file() and content["files"]["nnunet/plans.json"]["method"] == "nnunet"
+    assert "lesion_rule" not in content
+    # the false positives of the given weights were mined into a pool cache of their own
+    assert (work / f"pool_seed0_0.49x0.49x0.8mm_mined-{parent_version}").is_dir()
+    # frozen early layers are the parent's, bit for bit; the rest moved
+    parent = ThreeStagePipeline.from_weights(parent_weights, "cpu")
+    tuned = ThreeStagePipeline.from_weights(out, "cpu")
+    for name in ("screening", "discrimination", "segmentation"):
+        old, new = getattr(parent, name), getattr(tuned, name)
+        for old_layer, new_layer in zip(training.early_layers(old), training.early_layers(new)):
+            for (key, a), (_, b) in zip(old_layer.state_dict().items(), new_layer.state_dict().items()):
+                assert torch.equal(a, b), (name, key)
+        assert any(not torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--freeze-early"], "--freeze-early and --mix apply to fine-tuning"),
+    (["--init", "PARENT", "--out", "PARENT"], "is the --init folder"),
+    (["--init", "PARENT", "--mix-ratio", "1.5"], "--mix-ratio 1.5"),
+    (["--init", "nowhere"], "not a weights folder"),
+])
+def test_finetuning_options_that_cannot_work_are_refused(data, parent_weights, tmp_path, capsys, extra, message):
+    extra = [str(parent_weights) if item == "PARENT" else item for item in extra]
+    args = ["--data", str(data), "--work", str(tmp_path / "work"), "--workers", "1"]
+    if "--out" not in extra:
+        args += ["--out", str(tmp_path / "out")]
+    assert train_main(args + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mined_sites_skip_labelled_lesions_and_rank_by_the_discrimination_network():
+    from valdocmb.core.three_stage import Candidate
+    from valdocmb.train.samples import mined_sites
+
+    class Miner:
+        def screen(self, volume, foreground):
+            return np.zeros((2, 2, 2))
+
+        def find_candidates(self, scores):
+            return [Candidate((1, 1, 1), 0.9), Candidate((5, 5, 5), 0.8), Candidate((3, 3, 3), 0.5),
+                    Candidate((7, 7, 7), 0.4)]
+
+        def discriminate(self, volume, centres):
+            belief = {(5, 5, 5): 0.2, (3, 3, 3): 0.95, (7, 7, 7): 0.6}
+            return np.array([belief[tuple(c)] for c in centres])
+
+    lesion_zone = np.zeros((10, 10, 10), bool)
+    lesion_zone[1, 1, 1] = True                     # the first candidate is a labelled CMB: not a false positive
+    sites = mined_sites(Miner(), np.zeros((10, 10, 10)), None, lesion_zone, count=2)
+    assert [tuple(site[0]) for site in sites] == [(3, 3, 3), (7, 7, 7)]
+    assert sites[0][1] == "mined" and sites[0][2]["discrimination_score"] == 0.95
+
+
+def test_mixed_in_crops_make_the_asked_share_and_are_never_tested(data, tmp_path):
+    from argparse import Namespace
+
+    from valdocmb.train.__main__ import mixed_in
+
+    crops = [Crop(np.zeros(CROP, np.float16), np.zeros(CROP, np.uint8), "negative", "sub-001")] * 30
+    args = Namespace(mix=data, mix_ratio=0.25, seed=0, workers=1, work=tmp_path)
+    mixed = mixed_in(args, crops, (0.49, 0.49, 0.8))
+    assert len(mixed) == 10 and all(c.case.startswith("mix:sub-") for c in mixed)
+    assert crossval.fold_of(["sub-001", "sub-002"], 2, 0).get(mixed[0].case) is None
+
+
+def test_finetuning_cross_validation_compares_on_the_same_folds_and_records_a_crossfitted_rule(
+        data, parent_weights, tmp_path, monkeypatch, capsys):
+    finetune_schedule(monkeypatch)
+    out, work = tmp_path / "mine", tmp_path / "work"
+    assert train_main(["--data", str(data), "--init", str(parent_weights), "--out", str(out), "--work", str(work),
+                       "--workers", "1", "--folds", "3"]) == 0
+    result = json.loads((work / "finetune_crossval.json").read_text())
+    assert [row["cases"] for row in result["table"]] == [1, 1, 1]
+    assert {"unchanged", "fine_tuned"} <= set(result["table"][0]) and result["subjects"] == ["sub-001", "sub-002",
+                                                                                            "sub-003"]
+    printed = capsys.readouterr().out
+    assert "unchanged: sens" in printed and "fine-tuned: sens" in printed
+    # the final weights, trained on every case, carry the rule chosen on the out-of-fold results
+    content = json.loads((out / "MANIFEST.json").read_text())
+    rule = content["lesion_rule"]
+    assert rule["chosen_on"].endswith("out-of-fold results of 3-fold fine-tuning")
+    assert rule["weights"] == ThreeStagePipeline.from_weights(out, "cpu").weights_info["version"]
+    assert "cross_fitted" in rule and "unchanged_weights" in rule
+    assert (work / "final" / "segmentation.ckpt").is_file()

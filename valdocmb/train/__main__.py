@@ -3,6 +3,16 @@ inference weights plus their MANIFEST.json entries, or cross-validate them.
 
     valdocmb-train --data DIR --out weights [--schedule cpu|gpu|paper] [--set NAME=VALUE] [--device auto] [--seed 0]
     valdocmb-train --data DIR --folds 5 ...        # k-fold cross-validation with VALDO scoring
+
+Fine-tuning given weights on your own labelled scans (README, "Using your own labelled scans"):
+
+    valdocmb-train --data DIR --init weights --out my-weights [--folds 5] [--freeze-early] [--mix SIM --mix-ratio 0.3]
+
+starts all three networks from --init (schedule `finetune` unless --schedule says otherwise), adds the false
+positives the given weights make on the whole training scans to the mined samples, and, with --folds, reports
+the unchanged and the fine-tuned weights side by side on the same folds, then chooses the lesion rule on the
+out-of-fold results and trains the final weights on every case. --out must be a new folder: the parent weights
+stay as they are, and the manifest records their version.
 """
 
 from __future__ import annotations
@@ -11,23 +21,82 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import __version__
+from ..core import manifest
 from ..core.device import resolve_device
+from ..core.lesion_rule import MANIFEST_KEY
 from ..core.logs import setup_logging
 from ..core.manifest import command_line
 from ..core.preprocess import DEFAULT_TARGET_SPACING
-from .crossval import cross_validate
-from .samples import find_training_cases
+from ..core.three_stage import WEIGHT_FILES, ThreeStagePipeline, weights_version
+from .crossval import cross_validate, cross_validate_finetuning
+from .samples import Crop, find_training_cases
 from .three_stage import SCHEDULES, build_pools, pool_cache, schedule_with, train_all, write_weights
 
 log = logging.getLogger("valdocmb.train")
+
+
+def finetune_problem(args) -> str | None:
+    """Why the fine-tuning options cannot work together, before anything is computed."""
+    if not args.init:
+        if args.freeze_early or args.mix:
+            return "--freeze-early and --mix apply to fine-tuning: give the weights to start from with --init"
+        return None
+    if not args.init.is_dir():
+        return f"--init {args.init}: not a weights folder"
+    if args.out.resolve() == args.init.resolve():
+        return f"--out {args.out} is the --init folder: write the fine-tuned weights to a new folder"
+    if not 0 < args.mix_ratio < 1:
+        return f"--mix-ratio {args.mix_ratio}: a share between 0 and 1"
+    if args.mix and not find_training_cases(args.mix):
+        return f"--mix {args.mix}: no scan with a label"
+    return None
+
+
+def mixed_in(args, crops: list[Crop], spacing) -> list[Crop]:
+    """Crops of the --mix cases, as many as make --mix-ratio of the training crops (drawn at random, all kinds in
+    their own proportions); their cases are named mix:<subject>, so that no fold ever tests on them."""
+    mix_crops = build_pools(find_training_cases(args.mix), args.seed, args.workers,
+                            pool_cache(args.work / "mix", args.seed, spacing), spacing)
+    wanted = min(len(mix_crops), round(len(crops) * args.mix_ratio / (1 - args.mix_ratio)))
+    chosen = np.random.default_rng(args.seed).choice(len(mix_crops), size=wanted, replace=False)
+    log.info("mixing in %d of %d crops from %s (%.0f %% of the training crops)", wanted, len(mix_crops), args.mix,
+             100 * wanted / max(1, wanted + len(crops)))
+    return [replace(mix_crops[i], case=f"mix:{mix_crops[i].case}") for i in sorted(chosen)]
+
+
+def complete_from_parent(parent: Path, out: Path, lesion_rule: dict | None) -> None:
+    """Make `out` a complete weights folder: the parent's other files (nnU-Net) with their manifest entries, and the
+    lesion rule chosen on the new data (the parent's was chosen for the parent's networks, so it is not carried)."""
+    parent_files = manifest.read(parent)["files"]
+    copied = {}
+    for relative, entry in parent_files.items():
+        if relative in WEIGHT_FILES.values() or (out / relative).exists():
+            continue
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(parent / relative, out / relative)
+        copied[relative] = entry
+
+    def change(content: dict) -> None:
+        content["files"].update(copied)
+        if lesion_rule:
+            content[MANIFEST_KEY] = {**lesion_rule, "weights": weights_version(out)}
+
+    manifest.update(out, change)
+    if copied:
+        log.info("copied %s from %s", ", ".join(sorted(copied)), parent)
+    if not lesion_rule:
+        log.warning("%s has no lesion rule (every component of the map is kept): fine-tune with --folds K to choose "
+                    "one on your cases, cross-fitted", out)
 
 
 def main(argv=None) -> int:
@@ -35,18 +104,30 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="VALDO-layout folder with *_CMB.nii.gz labels")
     parser.add_argument("--out", type=Path, default=Path("weights"), help="weights folder to write")
     parser.add_argument("--work", type=Path, default=Path("runs/train"), help="checkpoints, pool cache, logs")
-    parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="cpu")
+    parser.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
+                        help="default: cpu, or finetune with --init")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="change one number of the schedule, e.g. --set discrimination_iterations=30 (repeatable)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=DEFAULT_TARGET_SPACING, metavar=("X", "Y", "Z"),
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                         help="processing grid in mm that the crops are made at and inference resamples to "
-                        "(default %(default)s, the median VALDO spacing)")
+                        f"(default {DEFAULT_TARGET_SPACING}, the median VALDO spacing; with --init, the given weights')")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes building the sample pool")
     parser.add_argument("--max-cases", type=int, default=None, help="use only the first N cases")
     parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of final training")
     parser.add_argument("--pool-only", action="store_true", help="build (and cache) the sample pool, then stop")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="fine-tune: start every network from this weights folder (e.g. weights/)")
+    parser.add_argument("--freeze-early", action="store_true",
+                        help="with --init: keep the first two convolution blocks of each network as given")
+    parser.add_argument("--mix", type=Path, default=None,
+                        help="with --init: a second labelled folder (e.g. simulated cases) mixed into training so "
+                        "that the model keeps what it knew")
+    parser.add_argument("--mix-ratio", type=float, default=0.3,
+                        help="share of the training crops that come from --mix (default %(default)s)")
+    parser.add_argument("--min-sensitivity", type=float, default=0.9,
+                        help="with --init --folds: the lesion rule's sensitivity floor (as valdocmb-tune)")
     args = parser.parse_args(argv)
     setup_logging()
     device = resolve_device(args.device)
@@ -54,19 +135,47 @@ def main(argv=None) -> int:
     if not cases:
         log.error("%s: no scan with a label (sub-*_space-T2S_desc-masked_T2S.nii.gz + _CMB.nii.gz)", args.data)
         return 2
+    problem = finetune_problem(args)
+    if problem:
+        log.error("%s", problem)
+        return 2
+    parent = ThreeStagePipeline.from_weights(args.init, "cpu", lesion_rule=False) if args.init else None
+    args.schedule = args.schedule or ("finetune" if args.init else "cpu")
     schedule = schedule_with(SCHEDULES[args.schedule], args.set)
-    spacing = tuple(float(v) for v in args.spacing)
-    log.info("training on %d cases from %s, schedule %s %s, processing grid %s mm, device %s", len(cases), args.data,
-             args.schedule, asdict(schedule), spacing, device)
+    spacing = tuple(float(v) for v in (args.spacing or (parent.config.target_spacing if parent
+                                                        else DEFAULT_TARGET_SPACING)))
+    if parent and tuple(parent.config.target_spacing) != spacing:
+        log.error("--spacing %s: the weights in %s were trained on a %s mm grid; fine-tuning keeps it", spacing,
+                  args.init, parent.config.target_spacing)
+        return 2
+    log.info("training on %d cases from %s, schedule %s %s, processing grid %s mm, device %s%s", len(cases),
+             args.data, args.schedule, asdict(schedule), spacing, device,
+             f", starting from {args.init} ({parent.weights_info['version']})" if parent else "")
     started = time.perf_counter()
-    crops = build_pools(cases, args.seed, args.workers, pool_cache(args.work, args.seed, spacing), spacing)
+    version = parent.weights_info["version"] if parent else None
+    crops = build_pools(cases, args.seed, args.workers, pool_cache(args.work, args.seed, spacing, version), spacing,
+                        init_dir=args.init)
+    if args.mix:
+        crops += mixed_in(args, crops, spacing)
 
     if args.pool_only:
         return 0
-    if args.folds:
+    lesion_rule = None
+    if args.folds and parent:
+        result = cross_validate_finetuning(cases, crops, args.folds, schedule, device, args.work, args.seed, spacing,
+                                           args.init, args.freeze_early, args.min_sensitivity)
+        lesion_rule = {**result["rule"], "chosen_on": f"{args.data}: out-of-fold results of {args.folds}-fold "
+                       "fine-tuning", "weights": "these (fine-tuned on all cases)", "objective":
+                       f"highest pooled F1 with pooled sensitivity >= {args.min_sensitivity}",
+                       "cross_fitted": result["fine_tuned"], "unchanged_weights": result["unchanged"],
+                       "folds": result["rule_folds"], "command": command_line("valdocmb-train", argv)}
+    elif args.folds:
         return cross_validate(cases, crops, args.folds, schedule, device, args.work, args.seed, spacing)
 
-    nets, record = train_all(crops, schedule, device, args.work, args.seed)
+    init_nets = ({"screening": parent.screening, "discrimination": parent.discrimination,
+                  "segmentation": parent.segmentation} if parent else None)
+    nets, record = train_all(crops, schedule, device, args.work / ("final" if lesion_rule else ""), args.seed,
+                             init=init_nets, freeze_early=args.freeze_early)
     stage_seconds = sum(e["seconds"] for v in record.values() if isinstance(v, list) for e in v)
     meta = {
         "data": str(args.data), "cases": len(cases), "subjects": [c[0] for c in cases],
@@ -79,7 +188,13 @@ def main(argv=None) -> int:
         "package_version": __version__,
         "torch": torch.__version__, "target_spacing": list(spacing),
     }
+    if parent:
+        meta["parent"] = {**parent.weights_info, "freeze_early": args.freeze_early}
+        if args.mix:
+            meta["mix"] = {"data": str(args.mix), "ratio": args.mix_ratio}
     write_weights(nets, args.out, record, meta)
+    if parent:
+        complete_from_parent(args.init, args.out, lesion_rule)
     (args.work / "history.json").write_text(json.dumps(record, indent=1))
     log.info("weights written to %s (%.0f s)", args.out, time.perf_counter() - started)
     return 0

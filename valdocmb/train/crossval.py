@@ -3,12 +3,18 @@
 Cases are split into K folds by subject; each fold's networks train on the other folds' sample pools (every stage,
 mining included) and are scored on the fold's whole scans. Prints the per-fold table the paper shows (Dice, volume
 difference, F1, count difference: means over the fold's cases, NaN ignored) and their average over folds.
+
+Fine-tuning (`--init`, `cross_validate_finetuning`): each fold's networks start from the given weights; every case
+is scored twice, by the unchanged weights with their own lesion rule and by its fold's fine-tuned networks with a
+lesion rule chosen on the other cases' out-of-fold results (cross-fitted), so the gain is measured on cases that
+neither the training nor the rule saw.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +22,10 @@ import numpy as np
 from ..core.lesion_rule import LesionRule
 from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import ThreeStageConfig, ThreeStagePipeline
+from ..evaluate.scoring import pooled
 from .stagewise import evaluate_stages, stage_scores
 from .three_stage import train_all
+from .tune import choose_rule, cross_fit, score_with, with_lesions
 
 log = logging.getLogger("valdocmb.crossval")
 
@@ -39,7 +47,7 @@ def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed:
     assignment = fold_of([c[0] for c in cases], folds, seed)
     table = []
     for fold in range(folds):
-        train_crops = [c for c in crops if assignment[c.case] != fold]
+        train_crops = [c for c in crops if assignment.get(c.case, -1) != fold]  # mixed-in cases: every fold
         test_cases = [c for c in cases if assignment[c[0]] == fold]
         log.info("fold %d/%d: %d training crops, %d test cases", fold + 1, folds, len(train_crops), len(test_cases))
         nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed)
@@ -60,3 +68,60 @@ def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed:
           f"{means['count_diff']:8.2f}")
     (work / "crossval.json").write_text(json.dumps({"folds": table, "mean": means}, indent=1))
     return 0
+
+
+def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: Path, seed: int, target_spacing,
+                              init_dir: Path, freeze_early: bool = False, min_sensitivity: float = 0.9) -> dict:
+    """Fine-tuning from `init_dir`'s weights, cross-validated; returns {"table", "rule", "cross_fitted", ...}: the
+    per-fold figures of the unchanged and the fine-tuned weights, and the lesion rule chosen on every case's
+    out-of-fold result (what the final fine-tuned weights get), with its cross-fitted figures."""
+    assignment = fold_of([c[0] for c in cases], folds, seed)
+    unchanged = ThreeStagePipeline.from_weights(init_dir, str(device))
+    init_nets = {"screening": unchanged.screening, "discrimination": unchanged.discrimination,
+                 "segmentation": unchanged.segmentation}
+    # the unchanged weights' results do not depend on the fold: computed once (and cached) for every case
+    baseline = {r["subject"]: r for r in with_lesions(evaluate_stages(unchanged, cases, cache=_cache(work, "unchanged")))}
+    out_of_fold: dict[str, dict] = {}
+    for fold in range(folds):
+        train_crops = [c for c in crops if assignment.get(c.case, -1) != fold]  # mixed-in cases: every fold
+        test_cases = [c for c in cases if assignment[c[0]] == fold]
+        log.info("fold %d/%d: fine-tuning on %d crops, %d test cases", fold + 1, folds, len(train_crops),
+                 len(test_cases))
+        nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed, init=init_nets,
+                            freeze_early=freeze_early)
+        tuned = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
+                                   config=ThreeStageConfig(target_spacing=tuple(target_spacing)))
+        tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}"}
+        for record in with_lesions(evaluate_stages(tuned, test_cases)):
+            record["fold"] = fold
+            out_of_fold[record["subject"]] = record
+    subjects = [c[0] for c in cases]
+    tuned_records = [out_of_fold[s] for s in subjects]
+    crossfitted, rules = cross_fit(tuned_records, folds, min_sensitivity)
+    before = [score_with(baseline[s], unchanged.config.lesion_rule) for s in subjects]
+    after = dict(zip(subjects, crossfitted))
+    table = []
+    for fold in range(folds):
+        members = [s for s in subjects if assignment[s] == fold]
+        table.append({"fold": fold + 1, "cases": len(members),
+                      "unchanged": pooled([b for s, b in zip(subjects, before) if assignment[s] == fold]),
+                      "fine_tuned": pooled([after[s] for s in members])})
+    result = {"table": table, "unchanged": pooled(before), "fine_tuned": pooled(crossfitted),
+              "unchanged_rule": asdict(unchanged.config.lesion_rule),
+              "rule": asdict(choose_rule(tuned_records, min_sensitivity)), "rule_folds": rules,
+              "parent": unchanged.weights_info, "subjects": subjects}
+    print(f"{'fold':>4} {'cases':>5} | {'unchanged: sens':>15} {'FP/scan':>7} {'F1':>5} | "
+          f"{'fine-tuned: sens':>16} {'FP/scan':>7} {'F1':>5}")
+    for row in [*table, {"fold": "all", "cases": len(subjects), "unchanged": result["unchanged"],
+                         "fine_tuned": result["fine_tuned"]}]:
+        u, f = row["unchanged"], row["fine_tuned"]
+        print(f"{row['fold']:>4} {row['cases']:>5} | {u['sensitivity']:15.3f} {u['fp_per_scan']:7.2f} {u['f1']:5.3f} | "
+              f"{f['sensitivity']:16.3f} {f['fp_per_scan']:7.2f} {f['f1']:5.3f}")
+    (work / "finetune_crossval.json").write_text(json.dumps(result, indent=1, default=float).replace("NaN", "null"))
+    return result
+
+
+def _cache(work: Path, name: str) -> Path:
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

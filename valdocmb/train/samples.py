@@ -5,7 +5,10 @@ processing grid, big enough for augmentation of the largest network input:
 - positives: one crop per connected component of the label, centred on its centroid;
 - random negatives: random brain voxels away from any lesion;
 - mimic crops: centred on the simulator's recorded veins and calcifications (when a *_sim.json is present), the
-  places where an initial screening model's false positives concentrate.
+  places where an initial screening model's false positives concentrate;
+- mined crops (fine-tuning, `valdocmb-train --init`): the false positives that given weights make on the whole
+  scan, candidates away from every labelled lesion ranked by the given discrimination network: on real scans of a
+  new scanner, its veins, calcifications and artefacts, which no simulator recorded.
 Augmentation (per draw): translation < 4 voxels, in-plane rotation < 10 degrees, lateral (x) flip. Samples are
 re-drawn every iteration, so their count and the class proportion stay fixed.
 """
@@ -53,8 +56,22 @@ def find_training_cases(folder: Path) -> list[tuple[str, Path, Path]]:
     return cases
 
 
+def mined_sites(miner, volume: np.ndarray, foreground: np.ndarray, lesion_zone: np.ndarray, count: int) -> list:
+    """The `count` candidates of `miner` (a ThreeStagePipeline with the given weights) outside `lesion_zone` that its
+    discrimination network believes most: (centre voxel, "mined", scores) sites on the processing grid."""
+    candidates = [c for c in miner.find_candidates(miner.screen(volume, foreground)) if not lesion_zone[c.centre]]
+    if not candidates:
+        return []
+    beliefs = miner.discriminate(volume, [c.centre for c in candidates])
+    order = np.argsort(-beliefs, kind="stable")[:count]
+    return [(np.array(candidates[i].centre), "mined", {"screening_score": candidates[i].screening_score,
+                                                       "discrimination_score": float(beliefs[i])}) for i in order]
+
+
 def case_pool(subject: str, scan_path: Path, label_path: Path, rng: np.random.Generator,
-              negatives: int = 24, target_spacing=DEFAULT_TARGET_SPACING) -> list[Crop]:
+              negatives: int = 24, target_spacing=DEFAULT_TARGET_SPACING, miner=None,
+              mined_per_case: int = 24) -> list[Crop]:
+    """`miner`: a ThreeStagePipeline whose false positives on this scan become "mined" crops (see `mined_sites`)."""
     pre = preprocess(read_scan(scan_path), target_spacing)
     label = pre.from_original(read_mask(label_path), "nearest") >= 0.5
     volume = pre.array
@@ -76,6 +93,8 @@ def case_pool(subject: str, scan_path: Path, label_path: Path, rng: np.random.Ge
             centre = np.round(pre.world_to_voxel(obj["centre_mm"])).astype(int)
             if np.all(centre >= 0) and np.all(centre < volume.shape) and pre.foreground[tuple(centre)]:
                 sites.append((centre, "mimic", {"type": obj["type"]}))
+    if miner is not None:
+        sites += mined_sites(miner, volume, pre.foreground, lesion_zone, mined_per_case)
     if not sites:
         return []
     centres = [site[0] for site in sites]

@@ -12,6 +12,7 @@ resumes from there; the final weights hold inference state only. The command is 
 
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
 import time
@@ -29,7 +30,7 @@ from valdocmb.models.segmentation import SegmentationUNet
 
 from ..core import manifest
 from ..core.preprocess import DEFAULT_TARGET_SPACING
-from ..core.three_stage import WEIGHT_FILES
+from ..core.three_stage import WEIGHT_FILES, ThreeStagePipeline
 from ..core.weights import save_weights
 from .samples import CROP, Crop, case_pool, draw_batch
 
@@ -53,12 +54,15 @@ class Schedule:
     batch_size: int = 64
     segmentation_batch_size: int = 16     # the U-Net needs more, smaller steps than the classifiers
     mining_threshold: float = 0.1
+    learning_rate_scale: float = 1.0      # x the stage's base rate (SGD 1e-2, Adam 1e-3); fine-tuning uses less
 
 
 SCHEDULES = {
     "paper": Schedule(30, 200_000, 150, 200_000, 80, 100_000, 100, 8_000, 128),
     "gpu": Schedule(10, 20_000, 40, 20_000, 30, 10_000, 40, 2_000, 128),
     "cpu": Schedule(4, 2_048, 16, 3_072, 10, 3_072, 12, 384, 64),
+    # from given weights (--init): no initial screening model (the given one mines), a tenth of the learning rate
+    "finetune": Schedule(1, 64, 8, 2_048, 10, 2_048, 8, 384, 64, learning_rate_scale=0.1),
     "smoke": Schedule(1, 64, 1, 64, 1, 64, 1, 16, 16),
 }
 
@@ -82,11 +86,15 @@ def schedule_with(schedule: Schedule, overrides: list[str]) -> Schedule:
 
 # -- sample pools ---------------------------------------------------------------------------------------------------
 def _pool_job(args):
-    subject, scan, label, seed, cache, target_spacing = args
+    subject, scan, label, seed, cache, target_spacing, init_dir = args
     path = cache / f"{subject}.pkl" if cache else None
     if path and path.is_file():
         return pickle.loads(path.read_bytes())
-    crops = case_pool(subject, scan, label, np.random.default_rng(seed), target_spacing=target_spacing)
+    miner = None
+    if init_dir is not None:  # the given weights' false positives on this scan (one thread: workers run side by side)
+        torch.set_num_threads(1)
+        miner = ThreeStagePipeline.from_weights(init_dir, "cpu", lesion_rule=False)
+    crops = case_pool(subject, scan, label, np.random.default_rng(seed), target_spacing=target_spacing, miner=miner)
     if path:
         tmp = path.with_name(f".tmp-{path.name}")
         tmp.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
@@ -99,18 +107,21 @@ def _case_seed(seed: int, subject: str) -> int:
     return int(np.random.SeedSequence([seed, digits]).generate_state(1)[0])
 
 
-def pool_cache(work: Path, seed: int, target_spacing) -> Path:
-    """The pool cache of one seed and processing spacing (crops made at another spacing are never reused)."""
-    return work / ("pool_seed{}_{}mm".format(seed, "x".join(f"{v:g}" for v in target_spacing)))
+def pool_cache(work: Path, seed: int, target_spacing, init_version: str | None = None) -> Path:
+    """The pool cache of one seed and processing spacing (crops made at another spacing are never reused), and of
+    the given weights whose false positives were mined (fine-tuning)."""
+    name = "pool_seed{}_{}mm".format(seed, "x".join(f"{v:g}" for v in target_spacing))
+    return work / (name + (f"_mined-{init_version}" if init_version else ""))
 
 
 def build_pools(cases, seed: int, workers: int, cache: Path | None = None,
-                target_spacing=DEFAULT_TARGET_SPACING) -> list[Crop]:
+                target_spacing=DEFAULT_TARGET_SPACING, init_dir: Path | None = None) -> list[Crop]:
     """Every case's crops on the `target_spacing` grid; each case's pool is cached in `cache` (one file per
-    subject) and reused."""
+    subject) and reused. With `init_dir`, each pool also holds the false positives those weights make on the
+    whole scan ("mined" crops)."""
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, scan, lab, _case_seed(seed, s), cache, tuple(target_spacing)) for s, scan, lab in cases]
+    jobs = [(s, scan, lab, _case_seed(seed, s), cache, tuple(target_spacing), init_dir) for s, scan, lab in cases]
     crops, start = [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for i, case_crops in enumerate(pool.map(_pool_job, jobs), 1):
@@ -143,15 +154,31 @@ def _checkpoint(path: Path, net, optimizer, iteration: int, rng, history) -> Non
     tmp.replace(path)
 
 
+def early_layers(net: nn.Module) -> list[nn.Module]:
+    """The first two convolution blocks of a network (what `--freeze-early` keeps as given): they see only local
+    texture; the layers above decide what a lesion is."""
+    if isinstance(net, (ScreeningFCN, DiscriminationCNN)):
+        return list(net.features[:2])
+    if isinstance(net, SegmentationUNet):
+        return [net.encoders[0]]
+    raise TypeError(f"no early layers known for {type(net).__name__}")
+
+
 def run_stage(name: str, net: nn.Module, pools, proportions, patch_size, iterations: int, samples: int,
-              schedule: Schedule, device, work: Path, seed: int, segmentation: bool = False) -> list[dict]:
-    """Train one stage with resumable per-iteration checkpoints; returns the per-iteration history."""
+              schedule: Schedule, device, work: Path, seed: int, segmentation: bool = False,
+              frozen: list[nn.Module] = ()) -> list[dict]:
+    """Train one stage with resumable per-iteration checkpoints; returns the per-iteration history. `frozen`
+    modules keep their parameters and batch-norm statistics."""
     net.to(device)
+    for module in frozen:
+        module.requires_grad_(False)
+    trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]
+    scale = schedule.learning_rate_scale
     if segmentation:
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(trainable, lr=1e-3 * scale)
         loss_fn = soft_dice_loss
     else:
-        optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+        optimizer = torch.optim.SGD(trainable, lr=1e-2 * scale, momentum=0.99, nesterov=True)
         weights = torch.tensor(CLASS_WEIGHTS, device=device)
         loss_fn = lambda logits, target: nn.functional.cross_entropy(logits, target, weight=weights)  # noqa: E731
     base_lr = optimizer.param_groups[0]["lr"]
@@ -174,6 +201,8 @@ def run_stage(name: str, net: nn.Module, pools, proportions, patch_size, iterati
                 group["lr"] = base_lr * (1 - iteration / iterations) ** 0.9
         volumes, classes, labels = draw_batch(pools, proportions, samples, patch_size, rng)
         net.train()
+        for module in frozen:
+            module.eval()
         order = rng.permutation(samples)
         losses, correct = [], 0
         for b in range(0, samples, batch_size):
@@ -221,8 +250,14 @@ def mine_false_positives(screening: ScreeningFCN, crops: list[Crop], threshold: 
     return mined
 
 
-def train_all(crops: list[Crop], schedule: Schedule, device, work: Path, seed: int) -> tuple[dict, dict]:
-    """All three stages on a pool; returns (trained networks, training record)."""
+def train_all(crops: list[Crop], schedule: Schedule, device, work: Path, seed: int, init: dict | None = None,
+              freeze_early: bool = False) -> tuple[dict, dict]:
+    """All three stages on a pool; returns (trained networks, training record).
+
+    `init`: networks to start from ({"screening", "discrimination", "segmentation"}, e.g. the shipped weights),
+    copied, never changed in place. Their screening network replaces the initial one for mining, and the pool's
+    "mined" crops (false positives the given weights made on whole training scans) join the mined ones.
+    `freeze_early`: the first two convolution blocks of each given network keep their weights."""
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     pools = by_kind(crops)
@@ -231,13 +266,23 @@ def train_all(crops: list[Crop], schedule: Schedule, device, work: Path, seed: i
         raise SystemExit("no positive sample (no microbleed label) in the training data")
     record: dict = {"pool": {k: len(v) for k, v in pools.items()}}
 
-    screening = ScreeningFCN()
-    record["initial_screening"] = run_stage(
-        "screening_initial", screening, pools, {"positive": 1, "negative": 2, "mimic": 1},
-        ScreeningFCN.patch_size, schedule.initial_iterations, schedule.initial_samples, schedule, device, work, seed)
+    def start(name: str, fresh: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        if init is None:
+            return fresh, []
+        net = copy.deepcopy(init[name])
+        return net, early_layers(net) if freeze_early else []
+
+    screening, frozen = start("screening", ScreeningFCN())
+    if init is None:
+        record["initial_screening"] = run_stage(
+            "screening_initial", screening, pools, {"positive": 1, "negative": 2, "mimic": 1},
+            ScreeningFCN.patch_size, schedule.initial_iterations, schedule.initial_samples, schedule, device, work,
+            seed)
+    from_scans = pools.get("mined", [])
     candidates = pools.get("mimic", []) + pools.get("negative", [])
-    mined = mine_false_positives(screening, candidates, schedule.mining_threshold, device)
-    log.info("mined %d false positives from %d mimic/negative crops", len(mined), len(candidates))
+    mined = from_scans + mine_false_positives(screening, candidates, schedule.mining_threshold, device)
+    log.info("mined %d false positives: %d of %d mimic/negative crops, %d from whole scans", len(mined),
+             len(mined) - len(from_scans), len(candidates), len(from_scans))
     if len(mined) < 20:  # a strong initial model leaves few: the mimic crops are the hard negatives then
         mined += [Crop(c.volume, c.label, "mined", c.case, c.meta) for c in pools.get("mimic", [])]
     pools["mined"] = mined
@@ -245,16 +290,17 @@ def train_all(crops: list[Crop], schedule: Schedule, device, work: Path, seed: i
 
     record["screening"] = run_stage(
         "screening", screening, pools, {"positive": 1, "negative": 2, "mined": 1}, ScreeningFCN.patch_size,
-        schedule.screening_iterations, schedule.screening_samples, schedule, device, work, seed + 1)
-    discrimination = DiscriminationCNN()
+        schedule.screening_iterations, schedule.screening_samples, schedule, device, work, seed + 1, frozen=frozen)
+    discrimination, frozen = start("discrimination", DiscriminationCNN())
     record["discrimination"] = run_stage(
         "discrimination", discrimination, pools, {"positive": 1, "mined": 1}, DiscriminationCNN.patch_size,
-        schedule.discrimination_iterations, schedule.discrimination_samples, schedule, device, work, seed + 2)
-    segmentation = SegmentationUNet()
+        schedule.discrimination_iterations, schedule.discrimination_samples, schedule, device, work, seed + 2,
+        frozen=frozen)
+    segmentation, frozen = start("segmentation", SegmentationUNet())
     record["segmentation"] = run_stage(
         "segmentation", segmentation, pools, {"positive": 3, "mined": 1}, SegmentationUNet.patch_size,
         schedule.segmentation_iterations, schedule.segmentation_samples, schedule, device, work, seed + 3,
-        segmentation=True)
+        segmentation=True, frozen=frozen)
     nets = {"screening": screening, "discrimination": discrimination, "segmentation": segmentation}
     return {k: v.cpu().eval() for k, v in nets.items()}, record
 

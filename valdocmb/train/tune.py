@@ -55,6 +55,12 @@ def load_records(cache: Path) -> list[dict]:
         if record.get("evidence", {}).get("version") != EVIDENCE_VERSION:
             raise SystemExit(f"{cache}: {record.get('subject')}'s record holds scoring evidence of another version; "
                              f"run `valdocmb-stagewise --cache {cache}` again (it redoes such cases)")
+    return with_lesions(records)
+
+
+def with_lesions(records: list[dict]) -> list[dict]:
+    """The records with their lesion tables as `Lesion`s, which the rules read."""
+    for record in records:
         record["lesion_objects"] = [Lesion(**lesion) for lesion in record["lesions"]]
     return records
 

@@ -303,3 +303,33 @@ def test_compare_resumes_from_the_cases_already_scored(data, tmp_path):
                  "--weights", str(ROOT / "weights"), "--out", str(out), "--resume"]) == 0
     both = read_rows(out / "cases.csv")
     assert both[0] == first[0] and [r["subject"] for r in both] == ["sub-001", "sub-002"]
+
+
+def test_finetuning_starts_from_the_given_model_with_its_plans(data, trained, tmp_path):
+    """--init: the parent's plans instead of planning, training from its weights, the parent in the manifest."""
+    import torch
+
+    out = tmp_path / "mine"
+    parent_checkpoint = trained["weights"] / "nnunet" / "fold_all" / "checkpoint_final.pth"
+    command = [*train_command(data, tmp_path / "work", out), "--init", str(trained["weights"]), "--epochs", "1",
+               "--dataset-id", "502"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent_plans = json.loads((trained["weights"] / "nnunet" / "plans.json").read_text())
+    plans = json.loads((out / "nnunet" / "plans.json").read_text())
+    assert plans["configurations"] == parent_plans["configurations"] and plans["dataset_name"].startswith("Dataset502")
+    entry = json.loads((out / "MANIFEST.json").read_text())["files"]["nnunet/fold_all/checkpoint_final.pth"]
+    assert entry["training"]["parent"]["checkpoint"] == str(parent_checkpoint)
+    assert entry["training"]["schedule"]["learning_rate"] == 1e-3
+    assert f"network weights from {parent_checkpoint}" in done.stdout + done.stderr
+    # trained from the parent: one epoch moved the weights, but not far from where they started
+    parent = torch.load(parent_checkpoint, weights_only=False)["network_weights"]
+    tuned = torch.load(out / "nnunet" / "fold_all" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert parent.keys() == tuned.keys()
+    assert any(not torch.equal(parent[k], tuned[k]) for k in parent)
+
+
+def test_finetuning_needs_a_model_to_start_from(data, tmp_path):
+    done = subprocess.run([*train_command(data, tmp_path / "work", tmp_path / "out"), "--init", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "no nnU-Net model" in done.stderr

@@ -9,6 +9,10 @@ One command does it all, each step with nnU-Net's own tools:
   4. baking: dataset.json, plans.json and fold_<f>/checkpoint_final.pth holding the network weights only (float16),
      recorded in MANIFEST.json of the weights folder.
 
+Fine-tuning (`--init WEIGHTS`): the given model's plans replace planning (the same network, patch and spacing, so its
+weights fit), the new cases are preprocessed with them, and training starts from the given network weights at
+--learning-rate (default 1e-3, a tenth of nnU-Net's); the manifest names the parent model.
+
 nnU-Net's folders (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) are set from --work; nothing is asked of the
 user. nnU-Net's default schedule is 1000 epochs x 250 iterations (`--epochs 1000 --iterations 250`). The command is
 `valdocmb-nnunet-train` (`python -m valdocmb.nnunet_train`).
@@ -99,19 +103,32 @@ def convert_dataset(source: Path, raw_root: Path, dataset_id: int, name: str, ma
     return folder
 
 
-def plan_and_preprocess(dataset_id: int, workers: int, gpu_memory_gb: float | None) -> None:
+def plan_and_preprocess(dataset_id: int, workers: int, gpu_memory_gb: float | None,
+                        parent_plans: Path | None = None) -> None:
+    """nnU-Net's fingerprint, planning and preprocessing; with `parent_plans`, those plans instead of planning."""
     with stdout_to_stderr():
         from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                           preprocess)
+        from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+        from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
         extract_fingerprints([dataset_id], num_processes=workers, check_dataset_integrity=True, clean=True,
                              verbose=False)
-        plan_experiments([dataset_id], gpu_memory_target_in_gb=gpu_memory_gb)
+        if parent_plans is None:
+            plan_experiments([dataset_id], gpu_memory_target_in_gb=gpu_memory_gb)
+        else:
+            plans = json.loads(parent_plans.read_text())
+            plans["dataset_name"] = convert_id_to_dataset_name(dataset_id)
+            target = Path(nnUNet_preprocessed) / plans["dataset_name"]
+            (target / "nnUNetPlans.json").write_text(json.dumps(plans, indent=1))
+            shutil.copy(Path(nnUNet_raw) / plans["dataset_name"] / "dataset.json", target / "dataset.json")
         preprocess([dataset_id], configurations=(CONFIGURATION,), num_processes=(workers,))
 
 
-def trainer_class(epochs: int, iterations: int, val_iterations: int):
-    """nnU-Net's default trainer with our schedule and a checkpoint every epoch (so a stopped run resumes)."""
+def trainer_class(epochs: int, iterations: int, val_iterations: int, learning_rate: float | None = None,
+                  pretrained: Path | None = None):
+    """nnU-Net's default trainer with our schedule and a checkpoint every epoch (so a stopped run resumes); with
+    `pretrained`, a baked checkpoint whose network weights it starts from (all layers: the labels are the same)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class nnUNetTrainerCMB(nnUNetTrainer):
@@ -122,6 +139,17 @@ def trainer_class(epochs: int, iterations: int, val_iterations: int):
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = val_iterations
             self.save_every = 1
+            if learning_rate:
+                self.initial_lr = learning_rate
+
+        def initialize(self):
+            fresh = not self.was_initialized
+            super().initialize()
+            if fresh and pretrained is not None:  # a resumed run then loads its own checkpoint over these
+                network = getattr(self.network, "_orig_mod", self.network)
+                state = torch.load(pretrained, map_location=self.device, weights_only=False)["network_weights"]
+                network.load_state_dict({key: value.float() for key, value in state.items()})
+                self.print_to_log_file(f"network weights from {pretrained}")
 
     return nnUNetTrainerCMB
 
@@ -221,8 +249,22 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="processes for preprocessing and data augmentation")
     parser.add_argument("--max-cases", type=int, default=None, help="use only the first N cases")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="fine-tune: start from the nnU-Net model in this weights folder (its plans, its weights)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="initial learning rate (nnU-Net's default 1e-2; 1e-3 with --init)")
     args = parser.parse_args(argv)
     setup_logging()
+    parent = None
+    if args.init:
+        parent = parent_model(args.init)
+        if isinstance(parent, str):
+            log.error("%s", parent)
+            return 2
+        if args.out.resolve() == args.init.resolve():
+            log.error("--out %s is the --init folder: bake the fine-tuned model into a new folder", args.out)
+            return 2
+        args.learning_rate = args.learning_rate or 1e-3
     nnunet_environment(args.work.resolve())
     os.environ.setdefault("nnUNet_n_proc_DA", str(args.workers))
     device = resolve_device(args.device)
@@ -238,7 +280,8 @@ def main(argv=None) -> int:
     step_seconds_path = args.work / "step_seconds.json"  # kept so that a resumed run still reports them
     if not (preprocessed / ".valdocmb-preprocessed").is_file():
         log.info("nnU-Net fingerprint, planning and preprocessing of %s", folder.name)
-        plan_and_preprocess(args.dataset_id, args.workers, args.gpu_memory_gb)
+        plan_and_preprocess(args.dataset_id, args.workers, args.gpu_memory_gb,
+                            parent["plans"] if parent else None)
         (preprocessed / ".valdocmb-preprocessed").write_text("ok\n")
         step_seconds_path.write_text(json.dumps({"conversion": round(converted - started),
                                                  "plan_and_preprocess": round(time.perf_counter() - converted)}))
@@ -247,12 +290,14 @@ def main(argv=None) -> int:
     log.info("3d_fullres plan: patch %s, spacing %s, batch %s", plans["patch_size"], plans["spacing"],
              plans["batch_size"])
 
-    schedule = {"epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations}
+    schedule = {"epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations,
+                "learning_rate": args.learning_rate}
     folds = [fold if fold == "all" else int(fold) for fold in args.folds]
     results = {}
     with stdout_to_stderr():
         for fold in folds:
-            results[fold] = train_fold(args.dataset_id, args.name, fold, schedule, device)
+            results[fold] = train_fold(args.dataset_id, args.name, fold,
+                                       {**schedule, "pretrained": parent["checkpoint"] if parent else None}, device)
     record = {
         "data": str(args.data), "cases": json.loads((folder / "dataset.json").read_text())["numTraining"],
         "subjects": sorted(p.name.removesuffix(".nii.gz") for p in (folder / "labelsTr").glob("*.nii.gz")),
@@ -266,9 +311,23 @@ def main(argv=None) -> int:
         "seconds": step_seconds,  # training seconds per fold are added by bake()
         "package_version": __version__, "torch": torch.__version__, "nnunetv2": _nnunet_version(),
     }
+    if parent:
+        record["parent"] = {"folder": str(args.init), "checkpoint": str(parent["checkpoint"]),
+                            "sha256": sha256(parent["checkpoint"])}
     bake(results, preprocessed, args.out, record)
     log.info("nnU-Net model baked into %s (%.0f s)", args.out / MODEL_DIR, time.perf_counter() - started)
     return 0
+
+
+def parent_model(weights: Path) -> dict | str:
+    """The nnU-Net model in a weights folder to fine-tune ({"plans", "checkpoint"}: fold 'all' when it has one), or
+    what is missing."""
+    model = Path(weights) / MODEL_DIR
+    checkpoints = sorted(model.glob("fold_*/checkpoint_final.pth"), key=lambda p: p.parent.name != "fold_all")
+    if not (model / "plans.json").is_file() or not checkpoints:
+        return (f"--init {weights}: no nnU-Net model ({MODEL_DIR}/plans.json and "
+                f"{MODEL_DIR}/fold_*/checkpoint_final.pth)")
+    return {"plans": model / "plans.json", "checkpoint": checkpoints[0]}
 
 
 def _nnunet_version() -> str:

@@ -81,3 +81,18 @@ def test_cli_writes_the_valdo_layout(tmp_path, monkeypatch):
                      for kind in ("CMB.nii.gz", "desc-masked_T2S.nii.gz", "sim.json")]
     meta = json.loads((tmp_path / "sub-007_space-T2S_sim.json").read_text())
     assert meta["subject"] == "sub-007" and meta["seed"] == synth_cli.case_seed(5, 7)
+
+
+def test_cli_parameter_changes_reach_the_simulator_and_are_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth_cli, "choose_grid", lambda grid, seed: SMALL)
+    assert synth_cli.main(["--out", str(tmp_path), "--cases", "1", "--set", "veins=[0,0]",
+                           "--set", "calcifications=[2,2]", "--set", "snr=[8,9]"]) == 0
+    meta = json.loads((tmp_path / "sub-001_space-T2S_sim.json").read_text())
+    assert meta["overrides"] == {"veins": [0, 0], "calcifications": [2, 2], "snr": [8, 9]}
+    assert meta["counts"]["vein"] == 0 and meta["counts"]["calcification"] == 2
+
+
+@pytest.mark.parametrize("item", ["nosuch=1", "snr", "snr=[1]", "snr=fast", "cmb_max=[1,2]", "anatomy=3"])
+def test_cli_parameter_changes_that_do_not_fit_are_refused(item):
+    with pytest.raises(SystemExit, match="--set"):
+        synth_cli.parse_overrides([item])

@@ -1,6 +1,11 @@
 """Generate simulated T2* cases in the VALDO layout.
 
     valdocmb-synth --out DIR --cases N --seed S [--grid mix|rss|sabre|alfa3|alfa4|random] [--workers K]
+                   [--set NAME=VALUE ...]
+
+--set changes one of the simulator's parameters (`valdocmb.synth.simulate.DEFAULTS`; VALUE in JSON, ranges as
+[low, high]), e.g. `--set snr=[6,10] --set veins=[40,70]` for scans unlike the training set; the changes are
+recorded in every case's sim.json under "overrides".
 
 Per case: sub-XXX_space-T2S_desc-masked_T2S.nii.gz (scan), sub-XXX_space-T2S_CMB.nii.gz (visible-microbleed label)
 and sub-XXX_space-T2S_sim.json (every inserted object and all acquisition parameters). Case i's random stream is
@@ -41,7 +46,36 @@ def choose_grid(grid: str, seed: int) -> str:
     return names[rng.choice(len(names), p=np.array(list(GRID_MIX.values())))]
 
 
-def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int = 1, phase: bool = False) -> dict:
+def parse_overrides(items: list[str]) -> dict:
+    """NAME=VALUE pairs as simulator parameters, each held to the type and shape of its default (SystemExit)."""
+    from .simulate import DEFAULTS
+
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in DEFAULTS:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(DEFAULTS))}")
+        default = DEFAULTS[name]
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {text!r} is not a JSON value") from None
+        if isinstance(default, tuple):
+            if not (isinstance(value, list) and len(value) == len(default)
+                    and all(isinstance(v, (int, float)) for v in value)):
+                raise SystemExit(f"--set {item!r}: expected {len(default)} numbers like {list(default)}")
+            value = tuple(value)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(value, (int, float)):
+                raise SystemExit(f"--set {item!r}: expected a number like {default}")
+        elif type(value) is not type(default):
+            raise SystemExit(f"--set {item!r}: expected a value like {json.dumps(default)}")
+        overrides[name] = value
+    return overrides
+
+
+def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int = 1, phase: bool = False,
+                 overrides: dict | None = None) -> dict:
     import SimpleITK as sitk
 
     from ..core.imageio import write_image_atomic, write_text_atomic
@@ -49,12 +83,13 @@ def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int 
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     out = Path(out_dir)
-    case = simulate_case(seed, choose_grid(grid, seed), with_phase=phase)
+    case = simulate_case(seed, choose_grid(grid, seed), with_phase=phase, **(overrides or {}))
     write_image_atomic(case.image, out / f"{subject}_space-T2S_desc-masked_T2S.nii.gz")
     write_image_atomic(case.label, out / f"{subject}_space-T2S_CMB.nii.gz")
     if case.phase is not None:
         write_image_atomic(case.phase, out / f"{subject}_space-T2S_phase.nii.gz")
     case.meta["subject"] = subject
+    case.meta["overrides"] = overrides or {}
     case.meta["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     write_text_atomic(json.dumps(case.meta, indent=1), out / f"{subject}_space-T2S_sim.json")
     return case.meta
@@ -69,7 +104,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--start", type=int, default=1, help="number of the first subject (sub-XXX)")
     parser.add_argument("--phase", action="store_true", help="also write the phase image")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a simulator parameter (JSON value), e.g. snr=[6,10] (repeatable)")
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
     setup_logging()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -77,9 +115,9 @@ def main(argv=None) -> int:
     jobs = []
     for i in range(args.start, args.start + args.cases):
         subject = f"sub-{i:03d}"
-        jobs.append((str(args.out), subject, case_seed(args.seed, i), args.grid, 1, args.phase))
-    log.info("simulating %d case(s) into %s with %d worker(s), seed %d, grid %s", args.cases, args.out,
-             args.workers, args.seed, args.grid)
+        jobs.append((str(args.out), subject, case_seed(args.seed, i), args.grid, 1, args.phase, overrides))
+    log.info("simulating %d case(s) into %s with %d worker(s), seed %d, grid %s%s", args.cases, args.out,
+             args.workers, args.seed, args.grid, f", parameters changed: {overrides}" if overrides else "")
     start, done, failed = time.perf_counter(), 0, 0
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {pool.submit(generate_one, *job): job[1] for job in jobs}

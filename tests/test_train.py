@@ -241,8 +241,9 @@ def test_finetuning_options_that_cannot_work_are_refused(data, parent_weights, t
     assert not (tmp_path / "out").exists()
 
 
-def test_mined_sites_skip_labelled_lesions_and_rank_by_the_discrimination_network():
+def test_mined_sites_skip_labelled_lesions_and_rank_by_the_discrimination_network(monkeypatch):
     from valdocmb.core.three_stage import Candidate
+    from valdocmb.train import samples
     from valdocmb.train.samples import mined_sites
 
     class Miner:
@@ -262,6 +263,10 @@ def test_mined_sites_skip_labelled_lesions_and_rank_by_the_discrimination_networ
     sites = mined_sites(Miner(), np.zeros((10, 10, 10)), None, lesion_zone, count=2)
     assert [tuple(site[0]) for site in sites] == [(3, 3, 3), (7, 7, 7)]
     assert sites[0][1] == "mined" and sites[0][2]["discrimination_score"] == 0.95
+    # only the best screening candidates are ranked: with room for two, the fourth is never looked at
+    monkeypatch.setattr(samples, "MINING_CANDIDATES", 2)
+    assert [tuple(site[0]) for site in mined_sites(Miner(), np.zeros((10, 10, 10)), None, lesion_zone, count=5)] == [
+        (3, 3, 3), (5, 5, 5)]
 
 
 def test_mixed_in_crops_make_the_asked_share_and_are_never_tested(data, tmp_path):

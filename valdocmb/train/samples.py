@@ -56,10 +56,15 @@ def find_training_cases(folder: Path) -> list[tuple[str, Path, Path]]:
     return cases
 
 
+MINING_CANDIDATES = 400  # the highest-scoring screening candidates the discrimination network ranks when mining
+
+
 def mined_sites(miner, volume: np.ndarray, foreground: np.ndarray, lesion_zone: np.ndarray, count: int) -> list:
     """The `count` candidates of `miner` (a ThreeStagePipeline with the given weights) outside `lesion_zone` that its
-    discrimination network believes most: (centre voxel, "mined", scores) sites on the processing grid."""
+    discrimination network believes most, among its MINING_CANDIDATES best screening candidates: (centre voxel,
+    "mined", scores) sites on the processing grid."""
     candidates = [c for c in miner.find_candidates(miner.screen(volume, foreground)) if not lesion_zone[c.centre]]
+    candidates = candidates[:MINING_CANDIDATES]  # find_candidates lists them by screening score, highest first
     if not candidates:
         return []
     beliefs = miner.discriminate(volume, [c.centre for c in candidates])

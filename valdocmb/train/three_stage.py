@@ -93,8 +93,12 @@ def _pool_job(args):
     miner = None
     if init_dir is not None:  # the given weights' false positives on this scan (one thread: workers run side by side)
         torch.set_num_threads(1)
-        miner = ThreeStagePipeline.from_weights(init_dir, "cpu", lesion_rule=False)
+        miner = ThreeStagePipeline.from_weights(init_dir, "cpu", lesion_rule=False, precision="auto")
+    start = time.perf_counter()
     crops = case_pool(subject, scan, label, np.random.default_rng(seed), target_spacing=target_spacing, miner=miner)
+    if miner is not None:
+        log.info("pool: %s, %d false positive(s) of the given weights mined, %.0f s", subject,
+                 sum(c.kind == "mined" for c in crops), time.perf_counter() - start)
     if path:
         tmp = path.with_name(f".tmp-{path.name}")
         tmp.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))

@@ -76,11 +76,13 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
     per-fold figures of the unchanged and the fine-tuned weights, and the lesion rule chosen on every case's
     out-of-fold result (what the final fine-tuned weights get), with its cross-fitted figures."""
     assignment = fold_of([c[0] for c in cases], folds, seed)
-    unchanged = ThreeStagePipeline.from_weights(init_dir, str(device))
+    # both scored as the container runs them by default (precision auto: bfloat16 on a CPU that has it)
+    unchanged = ThreeStagePipeline.from_weights(init_dir, str(device), precision="auto")
     init_nets = {"screening": unchanged.screening, "discrimination": unchanged.discrimination,
                  "segmentation": unchanged.segmentation}
     # the unchanged weights' results do not depend on the fold: computed once (and cached) for every case
-    baseline = {r["subject"]: r for r in with_lesions(evaluate_stages(unchanged, cases, cache=_cache(work, "unchanged")))}
+    baseline = {record["subject"]: record
+                for record in with_lesions(evaluate_stages(unchanged, cases, cache=_cache(work, "unchanged")))}
     out_of_fold: dict[str, dict] = {}
     for fold in range(folds):
         train_crops = [c for c in crops if assignment.get(c.case, -1) != fold]  # mixed-in cases: every fold
@@ -90,7 +92,7 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed, init=init_nets,
                             freeze_early=freeze_early)
         tuned = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
-                                   config=ThreeStageConfig(target_spacing=tuple(target_spacing)))
+                                   config=ThreeStageConfig(target_spacing=tuple(target_spacing), precision="auto"))
         tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}"}
         for record in with_lesions(evaluate_stages(tuned, test_cases)):
             record["fold"] = fold

@@ -115,7 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes building the sample pool")
     parser.add_argument("--max-cases", type=int, default=None, help="use only the first N cases")
-    parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of final training")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="k-fold cross-validation instead of final training (with --init: before it, and the "
+                        "lesion rule is chosen on its out-of-fold results)")
     parser.add_argument("--pool-only", action="store_true", help="build (and cache) the sample pool, then stop")
     parser.add_argument("--init", type=Path, default=None,
                         help="fine-tune: start every network from this weights folder (e.g. weights/)")

@@ -290,8 +290,9 @@ def main(argv=None) -> int:
     log.info("3d_fullres plan: patch %s, spacing %s, batch %s", plans["patch_size"], plans["spacing"],
              plans["batch_size"])
 
-    schedule = {"epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations,
-                "learning_rate": args.learning_rate}
+    schedule = {"epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations}
+    if args.learning_rate:  # else nnU-Net's own initial rate
+        schedule["learning_rate"] = args.learning_rate
     folds = [fold if fold == "all" else int(fold) for fold in args.folds]
     results = {}
     with stdout_to_stderr():

@@ -176,6 +176,19 @@ def load_method(name: str, weights_dir: Path, device: str, nnunet_options: dict 
     return load(name, weights_dir, device, nnunet_options, lesion_rule, precision)
 
 
+def method_from(args: argparse.Namespace):
+    """The method the options ask for, loaded once (exec mode before its first case, invoke mode before it serves);
+    sets torch's CPU threads. A CaseError says why it cannot start."""
+    from .device import cpu_threads  # imported here so `--help` and I/O errors need no torch
+
+    args.threads = cpu_threads(args.threads)
+    args.weights = args.weights or default_weights_dir()
+    log.info("loading %s from %s; torch uses %d CPU thread(s)", args.method, args.weights, args.threads)
+    return load_method(args.method, args.weights, args.device,
+                       {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring},
+                       args.lesion_rule == "weights", args.precision)
+
+
 def process_case(case: Case, method, timings: dict) -> tuple[sitk.Image, SegmentationResult]:
     image = read_scan(case.input_path)
     size, spacing = image.GetSize(), tuple(round(s, 3) for s in image.GetSpacing())
@@ -350,15 +363,8 @@ def run(args: argparse.Namespace, method=None) -> int:
         log.info("  ignored %s: %s", path, reason)
 
     if method is None and runnable:
-        from .device import cpu_threads  # imported here so `--help` and I/O errors need no torch
-
-        args.threads = cpu_threads(args.threads)
-        log.info("torch uses %d CPU thread(s)", args.threads)
-        weights = args.weights or default_weights_dir()
         try:
-            method = load_method(args.method, weights, args.device,
-                                 {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring},
-                                 args.lesion_rule == "weights", args.precision)
+            method = method_from(args)
         except CaseError as exc:
             log.error("cannot start method %s: %s", args.method, exc)
             return 2
@@ -441,7 +447,7 @@ def main(argv: list[str] | None = None, method=None) -> int:
         from .serve import serve  # uvicorn handles SIGTERM itself: it stops accepting and ends the server
 
         with no_network():
-            return serve(args, run, load_method)
+            return serve(args, run, method_from)
     with no_network(), stop_on_sigterm():
         return run(args, method)
 

@@ -131,30 +131,24 @@ def create_app(args, method, runner, ready_info: dict | None = None):
     return app
 
 
-def serve(args, runner, load_method) -> int:
-    """Load the method with `load_method` (run.load_method), warm it up, then serve until SIGTERM/SIGINT, running
-    `runner` (run.run) on each invocation. Exit code 2 when it cannot start."""
+def serve(args, runner, method_from) -> int:
+    """Load the method with `method_from(args)` (run.method_from), warm it up, then serve until SIGTERM/SIGINT,
+    running `runner` (run.run) on each invocation. Exit code 2 when it cannot start."""
     import uvicorn
 
-    from .device import cpu_threads
     from .errors import CaseError
-    from .weights import default_weights_dir
 
     start = time.perf_counter()
-    args.threads = cpu_threads(args.threads)
-    weights = args.weights or default_weights_dir()
-    log.info("invoke mode: loading %s from %s (torch uses %d CPU thread(s))", args.method, weights, args.threads)
+    log.info("invoke mode")
     try:
-        method = load_method(args.method, weights, args.device,
-                             {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring},
-                             args.lesion_rule == "weights", args.precision)
+        method = method_from(args)
     except CaseError as exc:
         log.error("cannot start method %s: %s", args.method, exc)
         return 2
     warm = warm_up(method)
     log.info("ready in %.1f s (warm-up %.1f s); listening on %s:%d", time.perf_counter() - start, warm, args.host,
              args.port)
-    info = {"method": args.method, "device": args.device, "weights": str(weights)}
+    info = {"method": args.method, "device": args.device, "weights": str(args.weights)}
     config = uvicorn.Config(create_app(args, method, runner, info), host=args.host, port=args.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

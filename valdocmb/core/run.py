@@ -217,13 +217,15 @@ def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, arg
     labels, lesions = report.lesion_table(result)
     row.update(cmb_count=len(lesions), total_volume_mm3=round(sum(l.volume_mm3 for l in lesions), 3))
     if layout == "gc":  # value sockets: the count and the lesion list
-        write_text_atomic(json.dumps(len(lesions)), args.output / "number-of-cerebral-microbleeds.json")
-        write_text_atomic(report.lesions_json(lesions, case.case_id), args.output / "cerebral-microbleeds.json")
+        count_file, lesions_file = value_files(args, layout)
+        write_text_atomic(json.dumps(len(lesions)), count_file)
+        write_text_atomic(report.lesions_json(lesions, case.case_id), lesions_file)
     if reports_on(args, layout):
-        write_text_atomic(report.lesions_csv(lesions), sibling(case.output_path, "_lesions", ".csv"))
-        write_text_atomic(report.lesions_json(lesions, case.case_id), sibling(case.output_path, "_lesions", ".json"))
-        write_image_atomic(image_like(labels, image), sibling(case.output_path, LABELS_SUFFIX))
-        picture = qc_png(image, labels, lesions, args.output / "qc" / f"{case.case_id}.png", case.case_id)
+        csv_file, json_file, labels_file, picture_file = report_files(case, args)
+        write_text_atomic(report.lesions_csv(lesions), csv_file)
+        write_text_atomic(report.lesions_json(lesions, case.case_id), json_file)
+        write_image_atomic(image_like(labels, image), labels_file)
+        picture = qc_png(image, labels, lesions, picture_file, case.case_id)
         row["qc"] = str(picture.relative_to(args.output))
     if args.probability and result.probability is not None:
         write_image_atomic(result.probability, sibling(case.output_path, PROBABILITY_SUFFIX))
@@ -234,13 +236,13 @@ def reports_on(args, layout: str) -> bool:
 
 
 def report_files(case: Case, args) -> list[Path]:
-    """A case's reports: lesion tables, labelled mask, QC picture."""
+    """A case's reports: lesion table (CSV, JSON), labelled mask, QC picture, in that order."""
     return [sibling(case.output_path, "_lesions", ".csv"), sibling(case.output_path, "_lesions", ".json"),
             sibling(case.output_path, LABELS_SUFFIX), args.output / "qc" / f"{case.case_id}.png"]
 
 
 def value_files(args, layout: str) -> list[Path]:
-    """Grand-challenge's value outputs (the count and the lesion list), in its layout."""
+    """Grand-challenge's value outputs (the count, the lesion list, in that order), in its layout."""
     if layout != "gc":
         return []
     return [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json"]
@@ -267,11 +269,11 @@ def done_earlier(case: Case, args, layout: str) -> bool:
 
 def earlier_counts(case: Case, args, row: dict) -> None:
     """A skipped case's count, volume and QC picture, from what its earlier run wrote (when reports were on)."""
-    picture = args.output / "qc" / f"{case.case_id}.png"
+    _, json_file, _, picture = report_files(case, args)
     if picture.is_file():
         row["qc"] = str(picture.relative_to(args.output))
     try:
-        table = json.loads(sibling(case.output_path, "_lesions", ".json").read_text())
+        table = json.loads(json_file.read_text())
         row.update(cmb_count=table["cmb_count"],
                    total_volume_mm3=round(sum(lesion["volume_mm3"] for lesion in table["lesions"]), 3))
     except (OSError, ValueError, KeyError, TypeError):

@@ -127,7 +127,6 @@ def create_app(args, method, runner, ready_info: dict | None = None):
         status, body = invoker.invoke()
         return JSONResponse(body, status_code=status)
 
-    app.state.invoker = invoker
     return app
 
 

@@ -40,7 +40,7 @@ from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import WEIGHT_FILES, ThreeStagePipeline, weights_version
 from .crossval import cross_validate, cross_validate_finetuning
 from .samples import Crop, find_training_cases
-from .three_stage import SCHEDULES, build_pools, pool_cache, schedule_with, train_all, write_weights
+from .three_stage import SCHEDULES, build_pools, networks, pool_cache, schedule_with, train_all, write_weights
 
 log = logging.getLogger("valdocmb.train")
 
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                         help="change one number of the schedule, e.g. --set discrimination_iterations=30 (repeatable)")
     parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                         help="processing grid in mm that the crops are made at and inference resamples to "
-                        f"(default {DEFAULT_TARGET_SPACING}, the median VALDO spacing; with --init, the given weights')")
+                        f"(default {DEFAULT_TARGET_SPACING}, the median VALDO spacing; with --init, the given "
+                        "weights')")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes building the sample pool")
@@ -141,7 +142,9 @@ def main(argv=None) -> int:
     if problem:
         log.error("%s", problem)
         return 2
-    parent = ThreeStagePipeline.from_weights(args.init, "cpu", lesion_rule=False) if args.init else None
+    # the given weights with their lesion rule, scored as the container runs them (precision auto: bfloat16 on a
+    # CPU that has it) when --folds compares them with the fine-tuned ones
+    parent = ThreeStagePipeline.from_weights(args.init, str(device), precision="auto") if args.init else None
     args.schedule = args.schedule or ("finetune" if args.init else "cpu")
     schedule = schedule_with(SCHEDULES[args.schedule], args.set)
     spacing = tuple(float(v) for v in (args.spacing or (parent.config.target_spacing if parent
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
     lesion_rule = None
     if args.folds and parent:
         result = cross_validate_finetuning(cases, crops, args.folds, schedule, device, args.work, args.seed, spacing,
-                                           args.init, args.freeze_early, args.min_sensitivity)
+                                           parent, args.freeze_early, args.min_sensitivity)
         lesion_rule = {**result["rule"], "chosen_on": f"{args.data}: out-of-fold results of {args.folds}-fold "
                        "fine-tuning", "weights": "these (fine-tuned on all cases)", "objective":
                        f"highest pooled F1 with pooled sensitivity >= {args.min_sensitivity}",
@@ -174,10 +177,8 @@ def main(argv=None) -> int:
     elif args.folds:
         return cross_validate(cases, crops, args.folds, schedule, device, args.work, args.seed, spacing)
 
-    init_nets = ({"screening": parent.screening, "discrimination": parent.discrimination,
-                  "segmentation": parent.segmentation} if parent else None)
     nets, record = train_all(crops, schedule, device, args.work / ("final" if lesion_rule else ""), args.seed,
-                             init=init_nets, freeze_early=args.freeze_early)
+                             init=networks(parent) if parent else None, freeze_early=args.freeze_early)
     stage_seconds = sum(e["seconds"] for v in record.values() if isinstance(v, list) for e in v)
     meta = {
         "data": str(args.data), "cases": len(cases), "subjects": [c[0] for c in cases],

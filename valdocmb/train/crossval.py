@@ -24,7 +24,7 @@ from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import ThreeStageConfig, ThreeStagePipeline
 from ..evaluate.scoring import pooled
 from .stagewise import evaluate_stages, stage_scores
-from .three_stage import train_all
+from .three_stage import networks, train_all
 from .tune import choose_rule, cross_fit, score_with, with_lesions
 
 log = logging.getLogger("valdocmb.crossval")
@@ -71,15 +71,13 @@ def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed:
 
 
 def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: Path, seed: int, target_spacing,
-                              init_dir: Path, freeze_early: bool = False, min_sensitivity: float = 0.9) -> dict:
-    """Fine-tuning from `init_dir`'s weights, cross-validated; returns {"table", "rule", "cross_fitted", ...}: the
-    per-fold figures of the unchanged and the fine-tuned weights, and the lesion rule chosen on every case's
-    out-of-fold result (what the final fine-tuned weights get), with its cross-fitted figures."""
+                              unchanged: ThreeStagePipeline, freeze_early: bool = False,
+                              min_sensitivity: float = 0.9) -> dict:
+    """Fine-tuning from the `unchanged` pipeline's weights (with their lesion rule), cross-validated; returns
+    {"table", "rule", "cross_fitted", ...}: the per-fold figures of the unchanged and the fine-tuned weights, and the
+    lesion rule chosen on every case's out-of-fold result (what the final fine-tuned weights get), with its
+    cross-fitted figures. Both are scored at the unchanged pipeline's precision."""
     assignment = fold_of([c[0] for c in cases], folds, seed)
-    # both scored as the container runs them by default (precision auto: bfloat16 on a CPU that has it)
-    unchanged = ThreeStagePipeline.from_weights(init_dir, str(device), precision="auto")
-    init_nets = {"screening": unchanged.screening, "discrimination": unchanged.discrimination,
-                 "segmentation": unchanged.segmentation}
     # the unchanged weights' results do not depend on the fold: computed once (and cached) for every case
     baseline = {record["subject"]: record
                 for record in with_lesions(evaluate_stages(unchanged, cases, cache=_cache(work, "unchanged")))}
@@ -89,10 +87,11 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         test_cases = [c for c in cases if assignment[c[0]] == fold]
         log.info("fold %d/%d: fine-tuning on %d crops, %d test cases", fold + 1, folds, len(train_crops),
                  len(test_cases))
-        nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed, init=init_nets,
+        nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed, init=networks(unchanged),
                             freeze_early=freeze_early)
         tuned = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
-                                   config=ThreeStageConfig(target_spacing=tuple(target_spacing), precision="auto"))
+                                   config=ThreeStageConfig(target_spacing=tuple(target_spacing),
+                                                           precision=unchanged.config.precision))
         tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}"}
         for record in with_lesions(evaluate_stages(tuned, test_cases)):
             record["fold"] = fold

@@ -158,6 +158,12 @@ def _checkpoint(path: Path, net, optimizer, iteration: int, rng, history) -> Non
     tmp.replace(path)
 
 
+def networks(pipeline) -> dict:
+    """A three-stage pipeline's networks by stage name, as `train_all(init=...)` takes them."""
+    return {"screening": pipeline.screening, "discrimination": pipeline.discrimination,
+            "segmentation": pipeline.segmentation}
+
+
 def early_layers(net: nn.Module) -> list[nn.Module]:
     """The first two convolution blocks of a network (what `--freeze-early` keeps as given): they see only local
     texture; the layers above decide what a lesion is."""

@@ -300,3 +300,18 @@ def test_finetuning_cross_validation_compares_on_the_same_folds_and_records_a_cr
     assert rule["weights"] == ThreeStagePipeline.from_weights(out, "cpu").weights_info["version"]
     assert "cross_fitted" in rule and "unchanged_weights" in rule
     assert (work / "final" / "segmentation.ckpt").is_file()
+
+
+def test_finetuning_folds_trained_in_parallel_processes_give_the_same_table(data, parent_weights, tmp_path,
+                                                                              monkeypatch, capsys):
+    finetune_schedule(monkeypatch)
+    tables = []
+    for parallel in ("1", "3"):
+        work = tmp_path / f"work{parallel}"
+        assert train_main(["--data", str(data), "--init", str(parent_weights), "--out", str(tmp_path / parallel),
+                           "--work", str(work), "--workers", "1", "--folds", "3", "--parallel", parallel]) == 0
+        tables.append(json.loads((work / "finetune_crossval.json").read_text())["table"])
+    # the processes left every fold's scores and the final weights' checkpoints for the run to resume from
+    assert all((tmp_path / "work3" / f"fold{k}" / "evaluation").is_dir() for k in range(3))
+    assert (tmp_path / "work3" / "final" / "segmentation.ckpt").is_file()
+    assert tables[0] == tables[1]

@@ -129,6 +129,10 @@ def main(argv=None) -> int:
                         "that the model keeps what it knew")
     parser.add_argument("--mix-ratio", type=float, default=0.3,
                         help="share of the training crops that come from --mix (default %(default)s)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="with --init --folds: train and score the folds and the final weights this many at a "
+                        "time in separate processes (a GPU with memory and CPU cores to spare); default one after "
+                        "the other")
     parser.add_argument("--min-sensitivity", type=float, default=0.9,
                         help="with --init --folds: the lesion rule's sensitivity floor (as valdocmb-tune)")
     args = parser.parse_args(argv)
@@ -159,7 +163,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     version = parent.weights_info["version"] if parent else None
     crops = build_pools(cases, args.seed, args.workers, pool_cache(args.work, args.seed, spacing, version), spacing,
-                        init_dir=args.init)
+                        init_dir=args.init, device=device)
     if args.mix:
         crops += mixed_in(args, crops, spacing)
 
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
     lesion_rule = None
     if args.folds and parent:
         result = cross_validate_finetuning(cases, crops, args.folds, schedule, device, args.work, args.seed, spacing,
-                                           parent, args.freeze_early, args.min_sensitivity)
+                                           parent, args.freeze_early, args.min_sensitivity, args.parallel,
+                                           final_work=args.work / "final")
         lesion_rule = {**result["rule"], "chosen_on": f"{args.data}: out-of-fold results of {args.folds}-fold "
                        "fine-tuning", "weights": "these (fine-tuned on all cases)", "objective":
                        f"highest pooled F1 with pooled sensitivity >= {args.min_sensitivity}",

@@ -12,12 +12,17 @@ neither the training nor the rule saw.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import multiprocessing
+import pickle
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..core.lesion_rule import LesionRule
 from ..core.preprocess import DEFAULT_TARGET_SPACING
@@ -72,28 +77,37 @@ def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed:
 
 def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: Path, seed: int, target_spacing,
                               unchanged: ThreeStagePipeline, freeze_early: bool = False,
-                              min_sensitivity: float = 0.9) -> dict:
+                              min_sensitivity: float = 0.9, parallel: int = 1, final_work: Path | None = None) -> dict:
     """Fine-tuning from the `unchanged` pipeline's weights (with their lesion rule), cross-validated; returns
     {"table", "rule", "cross_fitted", ...}: the per-fold figures of the unchanged and the fine-tuned weights, and the
     lesion rule chosen on every case's out-of-fold result (what the final fine-tuned weights get), with its
-    cross-fitted figures. Both are scored at the unchanged pipeline's precision."""
+    cross-fitted figures. Both are scored at the unchanged pipeline's precision.
+
+    `parallel` > 1: the folds (and, with `final_work`, the final weights on every case) are first trained and
+    scored that many at a time in separate processes; the loop below then resumes from what they left."""
     assignment = fold_of([c[0] for c in cases], folds, seed)
+    start = copy.deepcopy(networks(unchanged))
+    jobs = []
+    for fold in range(folds):
+        test_cases = [c for c in cases if assignment[c[0]] == fold]
+        jobs.append(({s for s, *_ in test_cases}, test_cases, work / f"fold{fold}", fold))
+    if final_work is not None:
+        jobs.append((set(), [], final_work, None))
+    running = _start_in_parallel(jobs, crops, parallel, schedule, device, seed, start, freeze_early, target_spacing,
+                                 unchanged.config.precision, work) if parallel > 1 else None
     # the unchanged weights' results do not depend on the fold: computed once (and cached) for every case
     baseline = {record["subject"]: record
                 for record in with_lesions(evaluate_stages(unchanged, cases, cache=_cache(work, "unchanged")))}
+    for future in running or ():
+        future.result()  # re-raises a process's failure
     out_of_fold: dict[str, dict] = {}
-    for fold in range(folds):
-        train_crops = [c for c in crops if assignment.get(c.case, -1) != fold]  # mixed-in cases: every fold
-        test_cases = [c for c in cases if assignment[c[0]] == fold]
+    for held_out, test_cases, fold_work, fold in jobs[:folds]:
+        train_crops = [c for c in crops if c.case not in held_out]  # mixed-in cases: every fold
         log.info("fold %d/%d: fine-tuning on %d crops, %d test cases", fold + 1, folds, len(train_crops),
                  len(test_cases))
-        nets, _ = train_all(train_crops, schedule, device, work / f"fold{fold}", seed, init=networks(unchanged),
-                            freeze_early=freeze_early)
-        tuned = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
-                                   config=ThreeStageConfig(target_spacing=tuple(target_spacing),
-                                                           precision=unchanged.config.precision))
-        tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}"}
-        for record in with_lesions(evaluate_stages(tuned, test_cases)):
+        records = _train_and_score(train_crops, test_cases, schedule, device, fold_work, seed, start, freeze_early,
+                                   target_spacing, unchanged.config.precision, fold)
+        for record in with_lesions(records):
             record["fold"] = fold
             out_of_fold[record["subject"]] = record
     subjects = [c[0] for c in cases]
@@ -120,6 +134,43 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
               f"{f['sensitivity']:16.3f} {f['fp_per_scan']:7.2f} {f['f1']:5.3f}")
     (work / "finetune_crossval.json").write_text(json.dumps(result, indent=1, default=float).replace("NaN", "null"))
     return result
+
+
+def _train_and_score(train_crops, test_cases, schedule, device, work: Path, seed: int, start: dict,
+                     freeze_early: bool, target_spacing, precision: str, fold: int | None) -> list[dict]:
+    """One fold: its networks fine-tuned from `start` (resuming from the checkpoints under `work`) and its test
+    cases' records (cached under `work`/evaluation). `fold` None: the final weights, trained only."""
+    nets, _ = train_all(train_crops, schedule, device, work, seed, init=start, freeze_early=freeze_early)
+    if fold is None:
+        return []
+    tuned = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
+                               config=ThreeStageConfig(target_spacing=tuple(target_spacing), precision=precision))
+    tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}"}
+    return evaluate_stages(tuned, test_cases, cache=_cache(work, "evaluation"))
+
+
+def _parallel_job(job) -> None:
+    crops_file, held_out, test_cases, work, fold, options = job
+    torch.set_num_threads(2)  # processes run side by side
+    crops = [c for c in pickle.loads(crops_file.read_bytes()) if c.case not in held_out]
+    _train_and_score(crops, test_cases, work=work, fold=fold, **options)
+
+
+def _start_in_parallel(jobs, crops, parallel: int, schedule, device, seed, start, freeze_early, target_spacing,
+                       precision, work: Path):
+    """Run `jobs` ((held-out subjects, test cases, work folder, fold) each) `parallel` at a time in processes of
+    their own; returns their futures."""
+    crops_file = work / "crops.pkl"  # one copy on disk that every process reads, rather than one per job in a pipe
+    work.mkdir(parents=True, exist_ok=True)
+    crops_file.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
+    options = dict(schedule=schedule, device=str(device), seed=seed, start={k: v.cpu() for k, v in start.items()},
+                   freeze_early=freeze_early, target_spacing=tuple(target_spacing), precision=precision)
+    log.info("training %d fold(s) %d at a time in separate processes", len(jobs), parallel)
+    # spawned, never forked: a child forked from a process whose torch thread pool has run can hang
+    executor = ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"))
+    futures = [executor.submit(_parallel_job, (crops_file, *job, options)) for job in jobs]
+    executor.shutdown(wait=False)
+    return futures
 
 
 def _cache(work: Path, name: str) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import multiprocessing
 import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -86,14 +87,14 @@ def schedule_with(schedule: Schedule, overrides: list[str]) -> Schedule:
 
 # -- sample pools ---------------------------------------------------------------------------------------------------
 def _pool_job(args):
-    subject, scan, label, seed, cache, target_spacing, init_dir = args
+    subject, scan, label, seed, cache, target_spacing, init_dir, device = args
     path = cache / f"{subject}.pkl" if cache else None
     if path and path.is_file():
         return pickle.loads(path.read_bytes())
     miner = None
     if init_dir is not None:  # the given weights' false positives on this scan (one thread: workers run side by side)
         torch.set_num_threads(1)
-        miner = ThreeStagePipeline.from_weights(init_dir, "cpu", lesion_rule=False, precision="auto")
+        miner = ThreeStagePipeline.from_weights(init_dir, device, lesion_rule=False, precision="auto")
     start = time.perf_counter()
     crops = case_pool(subject, scan, label, np.random.default_rng(seed), target_spacing=target_spacing, miner=miner)
     if miner is not None:
@@ -119,15 +120,18 @@ def pool_cache(work: Path, seed: int, target_spacing, init_version: str | None =
 
 
 def build_pools(cases, seed: int, workers: int, cache: Path | None = None,
-                target_spacing=DEFAULT_TARGET_SPACING, init_dir: Path | None = None) -> list[Crop]:
+                target_spacing=DEFAULT_TARGET_SPACING, init_dir: Path | None = None, device="cpu") -> list[Crop]:
     """Every case's crops on the `target_spacing` grid; each case's pool is cached in `cache` (one file per
     subject) and reused. With `init_dir`, each pool also holds the false positives those weights make on the
-    whole scan ("mined" crops)."""
+    whole scan ("mined" crops), found on `device`."""
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, scan, lab, _case_seed(seed, s), cache, tuple(target_spacing), init_dir) for s, scan, lab in cases]
+    device = str(device)
+    jobs = [(s, scan, lab, _case_seed(seed, s), cache, tuple(target_spacing), init_dir, device)
+            for s, scan, lab in cases]
     crops, start = [], time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawned, never forked: a forked child cannot use CUDA, and one forked after torch's thread pool ran can hang
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for i, case_crops in enumerate(pool.map(_pool_job, jobs), 1):
             crops.extend(case_crops)
             if i % 10 == 0 or i == len(jobs):

@@ -1,6 +1,6 @@
 """Score the three-stage pipeline after each stage on labelled cases, per acquisition grid.
 
-    valdocmb-stagewise --data DIR [--weights weights] [--device auto] [--max-cases N] [--json F]
+    valdocmb-stagewise --data DIR [--weights weights] [--device auto] [--precision float32] [--max-cases N] [--json F]
                        [--subjects S ...] [--cache DIR] [--record]
 
 Stage outputs scored with the VALDO rules: "screening" = every candidate after non-maximum suppression, drawn as a
@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..core import manifest
+from ..core.defaults import PRECISIONS
 from ..core.imageio import image_like, read_mask, read_scan, write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="the networks' arithmetic (auto: as the container runs them, bfloat16 on a CPU that has "
+                        "it); cached records are reused whatever precision made them")
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--subjects", nargs="+", help="only these subjects (e.g. to share the work between processes)")
     parser.add_argument("--mark-radius", type=float, default=1.5)
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     weights = args.weights or default_weights_dir()
-    pipeline = ThreeStagePipeline.from_weights(weights, args.device)
+    pipeline = ThreeStagePipeline.from_weights(weights, args.device, precision=args.precision)
     cases = find_training_cases(args.data)
     if args.subjects:
         cases = [case for case in cases if case[0] in set(args.subjects)]

@@ -283,7 +283,7 @@ def train_all(crops: list[Crop], schedule: Schedule, device, work: Path, seed: i
     def start(name: str, fresh: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
         if init is None:
             return fresh, []
-        net = copy.deepcopy(init[name])
+        net = copy.deepcopy(init[name]).to(device)  # mining below uses it before run_stage moves it
         return net, early_layers(net) if freeze_early else []
 
     screening, frozen = start("screening", ScreeningFCN())

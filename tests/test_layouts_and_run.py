@@ -118,6 +118,9 @@ def test_grand_challenge_sockets(tmp_path):
     assert json.loads((out / "number-of-cerebral-microbleeds.json").read_text()) == 1
     lesions = json.loads((out / "cerebral-microbleeds.json").read_text())
     assert lesions["cmb_count"] == 1 and len(lesions["lesions"]) == 1
+    # the tiny scan cannot be registered: its regional counts say so, and the mask is there all the same
+    regions = json.loads((out / "cerebral-microbleed-regions.json").read_text())
+    assert regions["location"].startswith("unknown: ") and regions["n_location_unknown"] == 1
 
 
 def test_grand_challenge_output_path_and_socket_are_options(tmp_path):

@@ -65,7 +65,8 @@ def qc_png(image: sitk.Image, labels: np.ndarray, lesions, path: Path, title: st
         ax.text(min(x - x0 + 3, crop.shape[1] - 1), max(y - y0 - 3, 0), str(lesion_id), color="yellow",
                 fontsize=9, fontweight="bold")
         lesion = lesions[lesion_id - 1]
-        ax.set_title(f"#{lesion_id} slice {z}  {lesion.volume_mm3:.1f} mm3  p={lesion.max_probability:.2f}",
+        place = f"\n{lesion.region} ({lesion.side[:1].upper()}), {lesion.mars_class}" if lesion.region else ""
+        ax.set_title(f"#{lesion_id} slice {z}  {lesion.volume_mm3:.1f} mm3  p={lesion.max_probability:.2f}{place}",
                      fontsize=7)
     more = f" (first {MAX_PANELS} shown)" if len(lesions) > MAX_PANELS else ""
     fig.suptitle(f"{title}: {len(lesions)} CMB{'s' if len(lesions) != 1 else ''} detected{more}", fontsize=10)
@@ -74,6 +75,15 @@ def qc_png(image: sitk.Image, labels: np.ndarray, lesions, path: Path, title: st
         return write_bytes_checked(lambda tmp: fig.savefig(tmp, dpi=80, format="png"), path)
     finally:
         plt.close(fig)
+
+
+def _regions(row: dict) -> str:
+    """The MARS counts of a summary row, or why there are none."""
+    status = row.get("location", "")
+    if status == "ok":
+        strictly = " (strictly lobar)" if row.get("strictly_lobar") == "yes" else ""
+        return f"{row['n_lobar']} / {row['n_deep']} / {row['n_infratentorial']}{strictly}"
+    return html.escape(status)
 
 
 def overview_html(rows: list[dict], path: Path, title: str = "CMB detection: QC overview") -> Path:
@@ -86,13 +96,15 @@ def overview_html(rows: list[dict], path: Path, title: str = "CMB detection: QC 
         status = html.escape(row["status"] + (f": {row['error']}" if row.get("error") else ""))
         body.append(f"<tr class='{'failed' if row['status'] == 'failed' else 'ok'}'><td>{html.escape(row['case'])}</td>"
                     f"<td>{row.get('cmb_count', '')}</td><td>{row.get('total_volume_mm3', '')}</td>"
+                    f"<td>{_regions(row)}</td>"
                     f"<td>{status}</td><td>{cell}</td></tr>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif}} td{{padding:4px 8px;vertical-align:top;border-bottom:1px solid #ddd}}
 img{{max-width:780px}} tr.failed td{{background:#fee}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<table><tr><th>case</th><th>CMBs</th><th>volume (mm&sup3;)</th><th>status</th><th>QC picture</th></tr>
+<table><tr><th>case</th><th>CMBs</th><th>volume (mm&sup3;)</th><th>lobar / deep / infratentorial</th><th>status</th>
+<th>QC picture</th></tr>
 {chr(10).join(body)}
 </table></body></html>
 """

@@ -20,12 +20,14 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .. import __version__
+from .location import CENSUS_FIELDS
 from .result import SegmentationResult
 
 LESION_FIELDS = ("id", "voxel_x", "voxel_y", "voxel_z", "world_x_mm", "world_y_mm", "world_z_mm", "volume_mm3",
-                 "volume_voxels", "max_probability", "mean_probability", "screening_score", "discrimination_score")
-SUMMARY_FIELDS = ("case", "input", "mask", "status", "error", "cmb_count", "total_volume_mm3", "method", "weights",
-                  "seconds")
+                 "volume_voxels", "max_probability", "mean_probability", "screening_score", "discrimination_score",
+                 "region", "mars_class", "side")
+SUMMARY_FIELDS = ("case", "input", "mask", "status", "error", "cmb_count", "total_volume_mm3", *CENSUS_FIELDS,
+                  "method", "weights", "seconds")
 
 
 @dataclass
@@ -43,6 +45,9 @@ class Lesion:
     mean_probability: float
     screening_score: float | None
     discrimination_score: float | None
+    region: str = ""              # atlas region, MARS class and side (core.location); "" when not located
+    mars_class: str = ""
+    side: str = ""
 
 
 def lesion_table(result: SegmentationResult, match_mm: float = 2.0) -> tuple[np.ndarray, list[Lesion]]:
@@ -135,9 +140,11 @@ def lesions_csv(lesions: list[Lesion]) -> str:
     return buffer.getvalue()
 
 
-def lesions_json(lesions: list[Lesion], case_id: str) -> str:
-    return json.dumps({"case": case_id, "cmb_count": len(lesions), "lesions": [asdict(l) for l in lesions]},
-                      indent=1)
+def lesions_json(lesions: list[Lesion], case_id: str, census: dict | None = None) -> str:
+    """The lesion list; with `census` (core.location), the per-scan regional counts too."""
+    content = {"case": case_id, "cmb_count": len(lesions), **({"regions": census} if census else {}),
+               "lesions": [asdict(l) for l in lesions]}
+    return json.dumps(content, indent=1)
 
 
 def summary_csv(rows: list[dict]) -> str:

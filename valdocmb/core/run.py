@@ -26,13 +26,14 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
-from . import report
+from . import location, report
 from .defaults import INVOKE_PORT, NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
 from .errors import CaseError, RunError
 from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, TEMPORARY_PREFIX, image_extension, image_like, read_scan,
@@ -52,7 +53,7 @@ log = logging.getLogger("valdocmb")
 # options that an environment variable can set too: (option, variable, choices); argparse checks only the flags
 ENV_CHOICES = (("layout", "CMB_LAYOUT", LAYOUTS), ("method", "CMB_METHOD", METHODS),
                ("device", "CMB_DEVICE", ("auto", "cpu", "cuda")), ("reports", "CMB_REPORTS", ("auto", "on", "off")),
-               ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")),
+               ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")), ("location", "CMB_LOCATION", ("on", "off")),
                ("precision", "CMB_PRECISION", PRECISIONS))
 
 
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesion-rule", choices=("weights", "off"), default=env("CMB_LESION_RULE", "weights"),
                         help="three-stage: drop faint, tiny or weakly confirmed components by the rule stored with "
                         "the weights (default), or keep every component of the thresholded map (off)")
+    parser.add_argument("--location", choices=("on", "off"), default=env("CMB_LOCATION", "on"),
+                        help="register each scan to MNI space and give every CMB its region, MARS class and side, "
+                        "with regional counts per scan (on, default, wherever lesion tables or grand-challenge value "
+                        "outputs are written; about 2-5 s per scan), or skip that (off)")
     parser.add_argument("--precision", choices=PRECISIONS, default=env("CMB_PRECISION", "auto"),
                         help="three-stage networks' arithmetic: auto (default: bfloat16 on a CPU with bfloat16 "
                         "instructions, else float32), float32 (on CUDA without TF32), bfloat16 under autocast, or on "
@@ -212,23 +217,53 @@ def sibling(mask_path: Path, suffix: str, ext: str | None = None) -> Path:
     return mask_path.with_name(mask_path.name[: len(mask_path.name) - len(mask_ext)] + suffix + (ext or mask_ext))
 
 
-def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, args, layout: str, row: dict) -> None:
-    """Per-case extras: lesion table (CSV, JSON), labelled mask, QC picture, probability map, GC value outputs."""
+def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, args, layout: str, row: dict,
+                  timings: dict) -> None:
+    """Per-case extras: lesion table (CSV, JSON) with each CMB's region, labelled mask, QC picture, probability
+    map, GC value outputs."""
     labels, lesions = report.lesion_table(result)
     row.update(cmb_count=len(lesions), total_volume_mm3=round(sum(l.volume_mm3 for l in lesions), 3))
-    if layout == "gc":  # value sockets: the count and the lesion list
-        count_file, lesions_file = value_files(args, layout)
+    census = None
+    if args.location == "on" and (layout == "gc" or reports_on(args, layout)):
+        lesions, census = located(image, lesions, row, timings)
+    elif args.location == "off":
+        row["location"] = "off"
+    if layout == "gc":  # value sockets: the count, the lesion list, the regional counts
+        count_file, lesions_file, *regions_file = value_files(args, layout)
         write_text_atomic(json.dumps(len(lesions)), count_file)
-        write_text_atomic(report.lesions_json(lesions, case.case_id), lesions_file)
+        write_text_atomic(report.lesions_json(lesions, case.case_id, census), lesions_file)
+        if regions_file:
+            write_text_atomic(json.dumps(census, indent=1), regions_file[0])
     if reports_on(args, layout):
         csv_file, json_file, labels_file, picture_file = report_files(case, args)
         write_text_atomic(report.lesions_csv(lesions), csv_file)
-        write_text_atomic(report.lesions_json(lesions, case.case_id), json_file)
+        write_text_atomic(report.lesions_json(lesions, case.case_id, census), json_file)
         write_image_atomic(image_like(labels, image), labels_file)
         picture = qc_png(image, labels, lesions, picture_file, case.case_id)
         row["qc"] = str(picture.relative_to(args.output))
     if args.probability and result.probability is not None:
         write_image_atomic(result.probability, sibling(case.output_path, PROBABILITY_SUFFIX))
+
+
+def located(image: sitk.Image, lesions: list, row: dict, timings: dict) -> tuple[list, dict]:
+    """The lesions with their regions, and the scan's regional counts (also into the summary row). A scan with no
+    CMB is not registered: there is nothing to place."""
+    start = time.perf_counter()
+    if not lesions:
+        counts = location.census([], "ok")
+        row.update(counts, location_record={"status": "ok", "registered": False})
+        return lesions, counts
+    placement = location.register(image)
+    places = location.locate(lesions, placement)
+    timings["location"] = time.perf_counter() - start
+    record = placement.record()
+    if record["status"] != "ok":
+        log.warning("  regions unknown: %s (the mask is written all the same)", record["status"].split(": ", 1)[1])
+    else:
+        log.info("  located %d CMB(s): brain overlap %.2f", len(lesions), placement.brain_overlap)
+    counts = location.census(places, record["status"])
+    row.update(counts, location_record=record)
+    return [replace(lesion, **place) for lesion, place in zip(lesions, places)], counts
 
 
 def reports_on(args, layout: str) -> bool:
@@ -242,10 +277,12 @@ def report_files(case: Case, args) -> list[Path]:
 
 
 def value_files(args, layout: str) -> list[Path]:
-    """Grand-challenge's value outputs (the count, the lesion list, in that order), in its layout."""
+    """Grand-challenge's value outputs (the count, the lesion list, the regional counts unless --location off, in
+    that order), in its layout."""
     if layout != "gc":
         return []
-    return [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json"]
+    return [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json",
+            *([args.output / "cerebral-microbleed-regions.json"] if args.location == "on" else [])]
 
 
 def case_outputs(case: Case, args, layout: str) -> list[Path]:
@@ -275,7 +312,8 @@ def earlier_counts(case: Case, args, row: dict) -> None:
     try:
         table = json.loads(json_file.read_text())
         row.update(cmb_count=table["cmb_count"],
-                   total_volume_mm3=round(sum(lesion["volume_mm3"] for lesion in table["lesions"]), 3))
+                   total_volume_mm3=round(sum(lesion["volume_mm3"] for lesion in table["lesions"]), 3),
+                   **table.get("regions", {}))
     except (OSError, ValueError, KeyError, TypeError):
         pass
 
@@ -394,7 +432,7 @@ def run(args: argparse.Namespace, method=None) -> int:
                 remove_outputs(case, args, layout, "an earlier run's result, replaced now")
                 image, result = process_case(case, method, timings)
                 method_info = result.info or method_info
-                write_reports(case, image, result, args, layout, row)
+                write_reports(case, image, result, args, layout, row, timings)
             except (Terminated, KeyboardInterrupt) as exc:
                 stopped = str(exc) or "SIGINT"
                 error = f"{case.input_path}: interrupted ({stopped})"
@@ -414,7 +452,8 @@ def run(args: argparse.Namespace, method=None) -> int:
                    weights=(method_info.get("weights") or {}).get("version", ""))
         rows.append(row)
         case_records.append({"case": case.case_id, "status": row["status"], "error": error,
-                             "seconds": round(seconds, 2), "timings": {k: round(v, 3) for k, v in timings.items()}})
+                             "seconds": round(seconds, 2), "timings": {k: round(v, 3) for k, v in timings.items()},
+                             "location": row.pop("location_record", None)})
         results.append(valdo_results_entry(case, error))
 
     try:

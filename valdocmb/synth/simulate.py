@@ -153,7 +153,9 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
     records = []
     for source in sources:
         rendered = render(source, magnitude.shape, spacing, acq_grid.GetOrigin(), b0, te, params["fine_mm"])
+        mni = anatomy._ras_to_lps(transform.TransformPoint([float(c) for c in source.centre_mm]))
         record = {"type": source.kind, "centre_mm": [round(float(c), 3) for c in source.centre_mm],
+                  "mni_ras_mm": [round(float(c), 2) for c in mni],  # where the subject transform puts it
                   "core_diameter_mm": round(2 * source.radius_mm, 3), "chi_ppm": round(source.chi_ppm, 4),
                   "moment_ppm_mm3": round(source.moment_ppm_mm3, 4), **source.meta}
         if rendered is None:

@@ -73,6 +73,23 @@ def test_sources_of_every_kind_are_recorded(case):
         assert len(obj["centre_mm"]) == 3 and obj["core_diameter_mm"] > 0
 
 
+def test_each_microbleed_records_where_the_subject_transform_puts_it_in_mni_space(case):
+    """The truth `valdocmb.bench.location` scores against: the same position when replayed from the seed, and a
+    microbleed placed in the simulator's infratentorial regions lands in the atlas's infratentorial class."""
+    from valdocmb.bench.location import true_mni_ras
+    from valdocmb.core.location import region_at
+
+    cmbs = [o for o in case.meta["objects"] if o["type"] == "cmb" and o.get("visible")]
+    assert cmbs and all(len(o["mni_ras_mm"]) == 3 for o in cmbs)
+    replayed = true_mni_ras({**case.meta, "objects": [{k: v for k, v in o.items() if k != "mni_ras_mm"}
+                                                       for o in case.meta["objects"]]})
+    assert np.allclose(replayed, [o["mni_ras_mm"] for o in cmbs], atol=0.01)
+    for obj in cmbs:
+        ras = obj["mni_ras_mm"]
+        if obj["region"] in ("brainstem", "cerebellum"):
+            assert region_at((-ras[0], -ras[1], ras[2]))["mars_class"] == "infratentorial"
+
+
 def test_cli_writes_the_valdo_layout(tmp_path, monkeypatch):
     monkeypatch.setattr(synth_cli, "choose_grid", lambda grid, seed: SMALL)
     assert synth_cli.main(["--out", str(tmp_path), "--cases", "2", "--seed", "5", "--start", "7"]) == 0

@@ -36,10 +36,12 @@ def true_mni_ras(sim: dict) -> list[list[float]] | None:
     if all("mni_ras_mm" in o for o in cmbs):
         return [o["mni_ras_mm"] for o in cmbs]
     from ..synth import anatomy
-    from ..synth.simulate import DEFAULTS, draw_acquisition
+    from ..synth.simulate import DEFAULTS, GRIDS, draw_acquisition
 
     rng = np.random.default_rng(sim["seed"])
-    draw_acquisition(rng, sim["acquisition"]["grid"])
+    grid = sim["acquisition"]["grid"]
+    if grid == "random" or grid in GRIDS:  # a grid given as numbers draws nothing
+        draw_acquisition(rng, grid)
     transform, _, drawn = anatomy.random_subject_transform(rng, DEFAULTS["anatomy"])
     if drawn != sim["anatomy"]:
         return None

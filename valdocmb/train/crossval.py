@@ -100,6 +100,7 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
                 for record in with_lesions(evaluate_stages(unchanged, cases, cache=_cache(work, "unchanged")))}
     for future in running or ():
         future.result()  # re-raises a process's failure
+    (work / "crops.pkl").unlink(missing_ok=True)  # the processes' copy of the crops
     out_of_fold: dict[str, dict] = {}
     for held_out, test_cases, fold_work, fold in jobs[:folds]:
         train_crops = [c for c in crops if c.case not in held_out]  # mixed-in cases: every fold

@@ -94,6 +94,12 @@ def check(layout: str, method: str, example: Path, work: Path, weights_folder: s
         count = json.loads(count_path.read_text()) if count_path.is_file() else None
         if count != score.n_pred:
             problems.append(f"gc: number-of-cerebral-microbleeds.json says {count}, the mask has {score.n_pred}")
+        regions_path = output / "cerebral-microbleed-regions.json"
+        regions = json.loads(regions_path.read_text()) if regions_path.is_file() else {}
+        placed = sum(regions.get(f"n_{c}", 0) for c in ("lobar", "deep", "infratentorial", "location_unknown"))
+        if regions.get("location") != "ok" or placed != score.n_pred:
+            problems.append(f"gc: cerebral-microbleed-regions.json is {regions or 'missing'}: expected the example "
+                            f"registered (location ok) and {score.n_pred} CMB(s) placed")
     run_json = output / "run.json"
     if not run_json.is_file():
         problems.append(f"{layout}: run.json missing")

@@ -109,16 +109,16 @@ def register(scan: sitk.Image) -> Placement:
     if fixed_brain.sum() < 1000:  # under 8 ml at 2 mm
         return Placement(None, None, time.perf_counter() - start, "the scan holds too little non-zero signal")
     moving = atlas.template
+    brain_image = image_like(fixed_brain.astype(np.uint8), fixed)
     try:
-        initial = sitk.CenteredTransformInitializer(sitk.Cast(image_like(fixed_brain.astype(np.uint8), fixed),
-                                                              sitk.sitkFloat32),
+        initial = sitk.CenteredTransformInitializer(sitk.Cast(brain_image, sitk.sitkFloat32),
                                                     sitk.Cast(moving > 0, sitk.sitkFloat32), sitk.AffineTransform(3),
                                                     sitk.CenteredTransformInitializerFilter.MOMENTS)
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(32)
         method.SetMetricSamplingStrategy(method.RANDOM)
         method.SetMetricSamplingPercentage(0.25, seed=1)
-        method.SetMetricFixedMask(sitk.BinaryDilate(image_like(fixed_brain.astype(np.uint8), fixed), [2] * 3))
+        method.SetMetricFixedMask(sitk.BinaryDilate(brain_image, [2] * 3))
         method.SetInterpolator(sitk.sitkLinear)
         method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=150,
                                                         gradientMagnitudeTolerance=1e-6)

@@ -34,6 +34,8 @@ from ..core.lesion_rule import rule_from_manifest
 from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
 from ..evaluate.scoring import pooled
+from ..train.samples import find_training_cases
+from ..train.stagewise import stage_scores
 
 log = logging.getLogger("valdocmb.finetune_demo")
 
@@ -58,7 +60,8 @@ def run_all(commands: dict[str, list[str]], logs: Path, at_once: int) -> None:
         while waiting and len(running) < at_once:
             name, command = waiting.pop(0)
             log.info("start %s: %s", name, " ".join(command))
-            running[name] = subprocess.Popen(command, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+            with open(logs / f"{name}.log", "w") as output:  # the child keeps its own copy of the file
+                running[name] = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         time.sleep(1)
         for name, process in list(running.items()):
             if process.poll() is not None:
@@ -72,7 +75,7 @@ def run_all(commands: dict[str, list[str]], logs: Path, at_once: int) -> None:
 
 def scoring(weights: Path, data: Path, cache: Path, device: str, processes: int, tag: str) -> dict[str, list[str]]:
     """`valdocmb-stagewise` commands that share the scans of `data` between `processes` processes."""
-    subjects = sorted(p.name.split("_")[0] for p in data.glob("sub-*_space-T2S_CMB.nii.gz"))
+    subjects = [subject for subject, _, _ in find_training_cases(data)]
     shares = [subjects[i::processes] for i in range(processes) if subjects[i::processes]]
     return {f"{tag}-{i}": python("valdocmb.train.stagewise", "--data", str(data), "--weights", str(weights),
                                  "--device", device, "--cache", str(cache), "--subjects", *share)
@@ -81,8 +84,6 @@ def scoring(weights: Path, data: Path, cache: Path, device: str, processes: int,
 
 def figures(weights: Path, cache: Path) -> dict:
     """Pooled VALDO figures of the cached records under the weights' own lesion rule."""
-    from ..train.stagewise import stage_scores
-
     rule = rule_from_manifest(weights)
     records = [json.loads(p.read_text()) for p in sorted(cache.glob("sub-*.json"))]
     scores = [stage_scores(r, rule)["lesion rule"] for r in records]

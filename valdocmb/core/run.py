@@ -218,14 +218,14 @@ def sibling(mask_path: Path, suffix: str, ext: str | None = None) -> Path:
 
 
 def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, args, layout: str, row: dict,
-                  timings: dict) -> None:
+                  timings: dict) -> dict | None:
     """Per-case extras: lesion table (CSV, JSON) with each CMB's region, labelled mask, QC picture, probability
-    map, GC value outputs."""
+    map, GC value outputs. Returns the registration's record for run.json (None when the CMBs were not located)."""
     labels, lesions = report.lesion_table(result)
     row.update(cmb_count=len(lesions), total_volume_mm3=round(sum(l.volume_mm3 for l in lesions), 3))
-    census = None
+    census = location_record = None
     if args.location == "on" and (layout == "gc" or reports_on(args, layout)):
-        lesions, census = located(image, lesions, row, timings)
+        lesions, census, location_record = located(image, lesions, row, timings)
     elif args.location == "off":
         row["location"] = "off"
     if layout == "gc":  # value sockets: the count, the lesion list, the regional counts
@@ -243,16 +243,17 @@ def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, arg
         row["qc"] = str(picture.relative_to(args.output))
     if args.probability and result.probability is not None:
         write_image_atomic(result.probability, sibling(case.output_path, PROBABILITY_SUFFIX))
+    return location_record
 
 
-def located(image: sitk.Image, lesions: list, row: dict, timings: dict) -> tuple[list, dict]:
-    """The lesions with their regions, and the scan's regional counts (also into the summary row). A scan with no
-    CMB is not registered: there is nothing to place."""
+def located(image: sitk.Image, lesions: list, row: dict, timings: dict) -> tuple[list, dict, dict]:
+    """The lesions with their regions, the scan's regional counts (also into the summary row) and the
+    registration's record. A scan with no CMB is not registered: there is nothing to place."""
     start = time.perf_counter()
     if not lesions:
         counts = location.census([], "ok")
-        row.update(counts, location_record={"status": "ok", "registered": False})
-        return lesions, counts
+        row.update(counts)
+        return lesions, counts, {"status": "ok", "registered": False}
     placement = location.register(image)
     places = location.locate(lesions, placement)
     timings["location"] = time.perf_counter() - start
@@ -262,8 +263,8 @@ def located(image: sitk.Image, lesions: list, row: dict, timings: dict) -> tuple
     else:
         log.info("  located %d CMB(s): brain overlap %.2f", len(lesions), placement.brain_overlap)
     counts = location.census(places, record["status"])
-    row.update(counts, location_record=record)
-    return [replace(lesion, **place) for lesion, place in zip(lesions, places)], counts
+    row.update(counts)
+    return [replace(lesion, **place) for lesion, place in zip(lesions, places)], counts, record
 
 
 def reports_on(args, layout: str) -> bool:
@@ -415,6 +416,7 @@ def run(args: argparse.Namespace, method=None) -> int:
         log.info("[%d/%d] %s", index, len(cases), case.case_id)
         error = case.error if stopped is None else f"not run: the run was stopped ({stopped}) before this case"
         timings: dict = {}
+        location_record = None
         row = {"case": case.case_id, "input": str(case.input_path or ""), "mask": str(case.output_path or ""),
                "method": args.method}
         if error is None and case.case_id in skipped:
@@ -432,7 +434,7 @@ def run(args: argparse.Namespace, method=None) -> int:
                 remove_outputs(case, args, layout, "an earlier run's result, replaced now")
                 image, result = process_case(case, method, timings)
                 method_info = result.info or method_info
-                write_reports(case, image, result, args, layout, row, timings)
+                location_record = write_reports(case, image, result, args, layout, row, timings)
             except (Terminated, KeyboardInterrupt) as exc:
                 stopped = str(exc) or "SIGINT"
                 error = f"{case.input_path}: interrupted ({stopped})"
@@ -453,7 +455,7 @@ def run(args: argparse.Namespace, method=None) -> int:
         rows.append(row)
         case_records.append({"case": case.case_id, "status": row["status"], "error": error,
                              "seconds": round(seconds, 2), "timings": {k: round(v, 3) for k, v in timings.items()},
-                             "location": row.pop("location_record", None)})
+                             "location": location_record})
         results.append(valdo_results_entry(case, error))
 
     try:

@@ -170,10 +170,11 @@ def main(argv=None) -> int:
     if args.pool_only:
         return 0
     lesion_rule = None
+    final_work = args.work / "final"  # the final fine-tuned weights' checkpoints (with --folds, trained alongside)
     if args.folds and parent:
         result = cross_validate_finetuning(cases, crops, args.folds, schedule, device, args.work, args.seed, spacing,
                                            parent, args.freeze_early, args.min_sensitivity, args.parallel,
-                                           final_work=args.work / "final")
+                                           final_work=final_work)
         lesion_rule = {**result["rule"], "chosen_on": f"{args.data}: out-of-fold results of {args.folds}-fold "
                        "fine-tuning", "weights": "these (fine-tuned on all cases)", "objective":
                        f"highest pooled F1 with pooled sensitivity >= {args.min_sensitivity}",
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     elif args.folds:
         return cross_validate(cases, crops, args.folds, schedule, device, args.work, args.seed, spacing)
 
-    nets, record = train_all(crops, schedule, device, args.work / ("final" if lesion_rule else ""), args.seed,
+    nets, record = train_all(crops, schedule, device, final_work if lesion_rule else args.work, args.seed,
                              init=networks(parent) if parent else None, freeze_early=args.freeze_early)
     stage_seconds = sum(e["seconds"] for v in record.values() if isinstance(v, list) for e in v)
     meta = {

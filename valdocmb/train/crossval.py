@@ -86,7 +86,7 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
     `parallel` > 1: the folds (and, with `final_work`, the final weights on every case) are first trained and
     scored that many at a time in separate processes; the loop below then resumes from what they left."""
     assignment = fold_of([c[0] for c in cases], folds, seed)
-    start = copy.deepcopy(networks(unchanged))
+    start = networks(unchanged)  # train_all copies them; the unchanged pipeline scores with them below
     jobs = []
     for fold in range(folds):
         test_cases = [c for c in cases if assignment[c[0]] == fold]
@@ -164,7 +164,8 @@ def _start_in_parallel(jobs, crops, parallel: int, schedule, device, seed, start
     crops_file = work / "crops.pkl"  # one copy on disk that every process reads, rather than one per job in a pipe
     work.mkdir(parents=True, exist_ok=True)
     crops_file.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
-    options = dict(schedule=schedule, device=str(device), seed=seed, start={k: v.cpu() for k, v in start.items()},
+    options = dict(schedule=schedule, device=str(device), seed=seed,
+                   start={k: copy.deepcopy(v).cpu() for k, v in start.items()},  # pickled to the processes
                    freeze_early=freeze_early, target_spacing=tuple(target_spacing), precision=precision)
     log.info("training %d fold(s) %d at a time in separate processes", len(jobs), parallel)
     # spawned, never forked: a child forked from a process whose torch thread pool has run can hang

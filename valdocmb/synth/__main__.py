@@ -1,7 +1,14 @@
 """Generate simulated T2* cases in the VALDO layout.
 
     valdocmb-synth --out DIR --cases N --seed S [--grid mix|rss|sabre|alfa3|alfa4|random] [--workers K]
-                   [--set NAME=VALUE ...]
+                   [--profile standard|randomised|ood] [--set NAME=VALUE ...]
+
+--profile picks a named set of parameters (`valdocmb.synth.simulate.PROFILES`): "standard" (the default, the
+simulator as it first was), "randomised" (domain randomisation: two anatomy sources, atrophy, white-matter patches,
+wide tissue contrast, iron, bias order, Gibbs ringing, motion ghosts, slice profiles, skull-stripping edges,
+tortuous and branching veins, flow voids, calcifications anywhere) or "ood" (the out-of-distribution hold-out:
+"randomised" with an anatomy source, a vein model, a deep-grey iron range and a bias range that "randomised" never
+uses). --set changes single parameters on top of the profile.
 
 --set changes one of the simulator's parameters (`valdocmb.synth.simulate.DEFAULTS`; VALUE in JSON, ranges as
 [low, high]), e.g. `--set snr=[6,10] --set veins=[40,70]` for scans unlike the training set; the changes are
@@ -48,7 +55,7 @@ def choose_grid(grid: str, seed: int) -> str:
 
 def parse_overrides(items: list[str]) -> dict:
     """NAME=VALUE pairs as simulator parameters, each held to the type and shape of its default (SystemExit)."""
-    from .simulate import DEFAULTS
+    from .simulate import DEFAULTS, check_choices
 
     overrides = {}
     for item in items:
@@ -71,11 +78,35 @@ def parse_overrides(items: list[str]) -> dict:
         elif type(value) is not type(default):
             raise SystemExit(f"--set {item!r}: expected a value like {json.dumps(default)}")
         overrides[name] = value
+    try:
+        check_choices({**DEFAULTS, **overrides})
+    except ValueError as exc:
+        raise SystemExit(f"--set: {exc}") from None
     return overrides
 
 
+def profile_parameters(profile: str) -> dict:
+    """A profile's parameters as JSON-ready values (ranges as lists), for sim.json and --set on top."""
+    from .simulate import PROFILES
+
+    return json.loads(json.dumps(PROFILES[profile]))
+
+
+def _as_simulator_values(parameters: dict) -> dict:
+    """JSON lists back to the tuples the simulator's ranges are (lists of names stay lists)."""
+    from .simulate import DEFAULTS
+
+    def convert(value, default):
+        if isinstance(default, tuple):
+            return tuple(value)
+        if isinstance(default, dict):
+            return {k: convert(v, default.get(k)) for k, v in value.items()}
+        return value
+    return {name: convert(value, DEFAULTS[name]) for name, value in parameters.items()}
+
+
 def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int = 1, phase: bool = False,
-                 overrides: dict | None = None) -> dict:
+                 overrides: dict | None = None, profile: str = "standard") -> dict:
     import SimpleITK as sitk
 
     from ..core.imageio import write_image_atomic, write_text_atomic
@@ -89,7 +120,8 @@ def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int 
     if case.phase is not None:
         write_image_atomic(case.phase, out / f"{subject}_space-T2S_phase.nii.gz")
     case.meta["subject"] = subject
-    case.meta["overrides"] = overrides or {}
+    case.meta["profile"] = profile
+    case.meta["overrides"] = json.loads(json.dumps(overrides or {}))  # every parameter not at its default
     case.meta["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     write_text_atomic(json.dumps(case.meta, indent=1), out / f"{subject}_space-T2S_sim.json")
     return case.meta
@@ -104,10 +136,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--start", type=int, default=1, help="number of the first subject (sub-XXX)")
     parser.add_argument("--phase", action="store_true", help="also write the phase image")
+    parser.add_argument("--profile", default="standard", choices=("standard", "randomised", "ood"),
+                        help="a named set of simulator parameters (see above)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a simulator parameter (JSON value), e.g. snr=[6,10] (repeatable)")
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.set)
+    overrides = {**_as_simulator_values(profile_parameters(args.profile)), **parse_overrides(args.set)}
     setup_logging()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -115,9 +149,11 @@ def main(argv=None) -> int:
     jobs = []
     for i in range(args.start, args.start + args.cases):
         subject = f"sub-{i:03d}"
-        jobs.append((str(args.out), subject, case_seed(args.seed, i), args.grid, 1, args.phase, overrides))
-    log.info("simulating %d case(s) into %s with %d worker(s), seed %d, grid %s%s", args.cases, args.out,
-             args.workers, args.seed, args.grid, f", parameters changed: {overrides}" if overrides else "")
+        jobs.append((str(args.out), subject, case_seed(args.seed, i), args.grid, 1, args.phase, overrides,
+                     args.profile))
+    log.info("simulating %d case(s) into %s with %d worker(s), seed %d, grid %s, profile %s%s", args.cases,
+             args.out, args.workers, args.seed, args.grid, args.profile,
+             f", parameters changed: {overrides}" if overrides else "")
     start, done, failed = time.perf_counter(), 0, 0
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {pool.submit(generate_one, *job): job[1] for job in jobs}

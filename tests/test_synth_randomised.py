@@ -2,6 +2,7 @@
 hard-negative crops at vessel ends, and what the hold-out benchmark puts each false positive down to."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +181,24 @@ def test_cli_profiles_are_recorded_and_unknown_names_refused(tmp_path, monkeypat
     for item in ('anatomy_sources=["nosuch"]', 'vein_models=["curly"]', 'contrast="loud"', "anatomy_sources=[]"):
         with pytest.raises(SystemExit, match="--set"):
             synth_cli.parse_overrides([item])
+
+
+def test_benchmark_sets_share_the_workers_and_skip_what_is_made(tmp_path):
+    from valdocmb.bench.jobs import scoring_sets, synthesis
+
+    sets = {"a": ["--seed", "1", "--cases", "30"], "b": ["--cases", "10"], "done": ["--cases", "20"]}
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "sub-001_space-T2S_CMB.nii.gz").write_bytes(b"")
+    commands = synthesis(sets, tmp_path, 12, "--grid", "alfa3")
+    assert sorted(commands) == ["synth-a", "synth-b"]
+    a = commands["synth-a"]
+    assert a[a.index("--workers") + 1] == "6" and a[a.index("--grid") + 1] == "alfa3" and a[-2:] == ["--cases", "30"]
+    assert commands["synth-b"][commands["synth-b"].index("--workers") + 1] == "2"
+    for subject in ("sub-001", "sub-002", "sub-003"):
+        for kind in ("desc-masked_T2S.nii.gz", "CMB.nii.gz"):
+            (tmp_path / "done" / f"{subject}_space-T2S_{kind}").write_bytes(b"")
+    scoring = scoring_sets(Path("w"), ["done"], tmp_path, tmp_path / "scores", "new", "cpu", 2)
+    assert sorted(scoring) == ["new-done-0", "new-done-1"]
+    first = scoring["new-done-0"]
+    assert first[first.index("--cache") + 1] == str(tmp_path / "scores" / "new-done")
+    assert first[first.index("--subjects") + 1:] == ["sub-001", "sub-003"]

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,9 +36,7 @@ from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
 from ..evaluate.scoring import pooled
 from ..train.tune import cross_fit, load_records, score_with
-from .finetune_demo import python, run_all, scoring
-
-log = logging.getLogger("valdocmb.randomisation")
+from .jobs import hardware, python, run_all, run_beside, scoring_sets, synthesis
 
 HOLD_OUTS = ("ood", "holdout")
 CAUSE_MARGIN_MM = 3.0   # a false positive this close to an object's surface is put down to that object
@@ -197,48 +192,28 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     sets = synth_sets(args.train_cases, args.ood_cases, args.holdout_cases)
-    total = args.train_cases + args.ood_cases + args.holdout_cases
-    synth = {f"synth-{name}": python("valdocmb.synth", "--out", str(data / name), "--grid", args.grid, "--workers",
-                                     str(max(1, round(args.jobs * int(a[a.index("--cases") + 1]) / total))), *a)
-             for name, a in sets.items() if not any((data / name).glob("sub-*_CMB.nii.gz"))}
-    run_all(synth, logs, len(sets))
+    run_all(synthesis(sets, data, args.jobs, "--grid", args.grid), logs, len(sets))
     seconds["synth"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    parent_scoring = {}
-    for name in HOLD_OUTS:
-        parent_scoring.update(scoring(parent, data / name, args.out / "scores" / f"shipped-{name}", args.device,
-                                      max(1, args.jobs // 8), f"shipped-{name}"))
+    scores = args.out / "scores"
+    parent_scoring = scoring_sets(parent, HOLD_OUTS, data, scores, "shipped", args.device, max(1, args.jobs // 8))
     train_set = [item for pair in (("--set", s) for s in args.train_set) for item in pair]
     training = {} if (new / "MANIFEST.json").is_file() else {"train": python(
         "valdocmb.train", "--data", str(data / "train"), "--init", str(parent), "--out", str(new),
         "--work", str(args.out / "work"), "--device", args.device, "--workers", str(max(1, args.jobs // 2)),
         *train_set)}
-    with ThreadPoolExecutor(2) as both:
-        side = both.submit(run_all, parent_scoring, logs, len(parent_scoring))
-        run_all(training, logs, 1)
-        seconds["training"] = time.perf_counter() - started
-        side.result()
+    seconds["training"] = run_beside(training, parent_scoring, logs)
     seconds["training_and_parent_scoring"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    new_scoring = {}
-    for name in HOLD_OUTS:
-        new_scoring.update(scoring(new, data / name, args.out / "scores" / f"new-{name}", args.device,
-                                   max(1, args.jobs // 4), f"new-{name}"))
-    run_all(new_scoring, logs, args.jobs)
+    run_all(scoring_sets(new, HOLD_OUTS, data, scores, "new", args.device, max(1, args.jobs // 4)), logs, args.jobs)
     seconds["new_scoring"] = time.perf_counter() - started
     summary = {"sets": {k: " ".join(v) for k, v in sets.items()}, "seconds": {k: round(v) for k, v in seconds.items()},
-               "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs" + _gpu()}
+               "hardware": hardware()}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     report(args.out, weights)
     return 0
-
-
-def _gpu() -> str:
-    import torch
-
-    return f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
 
 
 if __name__ == "__main__":

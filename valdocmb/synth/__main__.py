@@ -85,26 +85,6 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def profile_parameters(profile: str) -> dict:
-    """A profile's parameters as JSON-ready values (ranges as lists), for sim.json and --set on top."""
-    from .simulate import PROFILES
-
-    return json.loads(json.dumps(PROFILES[profile]))
-
-
-def _as_simulator_values(parameters: dict) -> dict:
-    """JSON lists back to the tuples the simulator's ranges are (lists of names stay lists)."""
-    from .simulate import DEFAULTS
-
-    def convert(value, default):
-        if isinstance(default, tuple):
-            return tuple(value)
-        if isinstance(default, dict):
-            return {k: convert(v, default.get(k)) for k, v in value.items()}
-        return value
-    return {name: convert(value, DEFAULTS[name]) for name, value in parameters.items()}
-
-
 def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int = 1, phase: bool = False,
                  overrides: dict | None = None, profile: str = "standard") -> dict:
     import SimpleITK as sitk
@@ -141,7 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a simulator parameter (JSON value), e.g. snr=[6,10] (repeatable)")
     args = parser.parse_args(argv)
-    overrides = {**_as_simulator_values(profile_parameters(args.profile)), **parse_overrides(args.set)}
+    from .simulate import PROFILES
+
+    overrides = {**PROFILES[args.profile], **parse_overrides(args.set)}
     setup_logging()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

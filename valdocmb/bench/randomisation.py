@@ -34,8 +34,8 @@ import numpy as np
 from ..core.lesion_rule import LesionRule, rule_from_manifest
 from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
-from ..evaluate.scoring import pooled
-from ..train.tune import cross_fit, load_records, score_with
+from ..evaluate.scoring import pooled, score_components
+from ..train.tune import cross_fit, load_records
 from .jobs import hardware, python, run_all, run_beside, scoring_sets, synthesis
 
 HOLD_OUTS = ("ood", "holdout")
@@ -127,7 +127,8 @@ def hold_out_figures(cache: Path, data: Path, weights: Path, folds: int = 5, min
     return {"cross_fitted": _figures(records, scores, kept_cross, objects_of),
             "cross_fitted_rules": chosen,
             "stored_rule": {"rule": asdict(stored),
-                            **_figures(records, [score_with(r, stored) for r in records], kept_stored, objects_of)}}
+                            **_figures(records, [score_components(r["evidence"], kept, r["subject"])
+                                                for r, kept in zip(records, kept_stored)], kept_stored, objects_of)}}
 
 
 def report(out: Path, weights: dict[str, Path]) -> dict:

@@ -202,11 +202,12 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
     regions_grid = _grid_image([int(np.ceil(s * sp / 2.0)) for s, sp in zip(size, spacing)], [2.0] * 3, centre)
     regions = anatomy.regions_onto(regions_grid, transform, source)
     parenchyma = _parenchyma_lookup(tissue, anat_grid)
+    brain_at = _lookup(brain, acq_grid)
     sources = (_draw_microbleeds(rng, params, regions, regions_grid, parenchyma)
                + _draw_veins(rng, params, tissue, anat_grid, tp, te, wm_signal)
-               + _draw_calcifications(rng, params, affine, parenchyma, brain_lookup=_lookup(brain, acq_grid),
-                                      tissue=tissue, grid=anat_grid)
-               + _draw_flow_voids(rng, params, affine, _lookup(brain, acq_grid)))
+               + _draw_calcifications(rng, params, affine, parenchyma, brain_lookup=brain_at, tissue=tissue,
+                                      grid=anat_grid)
+               + _draw_flow_voids(rng, params, affine, brain_at))
 
     factor = np.ones(magnitude.shape, np.float32)
     phase = np.zeros(magnitude.shape, np.float32) if with_phase else None

@@ -165,27 +165,9 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
     transform, affine, anatomy_draw = anatomy.random_subject_transform(rng, params["anatomy"])
     anatomy_draw["source"] = source
     tissue = anatomy.deform_onto(anat_grid, transform, source)
-    tp = tissue_parameters(b0, rng, wide=params["contrast"] == "wide", iron_r2star_per_s=params["iron_r2star_per_s"])
     drawn = {}  # the randomisation actually drawn for this case
-    drawn["atrophy_mm"] = _drawn(rng, params["atrophy_mm"])
-    tissue = _atrophy(tissue, drawn["atrophy_mm"], anat_spacing)
-    drawn["wmh"] = _drawn(rng, params["wmh"], integer=True)
-
-    gm_t2 = 1.0 / (1.0 / tp["t2star_ms"]["gm"] + tissue.iron * tp["iron_r2star_per_s"] / 1000.0)
-    if drawn["wmh"]:
-        wmh = _wmh_map(rng, drawn["wmh"], tissue, anat_spacing)
-        drawn["wmh_t2star_factor"], drawn["wmh_pd_factor"] = rng.uniform(1.3, 2.0), rng.uniform(1.03, 1.15)
-        wm_term = gre_magnitude(tp["pd"]["wm"] * (1 + wmh * (drawn["wmh_pd_factor"] - 1)),
-                                tp["t2star_ms"]["wm"] * (1 + wmh * (drawn["wmh_t2star_factor"] - 1)), te)
-    else:
-        wm_term = gre_magnitude(tp["pd"]["wm"], tp["t2star_ms"]["wm"], te)
-    magnitude = (tissue.gm * gre_magnitude(tp["pd"]["gm"], gm_t2, te)
-                 + tissue.wm * wm_term
-                 + tissue.csf * gre_magnitude(tp["pd"]["csf"], tp["t2star_ms"]["csf"], te))
-    magnitude *= _air_dephasing(tissue.air_field_ppm, anat_spacing, spacing, b0, te)
-    texture = ndimage.gaussian_filter(rng.standard_normal(magnitude.shape).astype(np.float32), 1.5)
-    texture_amplitude = rng.uniform(*params["texture_amplitude"])
-    magnitude *= 1.0 + texture_amplitude * texture / (texture.std() + 1e-6)
+    tp, tissue, magnitude, texture_amplitude = _tissue_signal(rng, params, tissue, b0, te, anat_spacing, spacing,
+                                                             drawn)
     brain = tissue.brain
 
     # sub-slices -> slice thickness (with the slice profile's tails), then in-plane interpolation
@@ -278,6 +260,33 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
         "physics": "dipole kernel in k-space on <= %.2f mm grids, complex voxel averaging" % params["fine_mm"],
     }
     return SimulatedCase(image, label_image, phase_image, meta)
+
+
+def _tissue_signal(rng, params, tissue, b0, te, anat_spacing, spacing, drawn: dict):
+    """Tissue parameters, atrophy, white-matter patches, the tissues' GRE magnitude with air dephasing and texture,
+    on the anatomy grid: (tissue parameters, anatomy after atrophy, magnitude, texture amplitude). Shared by whole
+    cases and regions (`synth.region`); the draws stay in simulate_case's original order."""
+    tp = tissue_parameters(b0, rng, wide=params["contrast"] == "wide", iron_r2star_per_s=params["iron_r2star_per_s"])
+    drawn["atrophy_mm"] = _drawn(rng, params["atrophy_mm"])
+    tissue = _atrophy(tissue, drawn["atrophy_mm"], anat_spacing)
+    drawn["wmh"] = _drawn(rng, params["wmh"], integer=True)
+
+    gm_t2 = 1.0 / (1.0 / tp["t2star_ms"]["gm"] + tissue.iron * tp["iron_r2star_per_s"] / 1000.0)
+    if drawn["wmh"]:
+        wmh = _wmh_map(rng, drawn["wmh"], tissue, anat_spacing)
+        drawn["wmh_t2star_factor"], drawn["wmh_pd_factor"] = rng.uniform(1.3, 2.0), rng.uniform(1.03, 1.15)
+        wm_term = gre_magnitude(tp["pd"]["wm"] * (1 + wmh * (drawn["wmh_pd_factor"] - 1)),
+                                tp["t2star_ms"]["wm"] * (1 + wmh * (drawn["wmh_t2star_factor"] - 1)), te)
+    else:
+        wm_term = gre_magnitude(tp["pd"]["wm"], tp["t2star_ms"]["wm"], te)
+    magnitude = (tissue.gm * gre_magnitude(tp["pd"]["gm"], gm_t2, te)
+                 + tissue.wm * wm_term
+                 + tissue.csf * gre_magnitude(tp["pd"]["csf"], tp["t2star_ms"]["csf"], te))
+    magnitude *= _air_dephasing(tissue.air_field_ppm, anat_spacing, spacing, b0, te)
+    texture = ndimage.gaussian_filter(rng.standard_normal(magnitude.shape).astype(np.float32), 1.5)
+    texture_amplitude = rng.uniform(*params["texture_amplitude"])
+    magnitude *= 1.0 + texture_amplitude * texture / (texture.std() + 1e-6)
+    return tp, tissue, magnitude, texture_amplitude
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -451,13 +460,17 @@ def _draw_microbleeds(rng, params, regions, regions_grid, parenchyma) -> list[So
                 break
         else:
             continue
-        diameter = rng.uniform(*params["cmb_core_diameter_mm"])
-        moment = float(np.exp(rng.uniform(*np.log(params["cmb_moment_ppm_mm3"]))))
-        radius = diameter / 2
-        chi = moment / (4.0 / 3.0 * np.pi * radius**3)
-        sources.append(Source("cmb", point, radius, chi, relative_signal=rng.uniform(0.0, 0.05),
-                              meta={"region": region}))
+        sources.append(microbleed_at(rng, params, point, {"region": region}))
     return sources
+
+
+def microbleed_at(rng, params, point, meta: dict) -> Source:
+    """A microbleed at `point` (world mm): core diameter, and a magnetic moment drawn log-uniform."""
+    diameter = rng.uniform(*params["cmb_core_diameter_mm"])
+    moment = float(np.exp(rng.uniform(*np.log(params["cmb_moment_ppm_mm3"]))))
+    radius = diameter / 2
+    chi = moment / (4.0 / 3.0 * np.pi * radius**3)
+    return Source("cmb", point, radius, chi, relative_signal=rng.uniform(0.0, 0.05), meta=meta)
 
 
 def _draw_veins(rng, params, tissue, grid, tp, te, wm_signal) -> list[Source]:

@@ -1,5 +1,13 @@
-"""`valdocmb-train` (`python -m valdocmb.train`): train the three-stage networks on a VALDO-layout folder and write
-inference weights plus their MANIFEST.json entries, or cross-validate them.
+"""`valdocmb-train` (`python -m valdocmb.train`): train the three-stage networks and write inference weights plus
+their MANIFEST.json entries, or cross-validate them.
+
+From scratch on streamed simulation (the default; `valdocmb.train.streamed`: dense screening, shared
+discrimination, bfloat16 where the CPU has it, regions simulated by --workers processes while training runs):
+
+    valdocmb-train --out weights --work ~/.cache/valdocmb/train [--schedule full|hour|smoke] [--set NAME=VALUE]
+
+The same command continues a stopped run from its checkpoints in --work. On a VALDO-layout folder of labelled
+scans (sample pools, `valdocmb.train.three_stage`):
 
     valdocmb-train --data DIR --out weights [--schedule cpu|gpu|paper] [--set NAME=VALUE] [--device auto] [--seed 0]
     valdocmb-train --data DIR --folds 5 ...        # k-fold cross-validation with VALDO scoring
@@ -40,6 +48,8 @@ from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import WEIGHT_FILES, ThreeStagePipeline, weights_version
 from .crossval import cross_validate, cross_validate_finetuning
 from .samples import Crop, find_training_cases
+from .stream import GRID_MIX, PROFILE_MIX
+from .streamed import STREAM_SCHEDULES, stream_schedule_with, train_streamed
 from .three_stage import SCHEDULES, build_pools, networks, pool_cache, schedule_with, train_all, write_weights
 
 log = logging.getLogger("valdocmb.train")
@@ -99,13 +109,63 @@ def complete_from_parent(parent: Path, out: Path, lesion_rule: dict | None) -> N
                     "one on your cases, cross-fitted", out)
 
 
+def train_from_stream(args, argv, device) -> int:
+    """From-scratch (or --init) training on streamed simulated regions: weights and manifest in --out."""
+    unusable = [flag for flag, used in (("--folds", args.folds), ("--mix", args.mix), ("--pool-only", args.pool_only),
+                                        ("--max-cases", args.max_cases), ("--freeze-early", args.freeze_early)) if used]
+    if unusable:
+        log.error("%s need labelled scans: give them with --data", ", ".join(unusable))
+        return 2
+    name = args.schedule or "full"
+    if name not in STREAM_SCHEDULES:
+        log.error("--schedule %s applies to --data; streamed schedules: %s", name, ", ".join(STREAM_SCHEDULES))
+        return 2
+    schedule = stream_schedule_with(STREAM_SCHEDULES[name], args.set)
+    parent = ThreeStagePipeline.from_weights(args.init, "cpu") if args.init else None
+    if parent and args.out.resolve() == args.init.resolve():
+        log.error("--out %s is the --init folder: write the new weights to a new folder", args.out)
+        return 2
+    spacing = tuple(float(v) for v in (args.spacing or (parent.config.target_spacing if parent
+                                                        else DEFAULT_TARGET_SPACING)))
+    workers = 1 if args.workers is None else args.workers
+    started = time.perf_counter()
+    nets, record = train_streamed(schedule, device, args.work, args.seed, workers, spacing, args.precision,
+                                  init=networks(parent) if parent else None)
+    meta = {
+        "data": "streamed simulated regions (valdocmb.synth.region): profiles "
+                + ", ".join(f"{k} {v:.0%}" for k, v in PROFILE_MIX.items()) + "; grids "
+                + ", ".join(f"{k} {v:.0%}" for k, v in GRID_MIX.items()),
+        "regions": record["stream"], "schedule": name + "".join(f" --set {item}" for item in args.set),
+        "schedule_detail": asdict(schedule), "seed": args.seed, "precision": record["precision"],
+        "command": command_line("valdocmb-train", argv), "device": str(device), "hardware": _hardware(device),
+        "wall_time_s": round(time.perf_counter() - started),
+        "training_s": {k: v["seconds"] for k, v in record["curves"].items()},
+        "package_version": __version__, "torch": torch.__version__, "target_spacing": list(spacing),
+    }
+    if parent:
+        meta["parent"] = parent.weights_info
+    write_weights(nets, args.out, record, meta)
+    (args.work / "history.json").write_text(json.dumps(record, indent=1))
+    log.info("weights written to %s (%.0f s in this process)", args.out, time.perf_counter() - started)
+    return 0
+
+
+def _hardware(device) -> str:
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+            + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="valdocmb-train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="VALDO-layout folder with *_CMB.nii.gz labels")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="VALDO-layout folder with *_CMB.nii.gz labels (default: train on streamed simulation)")
     parser.add_argument("--out", type=Path, default=Path("weights"), help="weights folder to write")
     parser.add_argument("--work", type=Path, default=Path("runs/train"), help="checkpoints, pool cache, logs")
-    parser.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
-                        help="default: cpu, or finetune with --init")
+    parser.add_argument("--schedule", choices=tuple(dict.fromkeys([*STREAM_SCHEDULES, *SCHEDULES])), default=None,
+                        help="streamed: full (default), hour or smoke; with --data: cpu (default), gpu, paper, or "
+                        "finetune (the default with --init)")
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="streamed training's arithmetic (auto: bfloat16 on CUDA and on CPUs that have it)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="change one number of the schedule, e.g. --set discrimination_iterations=30 (repeatable)")
     parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
@@ -114,7 +174,9 @@ def main(argv=None) -> int:
                         "weights')")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2, help="processes building the sample pool")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes building the sample pool (default 2), or simulating regions while a "
+                        "streamed run trains (default 1; 0: in the training process)")
     parser.add_argument("--max-cases", type=int, default=None, help="use only the first N cases")
     parser.add_argument("--folds", type=int, default=0,
                         help="k-fold cross-validation instead of final training (with --init: before it, and the "
@@ -138,6 +200,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     device = resolve_device(args.device)
+    if args.data is None:
+        return train_from_stream(args, argv, device)
+    args.workers = 2 if args.workers is None else args.workers
+    if args.schedule is not None and args.schedule not in SCHEDULES:
+        log.error("--schedule %s is a streamed schedule; with --data: %s", args.schedule, ", ".join(SCHEDULES))
+        return 2
     cases = find_training_cases(args.data)[: args.max_cases]
     if not cases:
         log.error("%s: no scan with a label (sub-*_space-T2S_desc-masked_T2S.nii.gz + _CMB.nii.gz)", args.data)
@@ -191,8 +259,7 @@ def main(argv=None) -> int:
         "schedule": args.schedule + "".join(f" --set {item}" for item in args.set),
         "schedule_detail": asdict(schedule), "seed": args.seed,
         "command": command_line("valdocmb-train", argv),
-        "device": str(device), "hardware": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+        "device": str(device), "hardware": _hardware(device),
         "wall_time_s": round(time.perf_counter() - started), "training_iterations_s": round(stage_seconds),
         "package_version": __version__,
         "torch": torch.__version__, "target_spacing": list(spacing),

@@ -332,12 +332,17 @@ def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
             "method": "three-stage", "stage": name, "training": dict(meta),
             "final_iteration": record[name][-1] if record.get(name) else None,
         }
+        if "curves" in record:  # streamed training: the learning curve and the validation of the kept state
+            curve = record["curves"][name]
+            entries[relative]["learning_curve"] = curve
+            entries[relative]["validation"] = next((e["validation"] for e in curve["validation"]
+                                                     if e["step"] == curve["kept_step"]), None)
 
     def change(content: dict) -> None:
         previous = {relative: dict(entry) for relative, entry in content["files"].items()}
         content["files"].update(entries)
-        content["three_stage_training"] = {"pool": record["pool"],
-                                           "mined_false_positives": record["mined_false_positives"]}
+        content["three_stage_training"] = {key: record[key] for key in ("pool", "mined_false_positives", "stream")
+                                           if key in record}
         stale = manifest.drop_stale(content, previous, WEIGHT_FILES.values())
         if stale:
             log.warning("%s: dropped %s, measured on the previous weights; measure and choose again with "

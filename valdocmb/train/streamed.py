@@ -1,0 +1,561 @@
+"""Training the three stages from scratch on a stream of simulated regions (`valdocmb-train` without --data).
+
+Per stage, a rolling buffer of regions (`RegionStream`): every step takes `refresh` new regions, drops the oldest,
+and draws its batch from the buffer with fresh augmentation, so each region is seen a few times and the run sees
+thousands of distinct simulated scans.
+1. Screening: dense (`dense.dense_screening_loss`) on 48x64x64 crops, every patch position labelled.
+2. Discrimination: sites of each region: its microbleeds (positives); the trained screening network's highest
+   false positives in it (mined during training, the paper's "mimics the first stage lets through"); the simulator's
+   veins (ends, bends, crossings), calcifications and flow voids; random brain. Shared C1-C2 over each site's region,
+   `discrimination_shifts` shifted windows per site (`dense.shared_discrimination_logits`).
+3. Segmentation: the U-Net on 24x32x32 patches around microbleeds (3) and hard negatives (1), soft Dice.
+Screening and discrimination: SGD with Nesterov momentum 0.99, poly decay; the U-Net: Adam (as the pool path).
+A stage validates every `validate_every` steps on a fixed simulated validation set (its own stream, never trained
+on), keeps its best state, and stops after `patience` validations without improvement or at its step budget.
+Everything checkpoints under the work folder (model, optimizer, step, stream position, random state, history, best
+state): the same command continues a stopped run, regenerating the buffer from the stream (deterministic).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pickle
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from valdocmb.models.discrimination import DiscriminationCNN
+from valdocmb.models.screening import ScreeningFCN
+from valdocmb.models.segmentation import SegmentationUNet
+
+from ..core.patches import extract_patches
+from ..core.preprocess import DEFAULT_TARGET_SPACING
+from . import dense
+from .stream import RegionStream, StreamedRegion
+from .three_stage import soft_dice_loss
+
+log = logging.getLogger("valdocmb.train")
+
+MINED_PER_REGION = 8          # the screening network's highest false positives kept per region
+MINING_FLOOR = 0.05           # ... at least this probable
+LESION_ZONE = 6               # voxels around a microbleed where no negative site is taken
+
+
+@dataclass
+class StreamSchedule:
+    screening_steps: int
+    discrimination_steps: int
+    segmentation_steps: int
+    screening_crops: int = 4          # 48x64x64 crops per step
+    discrimination_sites: int = 32    # sites per step, each seen through `discrimination_shifts` windows
+    discrimination_shifts: int = 8
+    segmentation_batch: int = 16
+    buffer: int = 48                  # regions held at once
+    refresh: int = 1                  # new regions per step
+    validate_every: int = 100
+    patience: int = 5
+    validation_regions: int = 48
+    hard_negatives: int = 0           # > 0: only this many hardest background positions per screening batch
+    learning_rate_scale: float = 1.0
+
+
+STREAM_SCHEDULES = {
+    # what valdocmb-train runs from scratch; the stages stop earlier when validation stops improving
+    "full": StreamSchedule(4000, 12000, 12000),
+    "hour": StreamSchedule(700, 1000, 600, validate_every=50),
+    "smoke": StreamSchedule(2, 2, 2, screening_crops=2, discrimination_sites=4, discrimination_shifts=2,
+                            segmentation_batch=4, buffer=2, refresh=1, validate_every=1, patience=2,
+                            validation_regions=2),
+}
+
+
+def stream_schedule_with(schedule: StreamSchedule, overrides: list[str]) -> StreamSchedule:
+    kinds = {f.name: f.type for f in fields(StreamSchedule)}
+    changes = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in kinds:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(kinds)}")
+        try:
+            changes[name] = float(value) if kinds[name] in (float, "float") else int(value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {value!r} is not a number") from None
+        if changes[name] < 0 or (changes[name] == 0 and name != "hard_negatives"):
+            raise SystemExit(f"--set {item!r}: must be positive")
+    return replace(schedule, **changes)
+
+
+# stream seeds: one per stage and one for validation, so no validation region is ever trained on
+STAGES = ("screening", "discrimination", "segmentation")
+
+
+def stream_seed(seed: int, stage: str) -> int:
+    return seed * 100 + (STAGES.index(stage) if stage in STAGES else 99)
+
+
+# -- sites -------------------------------------------------------------------------------------------------------
+def lesion_centres(label: np.ndarray) -> list[tuple]:
+    components, n = ndimage.label(label, np.ones((3, 3, 3)))
+    if not n:
+        return []
+    return [tuple(int(v) for v in np.round(c)) for c in ndimage.center_of_mass(label, components, range(1, n + 1))]
+
+
+@torch.inference_mode()
+def screening_probabilities(net: ScreeningFCN, volume: np.ndarray, device, cast) -> np.ndarray:
+    """CMB probability at every even voxel of a region (score (i, j, k) <-> patch centred at (2i, 2j, 2k)), the
+    FCN over the region zero-padded by half a patch in front (as inference pads a scan)."""
+    before = np.array(ScreeningFCN.patch_size) // 2
+    after = np.array(ScreeningFCN.patch_size) - before
+    padded = np.pad(volume.astype(np.float32), [(b, a) for b, a in zip(before, after)])
+    x = torch.from_numpy(padded)[None, None].to(device)
+    net.eval()
+    with cast():
+        logits = net(x)[0]
+    prob = torch.softmax(logits.float(), 0)[1].cpu().numpy()
+    m = -(-np.array(volume.shape) // ScreeningFCN.stride)
+    return prob[:m[0], :m[1], :m[2]]
+
+
+def mine(prob: np.ndarray, foreground: np.ndarray, zone: np.ndarray, count: int) -> list[tuple]:
+    """Up to `count` local maxima of the screening probability outside `zone`, highest first, >= MINING_FLOOR."""
+    stride = ScreeningFCN.stride
+    peaks = (prob == ndimage.maximum_filter(prob, size=5)) & (prob >= MINING_FLOOR)
+    peaks &= ~zone[::stride, ::stride, ::stride] & foreground[::stride, ::stride, ::stride]
+    found = np.argwhere(peaks)
+    order = np.argsort(-prob[tuple(found.T)], kind="stable")[:count]
+    return [tuple(int(v) for v in found[i] * stride) for i in order]
+
+
+def region_rng(region: StreamedRegion) -> np.random.Generator:
+    """The random draws of one region's sites: a function of the region alone, so a resumed run draws the same."""
+    return np.random.default_rng([region.index, 17])
+
+
+def region_sites(region: StreamedRegion, rng: np.random.Generator, screening=None, device="cpu", cast=None) -> dict:
+    """Discrimination and segmentation sites of a region by kind: positive, mined, mimic, random."""
+    zone = (ndimage.binary_dilation(region.label > 0, iterations=LESION_ZONE) if region.label.any()
+            else np.zeros(region.label.shape, bool))
+    sites = {"positive": lesion_centres(region.label),
+             "mimic": [c for c, _ in region.sites if not zone[c]], "mined": [], "random": []}
+    brain = np.argwhere(region.foreground & ~zone)
+    if len(brain):
+        sites["random"] = [tuple(int(v) for v in brain[i]) for i in rng.choice(len(brain), min(4, len(brain)),
+                                                                             replace=False)]
+    if screening is not None:
+        prob = screening_probabilities(screening, region.volume, device, cast)
+        sites["mined"] = mine(prob, region.foreground, zone, MINED_PER_REGION)
+    return sites
+
+
+# -- batches -----------------------------------------------------------------------------------------------------
+def _as_batch(arrays, device) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays).astype(np.float32))[:, None].to(device)
+
+
+def screening_batch(regions: list[StreamedRegion], rng, device, augment: bool = True):
+    """(crops (N, 1, 48, 64, 64), targets) cut from the regions at random places, turned and flipped."""
+    crop = np.array(dense.SCREEN_CROP)
+    volumes, labels, foregrounds = [], [], []
+    for region in regions:
+        shape = np.array(region.volume.shape)
+        # the whole in-plane extent is turned, then a crop is cut from its middle
+        z0 = int(rng.integers(0, shape[0] - crop[0] + 1)) if augment else (shape[0] - crop[0]) // 2
+        sl = (slice(z0, z0 + crop[0]), slice(None), slice(None))
+        volumes.append(region.volume[sl])
+        labels.append(region.label[sl])
+        foregrounds.append(region.foreground[sl])
+    x = _as_batch(volumes, device)
+    masks = torch.cat([_as_batch(labels, device), _as_batch(foregrounds, device)], 1)
+    if augment:
+        x, masks = dense.rotate_and_flip(x, masks, rng)
+    free = np.array(x.shape[3:]) - crop[1:]
+    out_x, out_masks = [], []
+    for n in range(len(regions)):
+        y0, x0 = ((rng.integers(0, f + 1) for f in free) if augment else (f // 2 for f in free))
+        out_x.append(x[n, :, :, y0:y0 + crop[1], x0:x0 + crop[2]])
+        out_masks.append(masks[n, :, :, y0:y0 + crop[1], x0:x0 + crop[2]])
+    x, masks = torch.stack(out_x), torch.stack(out_masks)
+    label, foreground = masks[:, 0].cpu().numpy() > 0.5, masks[:, 1].cpu().numpy() > 0.5
+    if augment:
+        x = dense.intensity_jitter(x, masks[:, 1:2], rng)
+    target = torch.from_numpy(np.stack([dense.screening_targets(lab, fg) for lab, fg in zip(label, foreground)]))
+    return x, target.to(device)
+
+
+NEGATIVE_MIX = {"mined": 0.5, "mimic": 0.3, "random": 0.2}
+
+
+def draw_sites(buffer_sites: list[tuple[StreamedRegion, dict]], count: int, positive_share: float, rng,
+               negative_kinds=NEGATIVE_MIX) -> list[tuple[StreamedRegion, tuple, int]]:
+    """`count` (region, centre, class) draws: `positive_share` microbleeds, the rest negatives of the kinds in
+    their proportions (kinds with no site in the buffer give their share to the others)."""
+    pools = {"positive": [(r, c) for r, s in buffer_sites for c in s["positive"]]}
+    for kind in negative_kinds:
+        pools[kind] = [(r, c) for r, s in buffer_sites for c in s[kind]]
+    kinds = [k for k in negative_kinds if pools[k]]
+    weights = np.array([negative_kinds[k] for k in kinds], float)
+    draws = []
+    for _ in range(count):
+        if pools["positive"] and (rng.random() < positive_share or not kinds):
+            region, centre = pools["positive"][rng.integers(len(pools["positive"]))]
+            draws.append((region, centre, 1))
+        elif kinds:
+            kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+            region, centre = pools[kind][rng.integers(len(pools[kind]))]
+            draws.append((region, centre, 0))
+    return draws
+
+
+def site_patches(draws, size, margin, rng, device, augment: bool = True, shift: int = 0):
+    """Volumes and labels of `size` (z, y, x) around each drawn centre (moved by up to `shift` voxels), turned
+    and flipped; cut from a `margin` voxels larger in-plane patch so the turn leaves no empty corners."""
+    big = np.array(size) + np.array([0, 2 * margin, 2 * margin])
+    centres = []
+    for _, centre, _ in draws:
+        move = rng.integers(-shift, shift + 1, 3) if shift and augment else np.zeros(3, int)
+        centres.append(np.asarray(centre) + move)
+    volumes = [extract_patches(r.volume, [c], big)[0] for (r, _, _), c in zip(draws, centres)]
+    labels = [extract_patches(r.label, [c], big)[0] for (r, _, _), c in zip(draws, centres)]
+    foregrounds = [extract_patches(r.foreground.astype(np.float32), [c], big)[0] for (r, _, _), c in zip(draws, centres)]
+    x = _as_batch(volumes, device)
+    masks = torch.cat([_as_batch(labels, device), _as_batch(foregrounds, device)], 1)
+    if augment:
+        x, masks = dense.rotate_and_flip(x, masks, rng)
+        x = dense.intensity_jitter(x, (masks[:, 1:2] > 0.5).float(), rng)
+    sl = (slice(None), slice(None), slice(None), slice(margin, margin + size[1]), slice(margin, margin + size[2]))
+    return x[sl].contiguous(), (masks[:, 0][sl[:1] + sl[2:]] > 0.5).long()
+
+
+# -- one stage ---------------------------------------------------------------------------------------------------
+class Stage:
+    """What differs between the three stages: the network, its optimizer, one training step, validation."""
+
+    name: str
+    net: nn.Module
+
+    def optimizer(self, scale: float):
+        return torch.optim.SGD(self.net.parameters(), lr=1e-2 * scale, momentum=0.99, nesterov=True)
+
+    def rate(self, base: float, step: int, total: int) -> float:
+        return dense.poly_rate(base, step, total)
+
+    def prepare(self, region: StreamedRegion):
+        return region
+
+    def step(self, buffer, rng) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def validate(self, validation) -> dict:
+        raise NotImplementedError
+
+
+def _checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, work: Path, device, workers: int,
+              spacing, validation, cast) -> list[dict]:
+    """Train one stage on its stream; returns its history (training and validation entries)."""
+    net = stage.net.to(device)
+    optimizer = stage.optimizer(schedule.learning_rate_scale)
+    base_rate = optimizer.param_groups[0]["lr"]
+    rng = np.random.default_rng(stream_seed(seed, stage.name))
+    ckpt = work / f"{stage.name}.ckpt"
+    state = {"step": 0, "stream_position": 0, "history": [], "best": None, "stale": 0, "done": False}
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        rng.bit_generator.state = saved["rng"]
+        state = {k: saved[k] for k in state}
+        log.info("%s: resuming at step %d/%d (stream position %d)", stage.name, state["step"], steps,
+                 state["stream_position"])
+    if state["done"] or state["step"] >= steps:
+        _finish(stage, state)
+        return state["history"]
+    start = max(0, state["stream_position"] - schedule.buffer)
+    with RegionStream(stream_seed(seed, stage.name), start, workers, ahead=max(4, 2 * schedule.refresh),
+                      target_spacing=spacing) as stream:
+        buffer = [stage.prepare(r) for r in stream.take(schedule.buffer if start == 0 else
+                                                                    state["stream_position"] - start)]
+        started = time.perf_counter()
+        while state["step"] < steps:
+            t0 = time.perf_counter()
+            if state["step"] > 0 or start > 0:
+                buffer = buffer[schedule.refresh:] + [stage.prepare(r)
+                                                      for r in stream.take(schedule.refresh)]
+            t_data = time.perf_counter() - t0
+            for group in optimizer.param_groups:
+                group["lr"] = stage.rate(base_rate, state["step"], steps)
+            net.train()
+            with cast():
+                loss, items = stage.step(buffer, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["step"] += 1
+            seconds = time.perf_counter() - t0
+            entry = {"step": state["step"], "loss": round(float(loss.detach()), 5), "lr": optimizer.param_groups[0]["lr"],
+                     "seconds": round(seconds, 3), "waiting_s": round(t_data, 3), "items": items,
+                     "items_per_s": round(items / seconds, 1), "regions_seen": stream.position}
+            state["history"].append(entry)
+            if state["step"] % 10 == 0 or state["step"] == 1:
+                log.info("%s %5d/%d  loss %.4f  %.0f %s/s  %.2f s/step (%.2f waiting)  %d regions  %.0f min",
+                         stage.name, state["step"], steps, entry["loss"], entry["items_per_s"], stage.items,
+                         seconds, t_data, stream.position, (time.perf_counter() - started) / 60)
+            last = state["step"] == steps
+            if state["step"] % schedule.validate_every == 0 or last:
+                result = {"step": state["step"], "validation": stage.validate(validation)}
+                state["history"].append(result)
+                score = result["validation"]["loss"]
+                if state["best"] is None or score < state["best"]["loss"]:
+                    state["best"] = {"loss": score, "step": state["step"],
+                                     "model": copy.deepcopy(net.state_dict())}
+                    state["stale"] = 0
+                else:
+                    state["stale"] += 1
+                log.info("%s validation at step %d: %s%s", stage.name, state["step"],
+                         ", ".join(f"{k} {v:.4g}" for k, v in result["validation"].items()),
+                         "  (best)" if state["stale"] == 0 else f"  ({state['stale']} without improvement)")
+                if state["stale"] >= schedule.patience:
+                    log.info("%s: validation has not improved for %d checks; stopping at step %d, keeping "
+                             "step %d", stage.name, state["stale"], state["step"], state["best"]["step"])
+                    state["done"] = True
+            state["stream_position"] = stream.position
+            if state["done"] or last or state["step"] % 10 == 0:
+                _checkpoint(ckpt, {**state, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "rng": rng.bit_generator.state})
+            if state["done"]:
+                break
+    state["done"] = True
+    _checkpoint(ckpt, {**state, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                       "rng": rng.bit_generator.state})
+    _finish(stage, state)
+    return state["history"]
+
+
+def _finish(stage: Stage, state: dict) -> None:
+    if state["best"] is not None:
+        stage.net.load_state_dict(state["best"]["model"])
+    stage.net.eval()
+
+
+# -- the three stages ----------------------------------------------------------------------------------------------
+class ScreeningStage(Stage):
+    name, items = "screening", "positions"
+
+    def __init__(self, net, schedule, device, cast):
+        self.net, self.schedule, self.device, self.cast = net, schedule, device, cast
+
+    def step(self, buffer, rng):
+        chosen = [buffer[i] for i in rng.choice(len(buffer), self.schedule.screening_crops,
+                                                replace=len(buffer) < self.schedule.screening_crops)]
+        x, target = screening_batch(chosen, rng, self.device)
+        loss, _ = dense.dense_screening_loss(self.net, x, target, self.schedule.hard_negatives)
+        return loss, dense.count_positions(target)
+
+    @torch.inference_mode()
+    def validate(self, validation) -> dict:
+        return screening_metrics(self.net, validation, self.device, self.cast)
+
+
+def screening_metrics(net, validation, device, cast, thresholds=(0.1, 0.5)) -> dict:
+    """Class-balanced loss, lesion recall and false-positive peaks per region at each threshold, on the centre
+    crop of every validation region."""
+    net.eval()
+    losses, found, lesions = [], {t: 0 for t in thresholds}, 0
+    false = {t: 0 for t in thresholds}
+    with torch.inference_mode():
+        for region in validation:
+            x, target = screening_batch([region], None, device, augment=False)
+            with cast():
+                logits = net(x)
+            losses.append(float(dense.position_loss(logits, target, dense.class_balanced_weights(target))))
+            prob = torch.softmax(logits.float(), 1)[0, 1].cpu().numpy()
+            t = target[0].cpu().numpy()
+            z0 = (region.volume.shape[0] - dense.SCREEN_CROP[0]) // 2
+            label = region.label[z0:z0 + dense.SCREEN_CROP[0]]
+            # the validation crop is the middle of the region (what screening_batch cuts without augmentation)
+            y0, x0 = ((n - c) // 2 for n, c in zip(region.volume.shape[1:], dense.SCREEN_CROP[1:]))
+            label = label[:, y0:y0 + dense.SCREEN_CROP[1], x0:x0 + dense.SCREEN_CROP[2]]
+            components, n = ndimage.label(label, np.ones((3, 3, 3)))
+            first = dense.patch_centre_offset()
+            ids = components[tuple(slice(f, f + 2 * (s - 1) + 1, 2) for f, s in zip(first, prob.shape))]
+            present = set(np.unique(ids[t == 1])) - {0}
+            lesions += len(present)
+            peaks = prob == ndimage.maximum_filter(prob, size=5)
+            for th in thresholds:
+                found[th] += len(set(np.unique(ids[(t == 1) & (prob >= th)])) - {0})
+                false[th] += int((peaks & (prob >= th) & (t == 0)).sum())
+    out = {"loss": float(np.mean(losses)), "lesions": lesions}
+    for th in thresholds:
+        out[f"recall@{th}"] = found[th] / max(1, lesions)
+        out[f"fp_per_region@{th}"] = false[th] / max(1, len(validation))
+    return out
+
+
+class DiscriminationStage(Stage):
+    name, items = "discrimination", "windows"
+
+    def __init__(self, net, screening, schedule, device, cast):
+        self.net, self.screening, self.schedule, self.device, self.cast = net, screening, schedule, device, cast
+
+    def prepare(self, region):
+        return region, region_sites(region, region_rng(region), self.screening, self.device, self.cast)
+
+    def step(self, buffer, rng):
+        s = self.schedule
+        draws = draw_sites(buffer, s.discrimination_sites, 0.5, rng)
+        x, _ = site_patches(draws, dense.DISCRIMINATION_REGION, 4, rng, self.device)
+        shifts = dense.random_shifts(rng, len(draws), s.discrimination_shifts)
+        logits = dense.shared_discrimination_logits(self.net, x, shifts)
+        target = torch.tensor([c for _, _, c in draws], device=self.device).repeat_interleave(s.discrimination_shifts)
+        weights = torch.tensor(dense.CLASS_WEIGHTS, device=self.device)[target]
+        return dense.position_loss(logits, target, weights / weights.sum()), len(target)
+
+    def validate(self, validation) -> dict:
+        return discrimination_metrics(self.net, validation, self.device, self.cast)
+
+
+def discrimination_metrics(net, validation, device, cast) -> dict:
+    """Loss, sensitivity on the microbleeds, and the share of each negative kind kept, at 0.5, on the centre
+    window of each validation site."""
+    net.eval()
+    by_kind: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        for region, sites in validation:
+            for kind, centres in sites.items():
+                if not centres:
+                    continue
+                x = torch.from_numpy(extract_patches(region.volume.astype(np.float32), centres,
+                                                     DiscriminationCNN.patch_size))[:, None].to(device)
+                with cast():
+                    prob = torch.softmax(net(x).float(), 1)[:, 1].cpu().numpy()
+                by_kind.setdefault(kind, []).extend(prob.tolist())
+    positives = np.array(by_kind.get("positive", []))
+    negatives = np.concatenate([by_kind[k] for k in by_kind if k != "positive"] or [np.zeros(0)])
+    eps = 1e-6
+    loss = -(dense.CLASS_WEIGHTS[1] * np.log(positives + eps).mean() if len(positives) else 0) \
+        - (dense.CLASS_WEIGHTS[0] * np.log(1 - negatives + eps).mean() if len(negatives) else 0)
+    out = {"loss": float(loss), "sensitivity": float((positives >= 0.5).mean()) if len(positives) else 0.0}
+    for kind in ("mined", "mimic", "random"):
+        if by_kind.get(kind):
+            out[f"{kind}_kept"] = float((np.array(by_kind[kind]) >= 0.5).mean())
+    return out
+
+
+class SegmentationStage(Stage):
+    name, items = "segmentation", "patches"
+
+    def __init__(self, net, screening, schedule, device, cast):
+        self.net, self.screening, self.schedule, self.device, self.cast = net, screening, schedule, device, cast
+
+    def optimizer(self, scale: float):
+        return torch.optim.Adam(self.net.parameters(), lr=1e-3 * scale)
+
+    def rate(self, base, step, total):
+        return base
+
+    def prepare(self, region):
+        return region, region_sites(region, region_rng(region), self.screening, self.device, self.cast)
+
+    def step(self, buffer, rng):
+        draws = draw_sites(buffer, self.schedule.segmentation_batch, 0.75, rng, {"mined": 0.5, "mimic": 0.5})
+        x, label = site_patches(draws, SegmentationUNet.patch_size, 4, rng, self.device, shift=3)
+        return soft_dice_loss(self.net(x), label), len(draws)
+
+    def validate(self, validation) -> dict:
+        return segmentation_metrics(self.net, validation, self.device, self.cast)
+
+
+def segmentation_metrics(net, validation, device, cast) -> dict:
+    """Soft Dice loss and Dice at 0.5 over the validation microbleeds' patches."""
+    net.eval()
+    inter = total_pred = total_true = soft_inter = soft_sum = 0.0
+    with torch.inference_mode():
+        for region, sites in validation:
+            if not sites["positive"]:
+                continue
+            x = torch.from_numpy(extract_patches(region.volume.astype(np.float32), sites["positive"],
+                                                 SegmentationUNet.patch_size))[:, None].to(device)
+            label = extract_patches(region.label, sites["positive"], SegmentationUNet.patch_size) > 0.5
+            with cast():
+                prob = torch.softmax(net(x).float(), 1)[:, 1].cpu().numpy()
+            inter += float((prob >= 0.5)[label].sum())
+            total_pred += float((prob >= 0.5).sum())
+            total_true += float(label.sum())
+            soft_inter += float(prob[label].sum())
+            soft_sum += float(prob.sum() + label.sum())
+    return {"loss": 1 - (2 * soft_inter + 1) / (soft_sum + 1), "dice": 2 * inter / max(1.0, total_pred + total_true)}
+
+
+# -- the whole run -----------------------------------------------------------------------------------------------
+def validation_regions(work: Path, seed: int, count: int, workers: int, spacing) -> list[StreamedRegion]:
+    """The fixed validation regions of this seed (their own stream), cached in the work folder."""
+    path = work / f"validation_seed{seed}_{count}_{'x'.join(f'{v:g}' for v in spacing)}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    started = time.perf_counter()
+    with RegionStream(stream_seed(seed, "validation"), 0, workers, ahead=2 * max(1, workers),
+                      target_spacing=spacing) as stream:
+        regions = stream.take(count)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps(regions, protocol=pickle.HIGHEST_PROTOCOL))
+    tmp.replace(path)
+    log.info("validation: %d regions (%d microbleed voxels) in %.0f s", count, sum(int(r.label.sum()) for r in regions),
+             time.perf_counter() - started)
+    return regions
+
+
+def train_streamed(schedule: StreamSchedule, device, work: Path, seed: int, workers: int = 1,
+                   spacing=DEFAULT_TARGET_SPACING, precision: str = "auto", init: dict | None = None):
+    """All three stages from the stream; returns (networks, record). `init`: networks to start from (copied)."""
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cast, precision = dense.autocast(torch.device(device), precision)
+    log.info("streamed training: schedule %s, precision %s, device %s, %d simulation worker(s), work %s",
+             asdict(schedule), precision, device, workers, work)
+    validation = validation_regions(work, seed, schedule.validation_regions, workers, spacing)
+    start = (lambda name, fresh: copy.deepcopy(init[name]) if init else fresh)
+    record: dict = {"precision": precision, "schedule": asdict(schedule)}
+
+    screening = start("screening", ScreeningFCN())
+    record["screening"] = run_stage(ScreeningStage(screening, schedule, device, cast), schedule.screening_steps,
+                                    schedule, seed, work, device, workers, spacing, validation, cast)
+    sited = [(r, region_sites(r, region_rng(r), screening, device, cast)) for r in validation]
+    discrimination = start("discrimination", DiscriminationCNN())
+    record["discrimination"] = run_stage(DiscriminationStage(discrimination, screening, schedule, device, cast),
+                                         schedule.discrimination_steps, schedule, seed, work, device, workers,
+                                         spacing, sited, cast)
+    segmentation = start("segmentation", SegmentationUNet())
+    record["segmentation"] = run_stage(SegmentationStage(segmentation, screening, schedule, device, cast),
+                                       schedule.segmentation_steps, schedule, seed, work, device, workers, spacing,
+                                       sited, cast)
+    nets = {"screening": screening, "discrimination": discrimination, "segmentation": segmentation}
+    record["curves"] = {name: learning_curve(record[name]) for name in STAGES}
+    record["stream"] = {name: {"regions": max([e.get("regions_seen", 0) for e in record[name]] or [0]),
+                               "steps": max([e.get("step", 0) for e in record[name]] or [0])} for name in STAGES}
+    return {k: v.cpu().eval() for k, v in nets.items()}, record
+
+
+def learning_curve(history: list[dict], window: int = 50) -> dict:
+    """A stage's curve for the manifest: training loss averaged over `window` steps, every validation, and the
+    step whose state was kept (the best validation loss)."""
+    train = [e for e in history if "loss" in e and "validation" not in e]
+    checks = [e for e in history if "validation" in e]
+    means = [{"step": chunk[-1]["step"], "loss": round(float(np.mean([e["loss"] for e in chunk])), 5),
+              "items_per_s": round(float(np.mean([e["items_per_s"] for e in chunk])), 1),
+              "regions_seen": chunk[-1]["regions_seen"]}
+             for chunk in (train[i:i + window] for i in range(0, len(train), window))]
+    best = min(checks, key=lambda e: e["validation"]["loss"]) if checks else None
+    return {"training": means, "validation": checks, "kept_step": best["step"] if best else None,
+            "seconds": round(sum(e["seconds"] for e in train), 1)}

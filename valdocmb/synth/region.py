@@ -36,7 +36,7 @@ from .simulate import (DEFAULTS, _average_slices, _draw_calcifications, _draw_fl
 
 REGION_SHAPE = (56, 72, 72)   # z, y, x processing voxels: a 48x64x64 screening crop with +-4 voxels to move
 COARSE_MM = 3.0               # the grid of the whole-brain pass (window placement and z-score statistics)
-MIMIC_KINDS = ("vein", "calcification", "flow_void")
+BIAS_STEP = 4                 # voxels between exact evaluations of the bias field
 
 
 @dataclass
@@ -205,20 +205,24 @@ def _origin_corner(image: sitk.Image, origin) -> sitk.Image:
 
 def _bias_on(coefficients: np.ndarray, amplitude: float, full_size_xyz, lo_xyz, shape_zyx) -> np.ndarray:
     """The bias field of a scan of `full_size_xyz` voxels (cubic spline through `coefficients`, spread over the
-    whole field of view as `simulate._bias_field` spreads them) on its voxels lo..lo + shape."""
+    whole field of view as `simulate._bias_field` spreads them) on its voxels lo..lo + shape. The field varies over
+    centimetres: it is evaluated every BIAS_STEP voxels and interpolated linearly in between."""
     order = coefficients.shape[0]
     full_zyx = np.asarray(full_size_xyz)[::-1]
     lo_zyx = np.asarray(lo_xyz)[::-1]
-    axes = [(np.arange(lo, lo + n) + 0.5) * order / full - 0.5 for lo, n, full in zip(lo_zyx, shape_zyx, full_zyx)]
     spline = ndimage.spline_filter(coefficients, order=3, mode="nearest")
 
     def evaluate(coordinate_axes):
         grid = np.meshgrid(*coordinate_axes, indexing="ij")
         return ndimage.map_coordinates(spline, grid, order=3, mode="nearest", prefilter=False)
 
+    sparse = [np.linspace(lo, lo + n - 1, max(2, -(-n // BIAS_STEP) + 1)) for lo, n in zip(lo_zyx, shape_zyx)]
+    values = evaluate([(v + 0.5) * order / full - 0.5 for v, full in zip(sparse, full_zyx)])
+    field = ndimage.zoom(values, [n / len(v) for n, v in zip(shape_zyx, sparse)], order=1, grid_mode=False)
+    field = field[: shape_zyx[0], : shape_zyx[1], : shape_zyx[2]]
     # the whole field's largest magnitude, on a coarse sampling of the field of view (its normalisation)
     whole = evaluate([(np.arange(24) + 0.5) * order / 24 - 0.5] * 3)
-    return (1.0 + amplitude * evaluate(axes) / (np.abs(whole).max() + 1e-6)).astype(np.float32)
+    return (1.0 + amplitude * field / (np.abs(whole).max() + 1e-6)).astype(np.float32)
 
 
 def _place_microbleeds(rng, params, tissue, anat_window, proc_window, count_range) -> list:

@@ -120,22 +120,27 @@ DISCRIMINATION_REGION = tuple(p + 2 * MAX_SHIFT for p in DiscriminationCNN.patch
 
 def shared_discrimination_logits(net: DiscriminationCNN, regions: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Logits (N * K, 2) of K shifted patches per region: regions (N, 1, *DISCRIMINATION_REGION), shifts (N, K, 3)
-    integer offsets in [-MAX_SHIFT, MAX_SHIFT] of each patch from the region's centre. C1-C2 run once per region."""
+    integer offsets in [-MAX_SHIFT, MAX_SHIFT] of each patch from the region's centre. C1-C2 run once per region;
+    the windows are one gather (its gradient one scatter-add, not a region-sized gradient per window)."""
     local = net.local_features(regions)
-    size = [n - 2 * MAX_SHIFT for n in local.shape[2:]]                # C2 output of one patch
+    return net.classify_local(windows_of(local, shifts, [n - 2 * MAX_SHIFT for n in local.shape[2:]]))
+
+
+def windows_of(volumes: torch.Tensor, shifts: torch.Tensor, size) -> torch.Tensor:
+    """(N * K, C, *size) windows of (N, C, z, y, x) volumes, window (n, k) starting at MAX_SHIFT + shifts[n, k]."""
     n, k = shifts.shape[:2]
-    starts = (shifts + MAX_SHIFT).reshape(-1, 3).tolist()
-    windows = [local[i // k, :, z:z + size[0], y:y + size[1], x:x + size[2]] for i, (z, y, x) in enumerate(starts)]
-    return net.classify_local(torch.stack(windows))
+    starts = (shifts.reshape(-1, 3) + MAX_SHIFT).to(volumes.device)
+    index = [starts[:, axis, None] + torch.arange(size[axis], device=volumes.device) for axis in range(3)]
+    batch = torch.arange(n, device=volumes.device).repeat_interleave(k)
+    channels_last = volumes.permute(0, 2, 3, 4, 1)                       # (N, z, y, x, C)
+    picked = channels_last[batch[:, None, None, None], index[0][:, :, None, None], index[1][:, None, :, None],
+                           index[2][:, None, None, :]]                   # (N * K, *size, C)
+    return picked.permute(0, 4, 1, 2, 3)
 
 
 def window_of(regions: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """The (N * K, 1, *patch) input patches the shifted windows of `shared_discrimination_logits` stand for."""
-    size = DiscriminationCNN.patch_size
-    n, k = shifts.shape[:2]
-    starts = (shifts + MAX_SHIFT).reshape(-1, 3).tolist()
-    return torch.stack([regions[i // k, :, z:z + size[0], y:y + size[1], x:x + size[2]]
-                        for i, (z, y, x) in enumerate(starts)])
+    return windows_of(regions, shifts, DiscriminationCNN.patch_size)
 
 
 def random_shifts(rng: np.random.Generator, count: int, per_region: int) -> torch.Tensor:

@@ -1,0 +1,231 @@
+"""Training throughput, the pool path (per-patch, float32, whole simulated scans) against the streamed path (dense
+screening, shared discrimination, bfloat16, simulated regions), measured in one run on this machine.
+
+    python -m valdocmb.bench.training [--device cpu|cuda] [--regions 24] [--scans 3] [--out report.json]
+    python -m valdocmb.bench.training --losses 300     # dense screening: class-balanced vs hardest negatives
+
+Per stage: labelled positions (screening) or samples per second, and seconds per step, each path timed on the
+same regions with the same networks. Simulation: training crops per CPU-second, where a whole scan yields the
+crops of the pool path (`case_pool`: one per microbleed, 24 random, the recorded mimics and vessel points) and a
+region the sites the streamed path uses (microbleeds, mimics, 4 random) plus its screening crop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from valdocmb.models.discrimination import DiscriminationCNN
+from valdocmb.models.screening import ScreeningFCN
+from valdocmb.models.segmentation import SegmentationUNet
+
+from ..core.device import resolve_device
+from ..core.logs import setup_logging
+from ..core.patches import extract_patches
+from ..train import dense, streamed
+from ..train.samples import CROP, Crop, case_pool, draw_batch
+from ..train.stream import make_region
+from ..train.three_stage import CLASS_WEIGHTS, soft_dice_loss
+from .jobs import hardware
+
+log = logging.getLogger("valdocmb.bench")
+
+
+def pools_from(regions) -> dict[str, list[Crop]]:
+    """The pool path's crops (36x48x48) cut from the regions: positives, random negatives, mimics."""
+    pools: dict[str, list[Crop]] = {"positive": [], "negative": [], "mined": []}
+    for region in regions:
+        sites = streamed.region_sites(region, streamed.region_rng(region))
+        for kind, pool in (("positive", "positive"), ("random", "negative"), ("mimic", "mined")):
+            for centre in sites[kind]:
+                pools[pool].append(Crop(extract_patches(region.volume, [centre], CROP)[0].astype(np.float16),
+                                        extract_patches(region.label, [centre], CROP)[0].astype(np.uint8), pool, "x"))
+    return pools
+
+
+def time_steps(step, count: int) -> tuple[float, int]:
+    """Seconds per step and items per step over `count` steps after one warm-up step."""
+    step()
+    started, items = time.perf_counter(), 0
+    for _ in range(count):
+        items += step()
+    return (time.perf_counter() - started) / count, items // count
+
+
+def pool_step(net, pools, proportions, patch, samples, batch, device, segmentation=False):
+    """One iteration of the pool path (`three_stage.run_stage`): draw and augment, then batches in float32."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    weights = torch.tensor(CLASS_WEIGHTS, device=device)
+    rng = np.random.default_rng(0)
+
+    def step():
+        volumes, classes, labels = draw_batch(pools, proportions, samples, patch, rng)
+        net.train()
+        for b in range(0, samples, batch):
+            x = torch.from_numpy(volumes[b:b + batch]).to(device)
+            logits = net(x)
+            if segmentation:
+                loss = soft_dice_loss(logits, torch.from_numpy(labels[b:b + batch]).to(device))
+            else:
+                loss = torch.nn.functional.cross_entropy(logits.reshape(len(x), 2),
+                                                         torch.from_numpy(classes[b:b + batch]).to(device),
+                                                         weight=weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return samples
+    return step
+
+
+def stream_step(stage, buffer, cast):
+    optimizer = stage.optimizer(0.1)
+    rng = np.random.default_rng(0)
+
+    def step():
+        stage.net.train()
+        with cast():
+            loss, items = stage.step(buffer, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return items
+    return step
+
+
+def throughput(regions, device, steps: int) -> list[dict]:
+    torch.manual_seed(0)
+    cast, precision = dense.autocast(device, "auto")
+    pools = pools_from(regions)
+    schedule = streamed.STREAM_SCHEDULES["full"]
+    screening = ScreeningFCN().to(device)
+    rows = []
+
+    def row(stage, unit, old, new):
+        (old_s, old_n), (new_s, new_n) = old, new
+        rows.append({"stage": stage, "unit": unit, "pool_per_s": round(old_n / old_s, 1),
+                     "pool_s_per_step": round(old_s, 3), "streamed_per_s": round(new_n / new_s, 1),
+                     "streamed_s_per_step": round(new_s, 3), "ratio": round((new_n / new_s) / (old_n / old_s), 1),
+                     "streamed_precision": precision})
+        log.info("%s: pool path %.1f %s/s, streamed %.1f %s/s (%.1fx)", stage, old_n / old_s, unit, new_n / new_s,
+                 unit, rows[-1]["ratio"])
+
+    row("screening", "labelled positions",
+        time_steps(pool_step(screening, pools, {"positive": 1, "negative": 2, "mined": 1}, ScreeningFCN.patch_size,
+                             256, 64, device), steps),
+        time_steps(stream_step(streamed.ScreeningStage(ScreeningFCN().to(device), schedule, device, cast),
+                               regions, cast), steps))
+    sited = [(r, streamed.region_sites(r, streamed.region_rng(r), screening, device, cast)) for r in regions]
+    row("discrimination", "samples",
+        time_steps(pool_step(DiscriminationCNN().to(device), pools, {"positive": 1, "mined": 1},
+                             DiscriminationCNN.patch_size, 256, 64, device), steps),
+        time_steps(stream_step(streamed.DiscriminationStage(DiscriminationCNN().to(device), screening, schedule,
+                                                            device, cast), sited, cast), steps))
+    row("segmentation", "samples",
+        time_steps(pool_step(SegmentationUNet().to(device), pools, {"positive": 3, "mined": 1},
+                             SegmentationUNet.patch_size, 64, 16, device, segmentation=True), steps),
+        time_steps(stream_step(streamed.SegmentationStage(SegmentationUNet().to(device), screening, schedule,
+                                                          device, cast), sited, cast), steps))
+    return rows
+
+
+def simulation(scans: int, regions: int) -> dict:
+    """Training crops per CPU-second: whole scans through the pool path's case_pool, against regions."""
+    from ..synth.simulate import PROFILES, simulate_case
+
+    make_region(0, 0)  # loads the anatomy templates once, for both paths
+    grids = ["alfa3", "sabre", "rss", "alfa4", "random"]
+    crops = cpu = 0.0
+    with tempfile.TemporaryDirectory() as scratch:
+        for i in range(scans):
+            started = time.process_time()
+            case = simulate_case(1000 + i, grids[i % len(grids)], **PROFILES["randomised"])
+            scan, label = Path(scratch) / f"s{i}_T2S.nii.gz", Path(scratch) / f"s{i}_CMB.nii.gz"
+            sitk.WriteImage(case.image, str(scan))
+            sitk.WriteImage(case.label, str(label))
+            (Path(scratch) / f"s{i}_space-T2S_sim.json").write_text(json.dumps(case.meta))
+            crops += len(case_pool(f"s{i}", scan, label, np.random.default_rng(i)))
+            cpu += time.process_time() - started
+    whole = {"scans": scans, "crops": int(crops), "cpu_s": round(cpu, 1), "crops_per_cpu_s": round(crops / cpu, 2)}
+    crops = cpu = 0.0
+    for i in range(regions):
+        started = time.process_time()
+        region = make_region(7, i)
+        sites = streamed.region_sites(region, streamed.region_rng(region))
+        crops += 1 + sum(len(sites[k]) for k in ("positive", "mimic", "random"))
+        cpu += time.process_time() - started
+    parts = {"regions": regions, "crops": int(crops), "cpu_s": round(cpu, 1),
+             "crops_per_cpu_s": round(crops / cpu, 2)}
+    log.info("simulation: whole scans %.2f crops/CPU-s, regions %.2f crops/CPU-s (%.1fx)",
+             whole["crops_per_cpu_s"], parts["crops_per_cpu_s"], parts["crops_per_cpu_s"] / whole["crops_per_cpu_s"])
+    return {"whole_scans": whole, "regions": parts,
+            "ratio": round(parts["crops_per_cpu_s"] / whole["crops_per_cpu_s"], 1)}
+
+
+def compare_losses(steps: int, device, work: Path, seed: int) -> list[dict]:
+    """Dense screening for `steps` steps on the same stream with the class-balanced loss over every background
+    position, and with only the hardest ones; both scored on the same validation regions."""
+    results = []
+    for hard in (0, 2048):
+        schedule = streamed.STREAM_SCHEDULES["full"]
+        schedule = replace(schedule, hard_negatives=hard, validate_every=steps)
+        cast, _ = dense.autocast(device, "auto")
+        validation = streamed.validation_regions(work, seed, schedule.validation_regions, 1, (0.49, 0.49, 0.8))
+        torch.manual_seed(seed)
+        stage = streamed.ScreeningStage(ScreeningFCN(), schedule, device, cast)
+        folder = work / f"losses_hard{hard}_{steps}"
+        folder.mkdir(parents=True, exist_ok=True)
+        history = streamed.run_stage(stage, steps, schedule, seed, folder, device, 1, (0.49, 0.49, 0.8), validation,
+                                     cast)
+        final = [e for e in history if "validation" in e][-1]["validation"]
+        results.append({"hard_negatives": hard, "steps": steps, **final})
+        log.info("hard_negatives %d: %s", hard, final)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m valdocmb.bench.training", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--regions", type=int, default=24, help="simulated regions the stages train on")
+    parser.add_argument("--scans", type=int, default=3, help="whole scans simulated for the pool path's rate")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per stage and path")
+    parser.add_argument("--losses", type=int, default=0, metavar="STEPS",
+                        help="instead: compare the dense screening losses over STEPS steps each")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache/valdocmb/bench-training")
+    parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    setup_logging()
+    device = resolve_device(args.device)
+    report = {"hardware": hardware(), "device": str(device), "threads": torch.get_num_threads()}
+    if args.losses:
+        report["losses"] = compare_losses(args.losses, device, args.work, 0)
+    else:
+        started = time.perf_counter()
+        regions = [make_region(11, i) for i in range(args.regions)]
+        log.info("%d regions simulated in %.0f s", len(regions), time.perf_counter() - started)
+        report["stages"] = throughput(regions, device, args.steps)
+        report["simulation"] = simulation(args.scans, args.regions)
+        print(f"\n{'stage':<15} {'unit':<19} {'pool /s':>10} {'s/step':>8} {'streamed /s':>12} {'s/step':>8} "
+              f"{'ratio':>7}")
+        for r in report["stages"]:
+            print(f"{r['stage']:<15} {r['unit']:<19} {r['pool_per_s']:>10} {r['pool_s_per_step']:>8} "
+                  f"{r['streamed_per_s']:>12} {r['streamed_s_per_step']:>8} {r['ratio']:>6}x")
+        sim = report["simulation"]
+        print(f"{'simulation':<15} {'crops per CPU-s':<19} {sim['whole_scans']['crops_per_cpu_s']:>10} {'':>8} "
+              f"{sim['regions']['crops_per_cpu_s']:>12} {'':>8} {sim['ratio']:>6}x")
+    print(json.dumps(report, indent=1) if args.losses else "")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,8 @@ screening, shared discrimination, bfloat16, simulated regions), measured in one 
 
     python -m valdocmb.bench.training [--device cpu|cuda] [--regions 24] [--scans 3] [--out report.json]
     python -m valdocmb.bench.training --losses 300     # dense screening: class-balanced vs hardest negatives
+    python -m valdocmb.bench.training --score weights  # given weights on the streamed run's validation regions
+    python -m valdocmb.bench.training --curves WORK --figure curves.png   # a streamed run's learning curves
 
 Per stage: labelled positions (screening) or samples per second, and seconds per step, each path timed on the
 same regions with the same networks. Simulation: training crops per CPU-second, where a whole scan yields the
@@ -191,6 +193,71 @@ def compare_losses(steps: int, device, work: Path, seed: int) -> list[dict]:
     return results
 
 
+def score(weights: Path, device, work: Path, seed: int, count: int) -> dict:
+    """Screening and discrimination figures of the weights in `weights` on the validation regions a streamed run
+    with this seed uses (`streamed.validation_regions`): the same crops, the same metrics as its learning curve."""
+    from ..core.three_stage import ThreeStagePipeline
+
+    pipeline = ThreeStagePipeline.from_weights(weights, str(device))
+    cast, precision = dense.autocast(device, "auto")
+    validation = streamed.validation_regions(work, seed, count, 1, tuple(pipeline.config.target_spacing))
+    sited = [(r, streamed.region_sites(r, streamed.region_rng(r), pipeline.screening, device, cast))
+             for r in validation]
+    result = {"weights": str(weights), "version": pipeline.weights_info["version"], "precision": precision,
+              "screening": streamed.screening_metrics(pipeline.screening, validation, device, cast),
+              "discrimination": streamed.discrimination_metrics(pipeline.discrimination, sited, device, cast),
+              "segmentation": streamed.segmentation_metrics(pipeline.segmentation, sited, device, cast)}
+    log.info("%s: %s", weights, json.dumps(result))
+    return result
+
+
+CURVE_METRICS = {"screening": ("recall@1fp", "fp_per_region@0.5"), "discrimination": ("sensitivity", "mined_kept"),
+                 "segmentation": ("dice",)}
+
+
+def curves(work: Path, figure: Path) -> dict:
+    """The learning curves of the streamed run in `work` (its checkpoints, finished or not) as a figure: per stage,
+    the training loss (mean of 50 steps) and the validation loss and figures, against wall time in hours."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = {name: torch.load(work / f"{name}.ckpt", map_location="cpu", weights_only=False)["history"]
+              for name in streamed.STAGES if (work / f"{name}.ckpt").is_file()}
+    if not stages:
+        raise SystemExit(f"{work}: no stage checkpoint (screening.ckpt, ...)")
+    fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.2 * len(stages)), squeeze=False)
+    summary, offset = {}, 0.0
+    for row, (name, history) in zip(axes, stages.items()):
+        curve = streamed.learning_curve(history)
+        clock, hours = 0.0, {}
+        for entry in history:
+            if "seconds" in entry:
+                clock += entry["seconds"]
+            hours[entry["step"]] = offset + clock / 3600
+        row[0].plot([hours[e["step"]] for e in curve["training"]], [e["loss"] for e in curve["training"]],
+                    label="training (50-step mean)")
+        checks = curve["validation"]
+        row[0].plot([hours[e["step"]] for e in checks], [e["validation"]["loss"] for e in checks], "o-", ms=3,
+                    label="validation")
+        row[0].set_title(f"{name}: loss")
+        row[0].set_xlabel("hours of training")
+        row[0].legend()
+        for metric in CURVE_METRICS[name]:
+            row[1].plot([hours[e["step"]] for e in checks], [e["validation"].get(metric, np.nan) for e in checks],
+                        "o-", ms=3, label=metric)
+        row[1].set_title(f"{name}: validation ({len(checks)} checks)")
+        row[1].set_xlabel("hours of training")
+        row[1].legend()
+        summary[name] = {"steps": max(e["step"] for e in history), "hours": round(clock / 3600, 2),
+                         "kept_step": curve["kept_step"], "last_validation": checks[-1]["validation"] if checks else None}
+        offset += clock / 3600
+    fig.tight_layout()
+    fig.savefig(figure, dpi=90)
+    log.info("learning curves of %s written to %s", work, figure)
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m valdocmb.bench.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -199,14 +266,25 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per stage and path")
     parser.add_argument("--losses", type=int, default=0, metavar="STEPS",
                         help="instead: compare the dense screening losses over STEPS steps each")
+    parser.add_argument("--score", type=Path, default=None, metavar="WEIGHTS",
+                        help="instead: score these weights on the validation regions of a streamed run (--seed)")
+    parser.add_argument("--curves", type=Path, default=None, metavar="WORK",
+                        help="instead: draw the learning curves of the streamed run in WORK (with --figure)")
+    parser.add_argument("--figure", type=Path, default=Path("learning-curves.png"))
+    parser.add_argument("--seed", type=int, default=0, help="the streamed run's seed (--score, --losses)")
+    parser.add_argument("--validation-regions", type=int, default=48)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/valdocmb/bench-training")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
     setup_logging()
     device = resolve_device(args.device)
     report = {"hardware": hardware(), "device": str(device), "threads": torch.get_num_threads()}
-    if args.losses:
-        report["losses"] = compare_losses(args.losses, device, args.work, 0)
+    if args.curves:
+        report["curves"] = curves(args.curves, args.figure)
+    elif args.score:
+        report["score"] = score(args.score, device, args.work, args.seed, args.validation_regions)
+    elif args.losses:
+        report["losses"] = compare_losses(args.losses, device, args.work, args.seed)
     else:
         started = time.perf_counter()
         regions = [make_region(11, i) for i in range(args.regions)]
@@ -221,7 +299,7 @@ def main(argv=None) -> int:
         sim = report["simulation"]
         print(f"{'simulation':<15} {'crops per CPU-s':<19} {sim['whole_scans']['crops_per_cpu_s']:>10} {'':>8} "
               f"{sim['regions']['crops_per_cpu_s']:>12} {'':>8} {sim['ratio']:>6}x")
-    print(json.dumps(report, indent=1) if args.losses else "")
+    print(json.dumps(report, indent=1) if args.losses or args.score or args.curves else "")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

@@ -61,8 +61,15 @@ def make_region(seed: int, index: int, target_spacing=DEFAULT_TARGET_SPACING) ->
 
 
 def _worker_init():
-    import os
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    """One thread per simulation worker: the trainer's threads keep the other cores."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
 
 
 class RegionStream:

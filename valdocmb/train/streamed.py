@@ -45,6 +45,7 @@ log = logging.getLogger("valdocmb.train")
 MINED_PER_REGION = 8          # the screening network's highest false positives kept per region
 MINING_FLOOR = 0.05           # ... at least this probable
 LESION_ZONE = 6               # voxels around a microbleed where no negative site is taken
+CHECKPOINT_EVERY = 10         # steps between checkpoints (and at every validation's decision to stop)
 
 
 @dataclass
@@ -53,21 +54,24 @@ class StreamSchedule:
     discrimination_steps: int
     segmentation_steps: int
     screening_crops: int = 4          # 48x64x64 crops per step
-    discrimination_sites: int = 24    # sites per step, each seen through `discrimination_shifts` windows
-    discrimination_shifts: int = 12
+    discrimination_sites: int = 16    # sites per step, each seen through `discrimination_shifts` windows
+    discrimination_shifts: int = 24
     segmentation_batch: int = 16
     buffer: int = 48                  # regions held at once
     refresh: int = 1                  # new regions per step
     validate_every: int = 100
-    patience: int = 5
+    patience: int = 5                 # validations without improvement that end a stage ...
+    stop_after: float = 0.5           # ... once this share of its steps is done
     validation_regions: int = 48
-    hard_negatives: int = 0           # > 0: only this many hardest background positions per screening batch
+    hard_negatives: int = 2048        # only this many hardest background positions per screening batch (0: all)
     learning_rate_scale: float = 1.0
 
 
 STREAM_SCHEDULES = {
-    # what valdocmb-train runs from scratch; the stages stop earlier when validation stops improving
-    "full": StreamSchedule(4000, 12000, 12000),
+    # what valdocmb-train runs from scratch. Half of each budget is at least 50x the samples the pool-trained
+    # weights saw (screening 61 k patches, discrimination 92 k, U-Net 5.4 k): 2,000 x 4 crops x 8,993 positions,
+    # 12,000 x 16 sites x 24 windows, 17,000 x 16 patches; after that, a stage ends when validation stops improving
+    "full": StreamSchedule(4000, 24000, 34000),
     "hour": StreamSchedule(700, 1000, 600, validate_every=50),
     "smoke": StreamSchedule(2, 2, 2, screening_crops=2, discrimination_sites=4, discrimination_shifts=2,
                             segmentation_batch=4, buffer=2, refresh=1, validate_every=1, patience=2,
@@ -269,6 +273,7 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
     optimizer = stage.optimizer(schedule.learning_rate_scale)
     base_rate = optimizer.param_groups[0]["lr"]
     rng = np.random.default_rng(stream_seed(seed, stage.name))
+    work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{stage.name}.ckpt"
     state = {"step": 0, "stream_position": 0, "history": [], "best": None, "stale": 0, "done": False}
     if ckpt.is_file():
@@ -326,12 +331,12 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
                 log.info("%s validation at step %d: %s%s", stage.name, state["step"],
                          ", ".join(f"{k} {v:.4g}" for k, v in result["validation"].items()),
                          "  (best)" if state["stale"] == 0 else f"  ({state['stale']} without improvement)")
-                if state["stale"] >= schedule.patience:
+                if state["stale"] >= schedule.patience and state["step"] >= schedule.stop_after * steps:
                     log.info("%s: validation has not improved for %d checks; stopping at step %d, keeping "
                              "step %d", stage.name, state["stale"], state["step"], state["best"]["step"])
                     state["done"] = True
             state["stream_position"] = stream.position
-            if state["done"] or last or state["step"] % 10 == 0:
+            if state["done"] or last or state["step"] % CHECKPOINT_EVERY == 0:
                 _checkpoint(ckpt, {**state, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                    "rng": rng.bit_generator.state})
             if state["done"]:
@@ -508,6 +513,7 @@ def segmentation_metrics(net, validation, device, cast) -> dict:
 # -- the whole run -----------------------------------------------------------------------------------------------
 def validation_regions(work: Path, seed: int, count: int, workers: int, spacing) -> list[StreamedRegion]:
     """The fixed validation regions of this seed (their own stream), cached in the work folder."""
+    work.mkdir(parents=True, exist_ok=True)
     path = work / f"validation_seed{seed}_{count}_{'x'.join(f'{v:g}' for v in spacing)}.pkl"
     if path.is_file():
         return pickle.loads(path.read_bytes())

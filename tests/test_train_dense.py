@@ -1,0 +1,188 @@
+"""Streamed training: dense and shared arithmetic equal the per-patch formulation, targets, regions, the stream's
+determinism, resumption after a kill, and the command writing loadable weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from valdocmb.core.three_stage import ThreeStagePipeline
+from valdocmb.models.discrimination import DiscriminationCNN
+from valdocmb.models.screening import ScreeningFCN
+from valdocmb.train import dense, streamed
+from valdocmb.train.__main__ import main as train_main
+from valdocmb.train.stream import RegionStream, make_region
+
+
+def _grads(net):
+    return [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+
+def test_dense_screening_loss_and_gradients_equal_per_patch():
+    torch.manual_seed(0)
+    net = ScreeningFCN().double().eval()                 # batch norm in eval mode: positions are independent
+    crop = torch.randn(2, 1, 22, 28, 26, dtype=torch.float64)
+    out_shape = net(crop).shape[2:]
+    rng = np.random.default_rng(1)
+    target = torch.from_numpy(rng.choice([dense.IGNORE, 0, 0, 0, 1], size=(2, *out_shape)))
+    weights = dense.class_balanced_weights(target).double()
+    loss = dense.position_loss(net(crop), target, weights)
+    net.zero_grad()
+    loss.backward()
+    dense_grads = _grads(net)
+
+    positions = np.argwhere(target.numpy() != dense.IGNORE)
+    pz, py, px = ScreeningFCN.patch_size
+    patches = torch.stack([crop[n, :, 2 * i:2 * i + pz, 2 * j:2 * j + py, 2 * k:2 * k + px] for n, i, j, k in positions])
+    index = tuple(torch.from_numpy(positions.T))
+    net.zero_grad()
+    patch_loss = dense.position_loss(net(patches).reshape(len(patches), 2), target[index], weights[index])
+    patch_loss.backward()
+    assert float(patch_loss.detach()) == pytest.approx(float(loss.detach()), rel=1e-10)
+    for a, b in zip(dense_grads, _grads(net)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_class_balanced_weights_give_each_class_its_share():
+    target = torch.tensor([[1, 0, 0, 0, 0, dense.IGNORE, 0, 1]])
+    weights = dense.class_balanced_weights(target)
+    assert float(weights.sum()) == pytest.approx(1.0)
+    assert float(weights[target == dense.IGNORE].sum()) == 0
+    # 0.75 x 0.25 for the CMB class against 0.25 x 0.75 for background: equal halves, as the paper's sampling gives
+    assert float(weights[target == 1].sum()) == pytest.approx(0.5)
+    only_background = dense.class_balanced_weights(torch.zeros((1, 4), dtype=torch.long))
+    assert float(only_background.sum()) == pytest.approx(1.0)
+
+
+def test_hardest_negatives_keep_the_highest_scoring_background():
+    logits = torch.zeros((1, 2, 6))
+    logits[0, 1] = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0, 0.0])
+    target = torch.tensor([[1, 0, 0, 0, 0, 0]])
+    kept = dense.hardest_negatives(logits, target, 2)
+    assert kept.tolist() == [[1, dense.IGNORE, 0, dense.IGNORE, 0, dense.IGNORE]]
+
+
+def test_shared_discrimination_equals_each_shifted_patch_alone():
+    torch.manual_seed(0)
+    net = DiscriminationCNN().double().eval()
+    regions = torch.randn(3, 1, *dense.DISCRIMINATION_REGION, dtype=torch.float64)
+    shifts = dense.random_shifts(np.random.default_rng(0), 3, 5)
+    assert shifts.abs().max() <= dense.MAX_SHIFT and (shifts[:, 0] == 0).all()
+    shared = dense.shared_discrimination_logits(net, regions, shifts)
+    shared.sum().backward()
+    shared_grads = _grads(net)
+    patches = dense.window_of(regions, shifts)
+    # window (n, k) is the patch at offset MAX_SHIFT + shift in region n
+    z, y, x = (shifts[1, 2] + dense.MAX_SHIFT).tolist()
+    pz, py, px = DiscriminationCNN.patch_size
+    torch.testing.assert_close(patches[7], regions[1, :, z:z + pz, y:y + py, x:x + px])
+    net.zero_grad()
+    alone = net(patches)
+    alone.sum().backward()
+    torch.testing.assert_close(shared, alone, rtol=1e-9, atol=1e-12)
+    for a, b in zip(shared_grads, _grads(net)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_screening_targets_follow_the_patch_centres():
+    label = np.zeros((30, 34, 34), np.uint8)
+    label[14:17, 16:19, 16:19] = 1
+    foreground = np.ones(label.shape, bool)
+    foreground[:, :, :12] = False
+    target = dense.screening_targets(label, foreground)
+    assert target.shape == tuple(ScreeningFCN.output_size(n, p) for n, p in zip(label.shape, ScreeningFCN.patch_size))
+    first = dense.patch_centre_offset()
+    for index in np.ndindex(target.shape):
+        centre = tuple(f + 2 * i for f, i in zip(first, index))
+        if label[centre]:
+            assert target[index] == 1
+        elif not foreground[centre]:
+            assert target[index] == dense.IGNORE
+    assert (target == 1).any() and (target == 0).any()
+    # next to the microbleed (inside the band) a position is neither class
+    band = tuple((np.array([15, 20, 20]) - first) // 2)
+    assert label[tuple(first + 2 * np.array(band))] == 0 and target[band] == dense.IGNORE
+
+
+def test_rotation_keeps_labels_on_their_voxels():
+    rng = np.random.default_rng(0)
+    label = torch.zeros((4, 1, 8, 40, 40))
+    label[:, :, 2:6, 10:22, 14:30] = 1
+    volume = label * 3.0
+    turned, turned_label = dense.rotate_and_flip(volume, label, rng)
+    agree = ((turned > 1.5) == (turned_label > 0.5)).float().mean()
+    assert agree > 0.98 and turned_label.sum() > 0.9 * label.sum()
+
+
+@pytest.fixture(scope="module")
+def region():
+    return make_region(3, 0)
+
+
+def test_a_region_is_a_z_scored_block_of_the_processing_grid(region):
+    again = make_region(3, 0)
+    np.testing.assert_array_equal(region.volume, again.volume)
+    assert region.volume.shape == region.label.shape == region.foreground.shape
+    assert not region.label[~region.foreground].any() and not region.volume[~region.foreground].any()
+    values = region.volume[region.foreground].astype(np.float32)
+    assert -3 < values.mean() < 3 and 0.2 < values.std() < 4
+    assert all(region.foreground[c] for c, _ in region.sites)
+
+
+def test_the_stream_is_a_function_of_seed_and_index():
+    with RegionStream(5, start=1, workers=0) as stream:
+        first = stream.take(2)
+    assert [r.index for r in first] == [1, 2] and stream.position == 3
+    np.testing.assert_array_equal(first[1].volume, make_region(5, 2).volume)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    schedule = streamed.StreamSchedule(4, 1, 1, screening_crops=2, buffer=2, validate_every=2, patience=5,
+                                       validation_regions=1)
+    monkeypatch.setattr(streamed, "CHECKPOINT_EVERY", 1)
+    validation = streamed.validation_regions(tmp_path, 0, 1, 0, (0.49, 0.49, 0.8))
+    cast, _ = dense.autocast(torch.device("cpu"), "float32")
+
+    def run(work, kill_at=None):
+        torch.manual_seed(0)
+        stage = streamed.ScreeningStage(ScreeningFCN(), schedule, "cpu", cast)
+        if kill_at:
+            step, calls = stage.step, []
+
+            def dying(buffer, rng):
+                calls.append(1)
+                if len(calls) == kill_at:
+                    raise KeyboardInterrupt
+                return step(buffer, rng)
+            stage.step = dying
+        streamed.run_stage(stage, 4, schedule, 0, work, "cpu", 0, (0.49, 0.49, 0.8), validation, cast)
+        return stage.net
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", kill_at=3)
+    resumed = run(tmp_path / "killed")
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_valdocmb_train_without_data_writes_loadable_weights(tmp_path):
+    out, work = tmp_path / "weights", tmp_path / "work"
+    assert train_main(["--schedule", "smoke", "--out", str(out), "--work", str(work), "--workers", "0",
+                       "--set", "validation_regions=1"]) == 0
+    pipeline = ThreeStagePipeline.from_weights(out, "cpu")
+    assert pipeline.weights_info["version"]
+    entry = json.loads((out / "MANIFEST.json").read_text())["files"]["three_stage/screening.pt"]
+    assert entry["learning_curve"]["validation"] and "recall@1fp" in entry["validation"]
+    assert entry["training"]["regions"]["screening"]["regions"] >= 2
+    # the same command again finds every stage done and writes the same weights
+    digest = entry["sha256"]
+    assert train_main(["--schedule", "smoke", "--out", str(out), "--work", str(work), "--workers", "0",
+                       "--set", "validation_regions=1"]) == 0
+    assert json.loads((out / "MANIFEST.json").read_text())["files"]["three_stage/screening.pt"]["sha256"] == digest
+
+
+def test_streamed_options_that_need_scans_are_refused(tmp_path, capsys):
+    assert train_main(["--folds", "3", "--out", str(tmp_path / "w"), "--work", str(tmp_path)]) == 2
+    assert train_main(["--schedule", "cpu", "--out", str(tmp_path / "w"), "--work", str(tmp_path)]) == 2

@@ -35,29 +35,39 @@ class StreamedRegion:
     meta: dict
 
 
+REGIONS_PER_CASE = 3          # windows of one simulated case (they share its whole-brain pass)
+
+
 def region_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def make_region(seed: int, index: int, target_spacing=DEFAULT_TARGET_SPACING) -> StreamedRegion:
-    """Region `index` of stream `seed`: its profile and grid drawn from the mixtures, then simulated."""
-    from ..synth.region import simulate_region
+def make_case(seed: int, case: int, target_spacing=DEFAULT_TARGET_SPACING) -> list[StreamedRegion]:
+    """Regions case * REGIONS_PER_CASE ... of stream `seed`: one case, its profile and grid drawn from the
+    mixtures, REGIONS_PER_CASE windows of it."""
+    from ..synth.region import simulate_regions
     from ..synth.simulate import PROFILES
 
     for attempt in range(5):  # a subject drawn out of the field of view draws again, from a seed of its own
-        case_seed = region_seed(seed, index) if attempt == 0 else region_seed(seed * 7919 + attempt, index)
+        case_seed = region_seed(seed, case) if attempt == 0 else region_seed(seed * 7919 + attempt, case)
         rng = np.random.default_rng(case_seed)
         profile = list(PROFILE_MIX)[rng.choice(len(PROFILE_MIX), p=list(PROFILE_MIX.values()))]
         grid = list(GRID_MIX)[rng.choice(len(GRID_MIX), p=list(GRID_MIX.values()))]
         try:
-            region = simulate_region(case_seed, grid, target_spacing=tuple(target_spacing), **PROFILES[profile])
+            regions = simulate_regions(case_seed, grid, REGIONS_PER_CASE, target_spacing=tuple(target_spacing),
+                                       **PROFILES[profile])
             break
         except ValueError as error:
-            log.warning("region %d of stream %d: %s; drawing again", index, seed, error)
+            log.warning("case %d of stream %d: %s; drawing again", case, seed, error)
     else:
-        raise RuntimeError(f"region {index} of stream {seed}: five draws missed the brain")
-    return StreamedRegion(index, region.volume.astype(np.float16), region.label, region.foreground, region.sites,
-                          {**region.meta, "profile": profile})
+        raise RuntimeError(f"case {case} of stream {seed}: five draws missed the brain")
+    return [StreamedRegion(case * REGIONS_PER_CASE + i, r.volume.astype(np.float16), r.label, r.foreground, r.sites,
+                           {**r.meta, "profile": profile, "case": case}) for i, r in enumerate(regions)]
+
+
+def make_region(seed: int, index: int, target_spacing=DEFAULT_TARGET_SPACING) -> StreamedRegion:
+    """Region `index` of stream `seed` alone (its case is simulated whole)."""
+    return make_case(seed, index // REGIONS_PER_CASE, target_spacing)[index % REGIONS_PER_CASE]
 
 
 def _worker_init():
@@ -73,32 +83,42 @@ def _worker_init():
 
 
 class RegionStream:
-    """Regions start, start + 1, ... of stream `seed`, rendered by `workers` processes (0: in this process),
-    at most `ahead` in flight."""
+    """Regions start, start + 1, ... of stream `seed`, rendered a case at a time by `workers` processes (0: in this
+    process), at most `ahead` cases in flight."""
 
-    def __init__(self, seed: int, start: int = 0, workers: int = 1, ahead: int = 8,
+    def __init__(self, seed: int, start: int = 0, workers: int = 1, ahead: int = 4,
                  target_spacing=DEFAULT_TARGET_SPACING):
         self.seed, self.position, self.target_spacing = seed, start, tuple(target_spacing)
         self.ahead = max(1, ahead)
-        self._pending: deque = deque()
-        self._next_submit = start
+        self._pending: deque = deque()                 # futures of whole cases, in order
+        self._ready: deque = deque()                   # regions of the current case not yet taken
+        self._next_case = start // REGIONS_PER_CASE
+        self._skip = start % REGIONS_PER_CASE          # a start inside a case drops the case's first regions
         self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                           initializer=_worker_init) if workers > 0 else None)
 
     def _fill(self) -> None:
         while self._pool and len(self._pending) < self.ahead:
-            self._pending.append(self._pool.submit(make_region, self.seed, self._next_submit, self.target_spacing))
-            self._next_submit += 1
+            self._pending.append(self._pool.submit(make_case, self.seed, self._next_case, self.target_spacing))
+            self._next_case += 1
+
+    def _next_case_regions(self) -> list[StreamedRegion]:
+        if self._pool is None:
+            regions = make_case(self.seed, self._next_case, self.target_spacing)
+            self._next_case += 1
+        else:
+            self._fill()
+            regions = self._pending.popleft().result()
+            self._fill()
+        regions, self._skip = regions[self._skip:], 0
+        return regions
 
     def take(self, count: int) -> list[StreamedRegion]:
         regions = []
         for _ in range(count):
-            if self._pool is None:
-                regions.append(make_region(self.seed, self.position, self.target_spacing))
-            else:
-                self._fill()
-                regions.append(self._pending.popleft().result())
-                self._fill()
+            if not self._ready:
+                self._ready.extend(self._next_case_regions())
+            regions.append(self._ready.popleft())
             self.position += 1
         return regions
 

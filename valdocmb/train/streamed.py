@@ -288,7 +288,7 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
         _finish(stage, state)
         return state["history"]
     start = max(0, state["stream_position"] - schedule.buffer)
-    with RegionStream(stream_seed(seed, stage.name), start, workers, ahead=max(4, 2 * schedule.refresh),
+    with RegionStream(stream_seed(seed, stage.name), start, workers, ahead=2,
                       target_spacing=spacing) as stream:
         buffer = [stage.prepare(r) for r in stream.take(schedule.buffer if start == 0 else
                                                                     state["stream_position"] - start)]

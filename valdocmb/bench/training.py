@@ -35,7 +35,7 @@ from ..core.logs import setup_logging
 from ..core.patches import extract_patches
 from ..train import dense, streamed
 from ..train.samples import CROP, Crop, case_pool, draw_batch
-from ..train.stream import make_region
+from ..train.stream import REGIONS_PER_CASE, make_case
 from ..train.three_stage import CLASS_WEIGHTS, soft_dice_loss
 from .jobs import hardware
 
@@ -143,7 +143,7 @@ def simulation(scans: int, regions: int) -> dict:
     """Training crops per CPU-second: whole scans through the pool path's case_pool, against regions."""
     from ..synth.simulate import PROFILES, simulate_case
 
-    make_region(0, 0)  # loads the anatomy templates once, for both paths
+    make_case(0, 0)  # loads the anatomy templates once, for both paths
     grids = ["alfa3", "sabre", "rss", "alfa4", "random"]
     crops = cpu = 0.0
     with tempfile.TemporaryDirectory() as scratch:
@@ -158,13 +158,13 @@ def simulation(scans: int, regions: int) -> dict:
             cpu += time.process_time() - started
     whole = {"scans": scans, "crops": int(crops), "cpu_s": round(cpu, 1), "crops_per_cpu_s": round(crops / cpu, 2)}
     crops = cpu = 0.0
-    for i in range(regions):
+    for case in range(-(-regions // REGIONS_PER_CASE)):
         started = time.process_time()
-        region = make_region(7, i)
-        sites = streamed.region_sites(region, streamed.region_rng(region))
-        crops += 1 + sum(len(sites[k]) for k in ("positive", "mimic", "random"))
+        for region in make_case(7, case):
+            sites = streamed.region_sites(region, streamed.region_rng(region))
+            crops += 1 + sum(len(sites[k]) for k in ("positive", "mimic", "random"))
         cpu += time.process_time() - started
-    parts = {"regions": regions, "crops": int(crops), "cpu_s": round(cpu, 1),
+    parts = {"regions": -(-regions // REGIONS_PER_CASE) * REGIONS_PER_CASE, "crops": int(crops), "cpu_s": round(cpu, 1),
              "crops_per_cpu_s": round(crops / cpu, 2)}
     log.info("simulation: whole scans %.2f crops/CPU-s, regions %.2f crops/CPU-s (%.1fx)",
              whole["crops_per_cpu_s"], parts["crops_per_cpu_s"], parts["crops_per_cpu_s"] / whole["crops_per_cpu_s"])
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         report["losses"] = compare_losses(args.losses, device, args.work, args.seed)
     else:
         started = time.perf_counter()
-        regions = [make_region(11, i) for i in range(args.regions)]
+        regions = [r for case in range(-(-args.regions // REGIONS_PER_CASE)) for r in make_case(11, case)]
         log.info("%d regions simulated in %.0f s", len(regions), time.perf_counter() - started)
         report["stages"] = throughput(regions, device, args.steps)
         report["simulation"] = simulation(args.scans, args.regions)

@@ -3,6 +3,7 @@ screening, shared discrimination, bfloat16, simulated regions), measured in one 
 
     python -m valdocmb.bench.training [--device cpu|cuda] [--regions 24] [--scans 3] [--out report.json]
     python -m valdocmb.bench.training --losses 300     # dense screening: class-balanced vs hardest negatives
+    python -m valdocmb.bench.training --precisions 60  # dense screening: float32 vs bfloat16 loss curves
     python -m valdocmb.bench.training --score weights  # given weights on the streamed run's validation regions
     python -m valdocmb.bench.training --curves WORK --figure curves.png   # a streamed run's learning curves
 
@@ -172,6 +173,29 @@ def simulation(scans: int, regions: int) -> dict:
             "ratio": round(parts["crops_per_cpu_s"] / whole["crops_per_cpu_s"], 1)}
 
 
+def compare_precisions(steps: int, device, work: Path, seed: int) -> list[dict]:
+    """Dense screening for `steps` steps on the same stream from the same start in float32 and in bfloat16: the
+    training loss in blocks of 10 steps, seconds per step, and the validation figures at the end."""
+    results = []
+    for precision in ("float32", "bfloat16"):
+        schedule = replace(streamed.STREAM_SCHEDULES["full"], validate_every=steps)
+        cast, _ = dense.autocast(device, precision)
+        validation = streamed.validation_regions(work, seed, schedule.validation_regions, 1, (0.49, 0.49, 0.8))
+        torch.manual_seed(seed)
+        stage = streamed.ScreeningStage(ScreeningFCN(), schedule, device, cast)
+        folder = work / f"precision_{precision}_{steps}"
+        history = streamed.run_stage(stage, steps, schedule, seed, folder, device, 1, (0.49, 0.49, 0.8), validation,
+                                     cast)
+        train = [e for e in history if "validation" not in e]
+        results.append({"precision": precision, "steps": steps,
+                        "loss_per_10_steps": [round(float(np.mean([e["loss"] for e in train[i:i + 10]])), 4)
+                                              for i in range(0, len(train), 10)],
+                        "seconds_per_step": round(float(np.mean([e["seconds"] for e in train[1:]])), 2),
+                        **[e for e in history if "validation" in e][-1]["validation"]})
+        log.info("%s: %s", precision, results[-1])
+    return results
+
+
 def compare_losses(steps: int, device, work: Path, seed: int) -> list[dict]:
     """Dense screening for `steps` steps on the same stream with the class-balanced loss over every background
     position, and with only the hardest ones; both scored on the same validation regions."""
@@ -266,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per stage and path")
     parser.add_argument("--losses", type=int, default=0, metavar="STEPS",
                         help="instead: compare the dense screening losses over STEPS steps each")
+    parser.add_argument("--precisions", type=int, default=0, metavar="STEPS",
+                        help="instead: dense screening in float32 and in bfloat16 over STEPS steps each")
     parser.add_argument("--score", type=Path, default=None, metavar="WEIGHTS",
                         help="instead: score these weights on the validation regions of a streamed run (--seed)")
     parser.add_argument("--curves", type=Path, default=None, metavar="WORK",
@@ -283,6 +309,8 @@ def main(argv=None) -> int:
         report["curves"] = curves(args.curves, args.figure)
     elif args.score:
         report["score"] = score(args.score, device, args.work, args.seed, args.validation_regions)
+    elif args.precisions:
+        report["precisions"] = compare_precisions(args.precisions, device, args.work, args.seed)
     elif args.losses:
         report["losses"] = compare_losses(args.losses, device, args.work, args.seed)
     else:
@@ -299,7 +327,7 @@ def main(argv=None) -> int:
         sim = report["simulation"]
         print(f"{'simulation':<15} {'crops per CPU-s':<19} {sim['whole_scans']['crops_per_cpu_s']:>10} {'':>8} "
               f"{sim['regions']['crops_per_cpu_s']:>12} {'':>8} {sim['ratio']:>6}x")
-    print(json.dumps(report, indent=1) if args.losses or args.score or args.curves else "")
+    print(json.dumps(report, indent=1) if args.losses or args.score or args.curves or args.precisions else "")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

@@ -34,7 +34,8 @@ def test_dense_screening_loss_and_gradients_equal_per_patch():
 
     positions = np.argwhere(target.numpy() != dense.IGNORE)
     pz, py, px = ScreeningFCN.patch_size
-    patches = torch.stack([crop[n, :, 2 * i:2 * i + pz, 2 * j:2 * j + py, 2 * k:2 * k + px] for n, i, j, k in positions])
+    patches = torch.stack([crop[n, :, 2 * i:2 * i + pz, 2 * j:2 * j + py, 2 * k:2 * k + px]
+                           for n, i, j, k in positions])
     index = tuple(torch.from_numpy(positions.T))
     net.zero_grad()
     patch_loss = dense.position_loss(net(patches).reshape(len(patches), 2), target[index], weights[index])

@@ -274,7 +274,8 @@ def curves(work: Path, figure: Path) -> dict:
         row[1].set_xlabel("hours of training")
         row[1].legend()
         summary[name] = {"steps": max(e["step"] for e in history), "hours": round(clock / 3600, 2),
-                         "kept_step": curve["kept_step"], "last_validation": checks[-1]["validation"] if checks else None}
+                         "kept_step": curve["kept_step"],
+                         "last_validation": checks[-1]["validation"] if checks else None}
         offset += clock / 3600
     fig.tight_layout()
     fig.savefig(figure, dpi=90)

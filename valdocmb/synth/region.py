@@ -125,7 +125,8 @@ def _window(rng, case: dict, window_centre, shape, target_spacing, cmb_per_regio
                           size[2] * sub_slices]).astype(int)
     anat_origin = centre - (anat_size - 1) * anat_spacing / 2
     anat_lo = np.floor((acq_window_origin - anat_origin) / anat_spacing).astype(int) - 1
-    anat_hi = np.ceil((acq_window_origin + (acq_hi - acq_lo - 1) * spacing - anat_origin) / anat_spacing).astype(int) + 2
+    acq_window_end = acq_window_origin + (acq_hi - acq_lo - 1) * spacing
+    anat_hi = np.ceil((acq_window_end - anat_origin) / anat_spacing).astype(int) + 2
     anat_lo[2], anat_hi[2] = acq_lo[2] * sub_slices, acq_hi[2] * sub_slices  # sub-slices nest in slices
     anat_window = _origin_corner(_grid_image(anat_hi - anat_lo, anat_spacing, centre),
                                  anat_origin + anat_lo * anat_spacing)

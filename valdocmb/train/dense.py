@@ -11,14 +11,14 @@
   to its class weight (the paper's 0.25 / 0.75, times the share the paper's sampling gave each class), so the loss
   stays the paper's whatever the count of background positions. The per-patch formulation with the same positions
   and weights gives the same loss and gradients (tests/test_train_dense.py).
-- Augmentation on whole batches with torch (in-plane rotation < 10 degrees, lateral flip), and bfloat16 autocast on
-  CPUs with native bfloat16, float16 AMP on CUDA (`autocast`).
+  Screening may count only the hardest background positions of a batch (`hardest_negatives`).
+- Augmentation on whole batches with torch (in-plane rotation < 10 degrees, lateral flip, intensity jitter), and
+  bfloat16 autocast on CPUs with native bfloat16 and on CUDA (`autocast`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 import torch
@@ -29,14 +29,13 @@ from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
 
 from ..core.device import cpu_has_bfloat16
+from .samples import MAX_ROTATION_DEG, MAX_SHIFT  # noqa: F401  (the pool path's augmentation ranges)
 
 CLASS_WEIGHTS = (0.25, 0.75)            # background, CMB: the paper's cross-entropy weights
 # the share of each class among the paper's screening samples (positives : random : mined negatives = 1 : 2 : 1)
 PAPER_CLASS_SHARE = (0.75, 0.25)
 SCREEN_CROP = (48, 64, 64)              # z, y, x of a dense screening crop
 IGNORE_BAND = (1, 2, 2)                 # voxels (z, y, x) around a microbleed whose patches are neither class
-MAX_SHIFT = 3                           # discrimination translations, voxels per axis
-MAX_ROTATION_DEG = 10.0
 IGNORE = -1
 
 

@@ -11,7 +11,8 @@ thousands of distinct simulated scans.
 3. Segmentation: the U-Net on 24x32x32 patches around microbleeds (3) and hard negatives (1), soft Dice.
 Screening and discrimination: SGD with Nesterov momentum 0.99, poly decay; the U-Net: Adam (as the pool path).
 A stage validates every `validate_every` steps on a fixed simulated validation set (its own stream, never trained
-on), keeps its best state, and stops after `patience` validations without improvement or at its step budget.
+on), keeps its best state, and stops after `patience` validations without improvement (once `stop_after` of its
+budget is done) or at its step budget.
 Everything checkpoints under the work folder (model, optimizer, step, stream position, random state, history, best
 state): the same command continues a stopped run, regenerating the buffer from the stream (deterministic).
 """
@@ -227,7 +228,8 @@ def site_patches(draws, size, margin, rng, device, augment: bool = True, shift: 
         centres.append(np.asarray(centre) + move)
     volumes = [extract_patches(r.volume, [c], big)[0] for (r, _, _), c in zip(draws, centres)]
     labels = [extract_patches(r.label, [c], big)[0] for (r, _, _), c in zip(draws, centres)]
-    foregrounds = [extract_patches(r.foreground.astype(np.float32), [c], big)[0] for (r, _, _), c in zip(draws, centres)]
+    foregrounds = [extract_patches(r.foreground.astype(np.float32), [c], big)[0]
+                   for (r, _, _), c in zip(draws, centres)]
     x = _as_batch(volumes, device)
     masks = torch.cat([_as_batch(labels, device), _as_batch(foregrounds, device)], 1)
     if augment:
@@ -309,9 +311,10 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
             optimizer.step()
             state["step"] += 1
             seconds = time.perf_counter() - t0
-            entry = {"step": state["step"], "loss": round(float(loss.detach()), 5), "lr": optimizer.param_groups[0]["lr"],
-                     "seconds": round(seconds, 3), "waiting_s": round(t_data, 3), "items": items,
-                     "items_per_s": round(items / seconds, 1), "regions_seen": stream.position}
+            entry = {"step": state["step"], "loss": round(float(loss.detach()), 5),
+                     "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                     "waiting_s": round(t_data, 3), "items": items, "items_per_s": round(items / seconds, 1),
+                     "regions_seen": stream.position}
             state["history"].append(entry)
             if state["step"] % 10 == 0 or state["step"] == 1:
                 log.info("%s %5d/%d  loss %.4f  %.0f %s/s  %.2f s/step (%.2f waiting)  %d regions  %.0f min",

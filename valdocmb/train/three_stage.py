@@ -33,11 +33,10 @@ from ..core import manifest
 from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import WEIGHT_FILES, ThreeStagePipeline
 from ..core.weights import save_weights
+from .dense import CLASS_WEIGHTS
 from .samples import CROP, Crop, case_pool, draw_batch
 
 log = logging.getLogger("valdocmb.train")
-
-CLASS_WEIGHTS = (0.25, 0.75)
 
 
 @dataclass

@@ -187,3 +187,27 @@ def test_valdocmb_train_without_data_writes_loadable_weights(tmp_path):
 def test_streamed_options_that_need_scans_are_refused(tmp_path, capsys):
     assert train_main(["--folds", "3", "--out", str(tmp_path / "w"), "--work", str(tmp_path)]) == 2
     assert train_main(["--schedule", "cpu", "--out", str(tmp_path / "w"), "--work", str(tmp_path)]) == 2
+
+
+def test_the_screening_threshold_leaves_the_asked_false_peaks(monkeypatch):
+    false = [0.9, 0.5, 0.4, 0.3, 0.2, 0.1]
+    monkeypatch.setattr(streamed, "screening_outputs", lambda *args: ([0.0], [0.95, 0.45, 0.25], false))
+    chosen = streamed.choose_screening_threshold(None, [None, None], "cpu", None, 1.5)   # 3 false peaks allowed
+    assert 0.3 < chosen["threshold"] <= 0.3001
+    assert chosen["false_peaks_per_region"] == 1.5 and chosen["recall"] == pytest.approx(2 / 3)
+
+
+def test_weights_carry_their_screening_threshold(tmp_path):
+    from valdocmb.core.three_stage import WEIGHT_FILES
+    from valdocmb.core.weights import default_weights_dir, save_weights
+    from valdocmb.models.segmentation import SegmentationUNet
+
+    nets = {"screening": ScreeningFCN(), "discrimination": DiscriminationCNN(), "segmentation": SegmentationUNet()}
+    for name, net in nets.items():
+        meta = {"target_spacing": [0.49, 0.49, 0.8]}
+        if name == "screening":
+            meta["screening_threshold"] = 0.37
+        save_weights(net, tmp_path / WEIGHT_FILES[name], meta)
+    assert ThreeStagePipeline.from_weights(tmp_path, "cpu", lesion_rule=False).config.screening_threshold == 0.37
+    # the shipped weights carry none: the default stays
+    assert ThreeStagePipeline.from_weights(default_weights_dir(), "cpu").config.screening_threshold == 0.1

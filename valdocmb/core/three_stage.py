@@ -153,6 +153,8 @@ class ThreeStagePipeline:
         if config is None:
             config = ThreeStageConfig(lesion_rule=rule_from_manifest(weights_dir) if lesion_rule else LesionRule(),
                                       precision=precision)
+            # weights trained with another loss score on another scale: they carry the threshold chosen for them
+            config.screening_threshold = metas["screening"].get("screening_threshold", config.screening_threshold)
         spacing = metas["screening"].get("target_spacing")
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on

@@ -65,6 +65,9 @@ class StreamSchedule:
     stop_after: float = 0.5           # ... once this share of its steps is done
     validation_regions: int = 48
     hard_negatives: int = 2048        # only this many hardest background positions per screening batch (0: all)
+    # the screening threshold stored with the weights leaves this many false-positive peaks per validation region:
+    # about what the pool-trained weights leave at their threshold of 0.1 (5.2), so candidates per scan do not grow
+    false_peaks_per_region: float = 5.0
     learning_rate_scale: float = 1.0
 
 
@@ -376,14 +379,13 @@ class ScreeningStage(Stage):
         return screening_metrics(self.net, validation, self.device, self.cast)
 
 
-def screening_metrics(net, validation, device, cast, thresholds=(0.1, 0.5)) -> dict:
-    """Class-balanced loss, lesion recall and false-positive peaks per region at each threshold, and the recall at
-    the threshold that leaves one false-positive peak per region (comparable whatever the calibration), on the
-    centre crop of every validation region."""
+def screening_outputs(net, validation, device, cast) -> tuple[list[float], list[float], list[float]]:
+    """On the centre crop of each validation region: its class-balanced loss, the best probability on each of its
+    microbleeds, and the probability of every false-positive peak (local maxima over +-2 score voxels, as
+    inference's non-maximum suppression keeps them)."""
     net.eval()
-    losses, found, lesions = [], {t: 0 for t in thresholds}, 0
-    false = {t: 0 for t in thresholds}
-    lesion_best, false_peaks = [], []
+    losses, best, false = [], [], []
+    first = dense.patch_centre_offset()
     with torch.inference_mode():
         for region in validation:
             x, target = screening_batch([region], None, device, augment=False)
@@ -392,30 +394,44 @@ def screening_metrics(net, validation, device, cast, thresholds=(0.1, 0.5)) -> d
             losses.append(float(dense.position_loss(logits, target, dense.class_balanced_weights(target))))
             prob = torch.softmax(logits.float(), 1)[0, 1].cpu().numpy()
             t = target[0].cpu().numpy()
-            z0 = (region.volume.shape[0] - dense.SCREEN_CROP[0]) // 2
-            label = region.label[z0:z0 + dense.SCREEN_CROP[0]]
-            # the validation crop is the middle of the region (what screening_batch cuts without augmentation)
-            y0, x0 = ((n - c) // 2 for n, c in zip(region.volume.shape[1:], dense.SCREEN_CROP[1:]))
-            label = label[:, y0:y0 + dense.SCREEN_CROP[1], x0:x0 + dense.SCREEN_CROP[2]]
-            components, n = ndimage.label(label, np.ones((3, 3, 3)))
-            first = dense.patch_centre_offset()
+            # the crop screening_batch cuts without augmentation: the middle of the region
+            z0, y0, x0 = ((n - c) // 2 for n, c in zip(region.volume.shape, dense.SCREEN_CROP))
+            label = region.label[z0:z0 + dense.SCREEN_CROP[0], y0:y0 + dense.SCREEN_CROP[1],
+                                 x0:x0 + dense.SCREEN_CROP[2]]
+            components, _ = ndimage.label(label, np.ones((3, 3, 3)))
             ids = components[tuple(slice(f, f + 2 * (s - 1) + 1, 2) for f, s in zip(first, prob.shape))]
-            present = set(np.unique(ids[t == 1])) - {0}
-            lesions += len(present)
+            best += [float(prob[(t == 1) & (ids == i)].max()) for i in set(np.unique(ids[t == 1])) - {0}]
             peaks = prob == ndimage.maximum_filter(prob, size=5)
-            for th in thresholds:
-                found[th] += len(set(np.unique(ids[(t == 1) & (prob >= th)])) - {0})
-                false[th] += int((peaks & (prob >= th) & (t == 0)).sum())
-            lesion_best += [float(prob[(t == 1) & (ids == i)].max()) for i in present]
-            false_peaks += prob[peaks & (t == 0)].tolist()
-    out = {"loss": float(np.mean(losses)), "lesions": lesions}
+            false += prob[peaks & (t == 0)].tolist()
+    return losses, best, false
+
+
+def screening_metrics(net, validation, device, cast, thresholds=(0.1, 0.5)) -> dict:
+    """Class-balanced loss, lesion recall and false-positive peaks per region at each threshold, and the recall at
+    the threshold that leaves one false-positive peak per region (comparable whatever the calibration)."""
+    losses, best, false = screening_outputs(net, validation, device, cast)
+    regions = max(1, len(validation))
+    out = {"loss": float(np.mean(losses)), "lesions": len(best)}
     for th in thresholds:
-        out[f"recall@{th}"] = found[th] / max(1, lesions)
-        out[f"fp_per_region@{th}"] = false[th] / max(1, len(validation))
-    ranked = sorted(false_peaks, reverse=True)
-    one_per_region = ranked[len(validation) - 1] if len(ranked) >= len(validation) else 0.0
-    out["recall@1fp"] = float(np.mean([b > one_per_region for b in lesion_best])) if lesion_best else 0.0
+        out[f"recall@{th}"] = float(np.mean([b >= th for b in best])) if best else 0.0
+        out[f"fp_per_region@{th}"] = sum(f >= th for f in false) / regions
+    ranked = sorted(false, reverse=True)
+    one_per_region = ranked[regions - 1] if len(ranked) >= regions else 0.0
+    out["recall@1fp"] = float(np.mean([b > one_per_region for b in best])) if best else 0.0
     return out
+
+
+def choose_screening_threshold(net, validation, device, cast, false_peaks_per_region: float) -> dict:
+    """The lowest threshold that leaves at most `false_peaks_per_region` false-positive peaks per validation
+    region, and the recall it keeps there."""
+    _, best, false = screening_outputs(net, validation, device, cast)
+    allowed = int(false_peaks_per_region * len(validation))
+    ranked = sorted(false, reverse=True)
+    threshold = float(np.nextafter(np.float32(ranked[allowed]), np.float32(1))) if allowed < len(ranked) else 1e-3
+    return {"threshold": threshold, "false_peaks_per_region": sum(f >= threshold for f in false) / len(validation),
+            "recall": float(np.mean([b >= threshold for b in best])) if best else 0.0,
+            "chosen_on": f"{len(validation)} validation regions",
+            "target_false_peaks_per_region": false_peaks_per_region}
 
 
 class DiscriminationStage(Stage):
@@ -547,6 +563,9 @@ def train_streamed(schedule: StreamSchedule, device, work: Path, seed: int, work
     screening = start("screening", ScreeningFCN())
     record["screening"] = run_stage(ScreeningStage(screening, schedule, device, cast), schedule.screening_steps,
                                     schedule, seed, work, device, workers, spacing, validation, cast)
+    record["screening_threshold"] = choose_screening_threshold(screening, validation, device, cast,
+                                                               schedule.false_peaks_per_region)
+    log.info("screening threshold %.4g: %s", record["screening_threshold"]["threshold"], record["screening_threshold"])
     sited = [(r, region_sites(r, region_rng(r), screening, device, cast)) for r in validation]
     discrimination = start("discrimination", DiscriminationCNN())
     record["discrimination"] = run_stage(DiscriminationStage(discrimination, screening, schedule, device, cast),

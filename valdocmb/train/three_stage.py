@@ -325,7 +325,10 @@ def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
     entries = {}
     for name, net in nets.items():
         relative = WEIGHT_FILES[name]
-        digest = save_weights(net, out / relative, {"target_spacing": list(meta["target_spacing"])})
+        stored = {"target_spacing": list(meta["target_spacing"])}
+        if name == "screening" and "screening_threshold" in record:  # streamed training chose one for these weights
+            stored["screening_threshold"] = record["screening_threshold"]["threshold"]
+        digest = save_weights(net, out / relative, stored)
         entries[relative] = {
             "sha256": digest, "bytes": (out / relative).stat().st_size, "architecture": type(net).__name__,
             "method": "three-stage", "stage": name, "training": dict(meta),
@@ -340,8 +343,8 @@ def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
     def change(content: dict) -> None:
         previous = {relative: dict(entry) for relative, entry in content["files"].items()}
         content["files"].update(entries)
-        content["three_stage_training"] = {key: record[key] for key in ("pool", "mined_false_positives", "stream")
-                                           if key in record}
+        content["three_stage_training"] = {key: record[key] for key in ("pool", "mined_false_positives", "stream",
+                                                                        "screening_threshold") if key in record}
         stale = manifest.drop_stale(content, previous, WEIGHT_FILES.values())
         if stale:
             log.warning("%s: dropped %s, measured on the previous weights; measure and choose again with "

@@ -268,8 +268,14 @@ def curves(work: Path, figure: Path) -> dict:
         row[0].set_xlabel("hours of training")
         row[0].legend()
         for metric in CURVE_METRICS[name]:
-            row[1].plot([hours[e["step"]] for e in checks], [e["validation"].get(metric, np.nan) for e in checks],
-                        "o-", ms=3, label=metric)
+            # counts (false peaks per region) on their own axis, shares (recall, sensitivity, Dice) on the left
+            axis = row[1].twinx() if metric.startswith("fp_") else row[1]
+            axis.plot([hours[e["step"]] for e in checks], [e["validation"].get(metric, np.nan) for e in checks],
+                      "s--" if metric.startswith("fp_") else "o-", ms=3, color="C3" if axis is not row[1] else None,
+                      label=metric)
+            if axis is not row[1]:
+                axis.set_ylabel(metric)
+                axis.legend(loc="center right")
         row[1].set_title(f"{name}: validation ({len(checks)} checks)")
         row[1].set_xlabel("hours of training")
         row[1].legend()

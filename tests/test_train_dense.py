@@ -211,3 +211,20 @@ def test_weights_carry_their_screening_threshold(tmp_path):
     assert ThreeStagePipeline.from_weights(tmp_path, "cpu", lesion_rule=False).config.screening_threshold == 0.37
     # the shipped weights carry none: the default stays
     assert ThreeStagePipeline.from_weights(default_weights_dir(), "cpu").config.screening_threshold == 0.1
+
+
+def test_region_labels_lie_on_the_dark_blobs_they_label():
+    from scipy import ndimage
+
+    from valdocmb.synth.region import simulate_regions
+
+    blobs = 0
+    for region in simulate_regions(8, "alfa3", 3, cmb_per_region=(3, 3)):  # some microbleeds are too faint to see
+        components, count = ndimage.label(region.label, np.ones((3, 3, 3)))
+        for i in range(1, count + 1):
+            blob = components == i
+            shell = ndimage.binary_dilation(blob, iterations=3) & ~blob & region.foreground
+            # the labelled voxels are the dark ones, not a displaced copy of them
+            assert region.volume[blob].mean() < region.volume[shell].mean() - 0.5
+            blobs += 1
+    assert blobs >= 2

@@ -168,9 +168,14 @@ def test_plain_folder_continues_past_a_broken_scan(tmp_path, capfd):
     summary = {row["case"]: row for row in csv.DictReader(open(out / "summary.csv"))}
     assert summary["a_broken"]["status"] == "failed" and "cannot be read" in summary["a_broken"]["error"]
     assert summary["b_4d"]["status"] == "failed" and summary["c_good"]["status"] == "ok"
-    log = capfd.readouterr().err
+    captured = capfd.readouterr()
+    log = captured.out + captured.err
     assert "a_broken.nii.gz: cannot be read" in log and "b_4d.nii.gz: is 4D with 2 volumes" in log
     assert "1 failed" not in log and "2 failed" in log
+    # progress on stdout, errors on stderr, whose last line (what grand-challenge shows) names the first failure
+    assert "done:" in captured.out and "done:" not in captured.err and "INFO" not in captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert "2 cases failed; the first:" in last and "a_broken.nii.gz: cannot be read" in last
 
 
 def test_missing_input_folder_and_empty_folder(tmp_path):

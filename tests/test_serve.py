@@ -142,7 +142,7 @@ def test_process_py_serve_with_the_shipped_weights(tmp_path):
     env = {**os.environ, "CMB_PRECISION": "float32"}
     server = subprocess.Popen([sys.executable, str(ROOT / "process.py"), "--serve", "--port", str(port),
                                "--input", str(inp), "--output", str(out), "--device", "cpu"],
-                              env=env, stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while True:
@@ -160,7 +160,9 @@ def test_process_py_serve_with_the_shipped_weights(tmp_path):
         assert sorted(p.name for p in out.glob("*_CMB.nii.gz")) == ["b_CMB.nii.gz"]
     finally:
         server.terminate()
-        _, log = server.communicate(timeout=60)
+        progress, errors = server.communicate(timeout=60)
+    log = progress + errors
     # uvicorn shuts down gracefully, then re-raises the signal: the exit status says SIGTERM, as in exec mode
     assert server.returncode == -15, log
+    assert "ready in" in progress and "INFO" not in errors   # progress on stdout, as grand-challenge reads logs
     assert "ready in" in log and "invocation 2: exit code 0" in log and "Finished server process" in log

@@ -1,19 +1,35 @@
-"""Logging to stderr with wall-clock stamps; results go to files, never to the log."""
+"""Logging with wall-clock stamps; results go to files, never to the log.
+
+The research tools log everything to stderr. The container (`setup_logging(progress_to_stdout=True)`) logs as
+grand-challenge reads it: progress to stdout, warnings and errors to stderr, because the platform tags every stderr
+line as a warning and shows a failed job's last stderr line as its error.
+"""
 
 import logging
 import sys
 import time
 from contextlib import contextmanager
 
+FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def setup_logging(verbose: bool = False, progress_to_stdout: bool = False) -> None:
+    formatter = logging.Formatter(FORMAT, datefmt="%H:%M:%S")
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setFormatter(formatter)
+    handlers = [errors]
+    if progress_to_stdout:
+        errors.setLevel(logging.WARNING)
+        progress = logging.StreamHandler(sys.stdout)
+        progress.setFormatter(formatter)
+        progress.addFilter(_BelowWarning())
+        handlers.append(progress)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True)
 
 
 @contextmanager

@@ -411,6 +411,7 @@ def run(args: argparse.Namespace, method=None) -> int:
             return 2
 
     results, rows, case_records, method_info, failed, stopped = [], [], [], {}, 0, None
+    first_error = None
     for index, case in enumerate(cases, 1):
         start = time.perf_counter()
         log.info("[%d/%d] %s", index, len(cases), case.case_id)
@@ -446,6 +447,7 @@ def run(args: argparse.Namespace, method=None) -> int:
         seconds = time.perf_counter() - start
         if error:
             failed += 1
+            first_error = first_error or error
             log.error("  FAILED: %s", error)
             remove_outputs(case, args, layout, "the case failed")
         else:
@@ -478,6 +480,9 @@ def run(args: argparse.Namespace, method=None) -> int:
         stopped = stopped or str(exc)
     log.info("done: %d of %d case(s) written, %d failed%s", len(cases) - failed - len(skipped), len(cases), failed,
              f"; stopped by {stopped}" if stopped else "")
+    if failed:  # the last stderr line: what grand-challenge shows as a failed job's error
+        log.error("%s", first_error if failed == 1 else f"{failed} cases failed; the first: {first_error}",
+                  extra={"summary": True})
     if stopped:
         return 130 if stopped == "SIGINT" else 143
     return 1 if failed else 0
@@ -485,7 +490,7 @@ def run(args: argparse.Namespace, method=None) -> int:
 
 def main(argv: list[str] | None = None, method=None) -> int:
     args = parse_arguments(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, progress_to_stdout=True)
     if args.serve:
         from .serve import serve  # uvicorn handles SIGTERM itself: it stops accepting and ends the server
 

@@ -35,7 +35,8 @@ class ErrorCollector(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        if not getattr(record, "summary", False):  # the run's closing summary repeats a case's error
+            self.messages.append(record.getMessage())
 
 
 def files_under(folder: Path) -> dict[Path, int]:

@@ -380,3 +380,38 @@ def test_process_py_on_a_corrupt_scan_ends_stderr_with_the_file_and_the_reason(t
     last = done.stderr.strip().splitlines()[-1]
     assert "scan.nii.gz" in last and "cannot be read" in last and "done:" not in last
     assert "done: 0 of 1 case(s) written, 1 failed" in done.stdout and "INFO" not in done.stderr
+
+
+def test_the_weights_lookup_says_what_is_wrong(tmp_path, caplog):
+    from pathlib import Path
+
+    from valdocmb.core.weights import default_weights_dir, resolve_weights_dir
+
+    a_file = tmp_path / "screening.pt"
+    a_file.write_bytes(b"")
+    with pytest.raises(CaseError, match="is a file; give the folder that holds three_stage/"):
+        resolve_weights_dir(a_file)
+    with pytest.raises(CaseError, match="no such folder"):
+        resolve_weights_dir(tmp_path / "missing")
+    # a model tarball packed with its folder: /opt/ml/model/weights/three_stage/... is used, and the log says so
+    unpacked = tmp_path / "model"
+    unpacked.mkdir()
+    (unpacked / "weights").symlink_to(Path(default_weights_dir()).resolve(), target_is_directory=True)
+    assert resolve_weights_dir(unpacked) == unpacked / "weights"
+    assert "packed one level too deep" in caplog.text
+    # a weights folder is used as it is
+    assert resolve_weights_dir(default_weights_dir()) == default_weights_dir()
+
+
+def test_a_run_on_weights_packed_one_level_too_deep_segments_with_them(tmp_path, capfd):
+    from pathlib import Path
+
+    from valdocmb.core.weights import default_weights_dir
+
+    unpacked = tmp_path / "model"
+    unpacked.mkdir()
+    (unpacked / "weights").symlink_to(Path(default_weights_dir()).resolve(), target_is_directory=True)
+    inp = folder_of(tmp_path, [SCAN])
+    assert run.main(["--input", str(inp), "--output", str(tmp_path / "out"), "--weights", str(unpacked),
+                     "--location", "off", "--reports", "off"]) == 0
+    assert "packed one level too deep" in capfd.readouterr().err

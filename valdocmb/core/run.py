@@ -45,7 +45,7 @@ from .offline import no_network
 from .qc import overview_html, qc_png
 from .result import SegmentationResult
 from .stopping import Terminated, stop_on_sigterm, uninterrupted
-from .weights import default_weights_dir
+from .weights import resolve_weights_dir
 
 log = logging.getLogger("valdocmb")
 
@@ -187,7 +187,7 @@ def method_from(args: argparse.Namespace):
     from .device import cpu_threads  # imported here so `--help` and I/O errors need no torch
 
     args.threads = cpu_threads(args.threads)
-    args.weights = args.weights or default_weights_dir()
+    args.weights = resolve_weights_dir(args.weights)
     log.info("loading %s from %s; torch uses %d CPU thread(s)", args.method, args.weights, args.threads)
     return load_method(args.method, args.weights, args.device,
                        {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring},

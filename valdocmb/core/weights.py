@@ -8,6 +8,7 @@ is missing, does not match its sha256 in MANIFEST.json, or cannot be loaded.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -15,8 +16,11 @@ import torch
 from . import manifest
 from .errors import CaseError
 
+log = logging.getLogger(__name__)
+
 # grand-challenge mounts a separately uploaded model tarball here (read-only)
 UPLOADED_MODEL_DIR = Path("/opt/ml/model")
+WEIGHT_ENTRIES = ("MANIFEST.json", "three_stage", "nnunet")   # what a weights folder holds at its top
 
 
 def default_weights_dir() -> Path:
@@ -24,6 +28,26 @@ def default_weights_dir() -> Path:
     if UPLOADED_MODEL_DIR.is_dir() and any(UPLOADED_MODEL_DIR.iterdir()):
         return UPLOADED_MODEL_DIR
     return Path(__file__).resolve().parents[2] / "weights"
+
+
+def resolve_weights_dir(given: Path | None) -> Path:
+    """The weights folder to use: `given` (--weights) or the default. A file or a missing folder is refused, naming
+    it; a folder whose only entry is a folder holding weights (a model tarball packed with its own folder, which
+    grand-challenge unpacks one level too deep) is used, and the log says so."""
+    folder = Path(given) if given else default_weights_dir()
+    if folder.is_file():
+        raise CaseError(f"--weights {folder}: is a file; give the folder that holds three_stage/ (and nnunet/), "
+                        "e.g. the repository's weights/")
+    if not folder.is_dir():
+        raise CaseError(f"--weights {folder}: no such folder")
+    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    if (len(entries) == 1 and entries[0].is_dir() and not any((folder / name).exists() for name in WEIGHT_ENTRIES)
+            and any((entries[0] / name).exists() for name in WEIGHT_ENTRIES)):
+        log.warning("%s holds only the folder %s, which holds the weights: the model tarball was packed one level "
+                    "too deep (pack the folder's contents, e.g. `tar -czf model.tar.gz -C weights .`); using %s",
+                    folder, entries[0].name, entries[0])
+        return entries[0]
+    return folder
 
 
 def sha256(path: Path) -> str:

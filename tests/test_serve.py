@@ -166,3 +166,38 @@ def test_process_py_serve_with_the_shipped_weights(tmp_path):
     assert server.returncode == -15, log
     assert "ready in" in progress and "INFO" not in errors   # progress on stdout, as grand-challenge reads logs
     assert "ready in" in log and "invocation 2: exit code 0" in log and "Finished server process" in log
+
+
+def test_a_second_invoke_while_one_runs_gets_409_and_health_still_answers(tmp_path):
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_runner(args, method):
+        started.set()
+        assert release.wait(30)
+        return run.run(args, method)
+
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    put_case(inp, "a.nii.gz")
+    with client_for(inp, out, runner=slow_runner) as client:
+        first = {}
+        worker = threading.Thread(target=lambda: first.update(response=client.post("/invoke")))
+        worker.start()
+        assert started.wait(30)
+        second = client.post("/invoke")
+        assert second.status_code == 409 and "is running" in second.json()["errors"][0]
+        assert client.get("/health").status_code == 200
+        release.set()
+        worker.join(60)
+        assert first["response"].status_code == 201 and "a_CMB.nii.gz" in first["response"].json()["outputs"]
+        assert client.post("/invoke").json()["invocation"] == 2   # the refused one was not counted
+
+
+def test_an_oversized_request_body_is_refused(tmp_path):
+    from valdocmb.core.serve import MAX_BODY_BYTES
+
+    with client_for(tmp_path, tmp_path / "out") as client:
+        response = client.post("/invoke", content=b"x" * (MAX_BODY_BYTES + 1))
+    assert response.status_code == 413

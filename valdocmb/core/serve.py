@@ -26,6 +26,8 @@ import SimpleITK as sitk
 
 log = logging.getLogger("valdocmb")
 
+MAX_BODY_BYTES = 1 << 20   # an /invoke body (the inputs come from the input folder)
+
 
 class ErrorCollector(logging.Handler):
     """The error lines the runner logs during one invocation, for the response."""
@@ -84,8 +86,12 @@ class Invoker:
         self.written = {}
 
     def invoke(self) -> tuple[int, dict]:
-        """(HTTP status, JSON body) of one invocation."""
-        with self.lock:
+        """(HTTP status, JSON body) of one invocation; 409 while another one runs (its outputs stay its own)."""
+        if not self.lock.acquire(blocking=False):
+            log.warning("an /invoke arrived while invocation %d runs: refused (409)", self.count)
+            return 409, {"status": "busy", "invocation": self.count,
+                         "errors": [f"invocation {self.count} is running; invoke again when it has answered"]}
+        try:
             self.count += 1
             number, start = self.count, time.perf_counter()
             log.info("invocation %d: %s -> %s", number, self.args.input, self.args.output)
@@ -104,6 +110,8 @@ class Invoker:
             self.written = {path: mtime for path, mtime in after.items() if before.get(path) != mtime}
             seconds = time.perf_counter() - start
             log.info("invocation %d: exit code %d in %.1f s", number, code, seconds)
+        finally:
+            self.lock.release()
         body = {"invocation": number, "exit_code": code, "seconds": round(seconds, 2), "errors": collector.messages,
                 "outputs": sorted(str(path.relative_to(self.args.output)) for path in self.written)}
         if code == 0:
@@ -122,6 +130,15 @@ def create_app(args, method, runner, ready_info: dict | None = None):
     @app.get("/health")
     def health():
         return {"status": "ready", **(ready_info or {})}
+
+    @app.middleware("http")
+    async def bounded_body(request, call_next):
+        # /invoke reads its inputs from the input folder: a body has nothing to carry beyond a small JSON
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            return JSONResponse({"status": "refused", "errors": [f"request body over {MAX_BODY_BYTES} bytes"]},
+                                status_code=413)
+        return await call_next(request)
 
     @app.post("/invoke")
     def invoke():  # a plain def: FastAPI runs it in a worker thread, so /health keeps answering meanwhile

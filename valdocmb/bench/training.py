@@ -235,8 +235,8 @@ def score(weights: Path, device, work: Path, seed: int, count: int) -> dict:
     return result
 
 
-CURVE_METRICS = {"screening": ("recall@1fp", "fp_per_region@0.5"), "discrimination": ("sensitivity", "mined_kept"),
-                 "segmentation": ("dice",)}
+CURVE_METRICS = {"screening": ("froc", "recall@1fp", "fp_per_region@0.5"),
+                 "discrimination": ("sensitivity", "mined_kept"), "segmentation": ("dice",)}
 
 
 def curves(work: Path, figure: Path) -> dict:
@@ -246,14 +246,15 @@ def curves(work: Path, figure: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = {name: torch.load(work / f"{name}.ckpt", map_location="cpu", weights_only=False)["history"]
-              for name in streamed.STAGES if (work / f"{name}.ckpt").is_file()}
+    saved = {name: torch.load(work / f"{name}.ckpt", map_location="cpu", weights_only=False)
+             for name in streamed.STAGES if (work / f"{name}.ckpt").is_file()}
+    stages = {name: state["history"] for name, state in saved.items()}
     if not stages:
         raise SystemExit(f"{work}: no stage checkpoint (screening.ckpt, ...)")
     fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.2 * len(stages)), squeeze=False)
     summary, offset = {}, 0.0
     for row, (name, history) in zip(axes, stages.items()):
-        curve = streamed.learning_curve(history)
+        curve = streamed.learning_curve(history, (saved[name]["best"] or {}).get("step"))
         clock, hours = 0.0, {}
         for entry in history:
             if "seconds" in entry:

@@ -47,6 +47,7 @@ MINED_PER_REGION = 8          # the screening network's highest false positives 
 MINING_FLOOR = 0.05           # ... at least this probable
 LESION_ZONE = 6               # voxels around a microbleed where no negative site is taken
 CHECKPOINT_EVERY = 10         # steps between checkpoints (and at every validation's decision to stop)
+FROC_FALSE_PEAKS = (0.5, 1, 2, 4)   # false-positive peaks per validation region the screening figure averages over
 
 
 @dataclass
@@ -244,10 +245,12 @@ def site_patches(draws, size, margin, rng, device, augment: bool = True, shift: 
 
 # -- one stage ---------------------------------------------------------------------------------------------------
 class Stage:
-    """What differs between the three stages: the network, its optimizer, one training step, validation."""
+    """What differs between the three stages: the network, its optimizer, one training step, validation, and the
+    validation figure its kept state is chosen by (`selection`; lower is better unless `higher_is_better`)."""
 
     name: str
     net: nn.Module
+    selection, higher_is_better = "loss", False
 
     def optimizer(self, scale: float):
         return torch.optim.SGD(self.net.parameters(), lr=1e-2 * scale, momentum=0.99, nesterov=True)
@@ -327,9 +330,12 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
             if state["step"] % schedule.validate_every == 0 or last:
                 result = {"step": state["step"], "validation": stage.validate(validation)}
                 state["history"].append(result)
-                score = result["validation"]["loss"]
-                if state["best"] is None or score < state["best"]["loss"]:
-                    state["best"] = {"loss": score, "step": state["step"],
+                score = result["validation"][stage.selection]
+                best = state["best"]
+                if best is not None and best.get("metric") != stage.selection:
+                    best = None  # a checkpoint that chose by another figure: this validation starts afresh
+                if best is None or (score > best["score"] if stage.higher_is_better else score < best["score"]):
+                    state["best"] = {"metric": stage.selection, "score": score, "step": state["step"],
                                      "model": copy.deepcopy(net.state_dict())}
                     state["stale"] = 0
                 else:
@@ -355,6 +361,8 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
 
 
 def _finish(stage: Stage, state: dict) -> None:
+    """The stage's network in its kept (best validated) state; `stage.kept_step` says which step that was."""
+    stage.kept_step = state["best"]["step"] if state["best"] is not None else None
     if state["best"] is not None:
         stage.net.load_state_dict(state["best"]["model"])
     stage.net.eval()
@@ -363,6 +371,7 @@ def _finish(stage: Stage, state: dict) -> None:
 # -- the three stages ----------------------------------------------------------------------------------------------
 class ScreeningStage(Stage):
     name, items = "screening", "positions"
+    selection, higher_is_better = "froc", True
 
     def __init__(self, net, schedule, device, cast):
         self.net, self.schedule, self.device, self.cast = net, schedule, device, cast
@@ -416,8 +425,16 @@ def screening_metrics(net, validation, device, cast, thresholds=(0.1, 0.5)) -> d
         out[f"recall@{th}"] = float(np.mean([b >= th for b in best])) if best else 0.0
         out[f"fp_per_region@{th}"] = sum(f >= th for f in false) / regions
     ranked = sorted(false, reverse=True)
-    one_per_region = ranked[regions - 1] if len(ranked) >= regions else 0.0
-    out["recall@1fp"] = float(np.mean([b > one_per_region for b in best])) if best else 0.0
+
+    def recall_at(false_peaks_per_region: float) -> float:
+        allowed = int(false_peaks_per_region * regions)
+        threshold = ranked[allowed - 1] if 0 < allowed <= len(ranked) else 0.0
+        return float(np.mean([b > threshold for b in best])) if best else 0.0
+
+    out["recall@1fp"] = recall_at(1)
+    # the mean recall at 0.5, 1, 2 and 4 false peaks per region: what a stage's kept state is chosen by (a detector's
+    # figure, and steadier than one operating point)
+    out["froc"] = float(np.mean([recall_at(f) for f in FROC_FALSE_PEAKS]))
     return out
 
 
@@ -561,36 +578,36 @@ def train_streamed(schedule: StreamSchedule, device, work: Path, seed: int, work
     record: dict = {"precision": precision, "schedule": asdict(schedule)}
 
     screening = start("screening", ScreeningFCN())
-    record["screening"] = run_stage(ScreeningStage(screening, schedule, device, cast), schedule.screening_steps,
-                                    schedule, seed, work, device, workers, spacing, validation, cast)
+    stages = [ScreeningStage(screening, schedule, device, cast)]
+    record["screening"] = run_stage(stages[0], schedule.screening_steps, schedule, seed, work, device, workers,
+                                    spacing, validation, cast)
     record["screening_threshold"] = choose_screening_threshold(screening, validation, device, cast,
                                                                schedule.false_peaks_per_region)
     log.info("screening threshold %.4g: %s", record["screening_threshold"]["threshold"], record["screening_threshold"])
     sited = [(r, region_sites(r, region_rng(r), screening, device, cast)) for r in validation]
     discrimination = start("discrimination", DiscriminationCNN())
-    record["discrimination"] = run_stage(DiscriminationStage(discrimination, screening, schedule, device, cast),
-                                         schedule.discrimination_steps, schedule, seed, work, device, workers,
-                                         spacing, sited, cast)
+    stages.append(DiscriminationStage(discrimination, screening, schedule, device, cast))
+    record["discrimination"] = run_stage(stages[1], schedule.discrimination_steps, schedule, seed, work, device,
+                                         workers, spacing, sited, cast)
     segmentation = start("segmentation", SegmentationUNet())
-    record["segmentation"] = run_stage(SegmentationStage(segmentation, screening, schedule, device, cast),
-                                       schedule.segmentation_steps, schedule, seed, work, device, workers, spacing,
-                                       sited, cast)
+    stages.append(SegmentationStage(segmentation, screening, schedule, device, cast))
+    record["segmentation"] = run_stage(stages[2], schedule.segmentation_steps, schedule, seed, work, device, workers,
+                                       spacing, sited, cast)
     nets = {"screening": screening, "discrimination": discrimination, "segmentation": segmentation}
-    record["curves"] = {name: learning_curve(record[name]) for name in STAGES}
+    record["curves"] = {stage.name: learning_curve(record[stage.name], stage.kept_step) for stage in stages}
     record["stream"] = {name: {"regions": max([e.get("regions_seen", 0) for e in record[name]] or [0]),
                                "steps": max([e.get("step", 0) for e in record[name]] or [0])} for name in STAGES}
     return {k: v.cpu().eval() for k, v in nets.items()}, record
 
 
-def learning_curve(history: list[dict], window: int = 50) -> dict:
+def learning_curve(history: list[dict], kept_step: int | None = None, window: int = 50) -> dict:
     """A stage's curve for the manifest: training loss averaged over `window` steps, every validation, and the
-    step whose state was kept (the best validation loss)."""
+    step whose state was kept."""
     train = [e for e in history if "loss" in e and "validation" not in e]
     checks = [e for e in history if "validation" in e]
     means = [{"step": chunk[-1]["step"], "loss": round(float(np.mean([e["loss"] for e in chunk])), 5),
               "items_per_s": round(float(np.mean([e["items_per_s"] for e in chunk])), 1),
               "regions_seen": chunk[-1]["regions_seen"]}
              for chunk in (train[i:i + window] for i in range(0, len(train), window))]
-    best = min(checks, key=lambda e: e["validation"]["loss"]) if checks else None
-    return {"training": means, "validation": checks, "kept_step": best["step"] if best else None,
+    return {"training": means, "validation": checks, "kept_step": kept_step,
             "seconds": round(sum(e["seconds"] for e in train), 1)}

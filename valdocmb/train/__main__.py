@@ -41,6 +41,7 @@ import torch
 from .. import __version__
 from ..core import manifest
 from ..core.device import resolve_device
+from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import MANIFEST_KEY
 from ..core.logs import setup_logging
 from ..core.manifest import command_line
@@ -122,6 +123,8 @@ def train_from_stream(args, argv, device) -> int:
         return 2
     schedule = stream_schedule_with(STREAM_SCHEDULES[name], args.set)
     parent = ThreeStagePipeline.from_weights(args.init, "cpu") if args.init else None
+    if parent and not any(item.startswith("learning_rate_scale=") for item in args.set):
+        schedule = replace(schedule, learning_rate_scale=0.1)  # from given weights: a tenth, as `finetune` does
     if parent and args.out.resolve() == args.init.resolve():
         log.error("--out %s is the --init folder: write the new weights to a new folder", args.out)
         return 2
@@ -138,14 +141,14 @@ def train_from_stream(args, argv, device) -> int:
         "regions": record["stream"], "schedule": name + "".join(f" --set {item}" for item in args.set),
         "schedule_detail": asdict(schedule), "seed": args.seed, "precision": record["precision"],
         "command": command_line("valdocmb-train", argv), "device": str(device), "hardware": _hardware(device),
-        "wall_time_s": round(time.perf_counter() - started),
+        "last_process_wall_time_s": round(time.perf_counter() - started),   # a resumed run's last leg
         "training_s": {k: v["seconds"] for k, v in record["curves"].items()},
         "package_version": __version__, "torch": torch.__version__, "target_spacing": list(spacing),
     }
     if parent:
         meta["parent"] = parent.weights_info
     write_weights(nets, args.out, record, meta)
-    (args.work / "history.json").write_text(json.dumps(record, indent=1))
+    write_text_atomic(json.dumps(record, indent=1), args.work / "history.json")
     log.info("weights written to %s (%.0f s in this process)", args.out, time.perf_counter() - started)
     return 0
 

@@ -201,3 +201,70 @@ def test_an_oversized_request_body_is_refused(tmp_path):
     with client_for(tmp_path, tmp_path / "out") as client:
         response = client.post("/invoke", content=b"x" * (MAX_BODY_BYTES + 1))
     assert response.status_code == 413
+
+
+def start_server(inp, out, port):
+    env = {**os.environ, "CMB_PRECISION": "float32"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "process.py"), "--serve", "--port", str(port),
+                               "--input", str(inp), "--output", str(out), "--device", "cpu"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            request(f"http://127.0.0.1:{port}/health", timeout=5)
+            return server
+        except (urllib.error.URLError, ConnectionError):
+            assert server.poll() is None and time.time() < deadline, "the server never became healthy"
+            time.sleep(0.5)
+
+
+def test_sigterm_mid_invocation_stops_within_3_s_and_removes_its_outputs(tmp_path):
+    # grand-challenge's runner sends SIGKILL 5 s after SIGTERM; uvicorn alone waited for the invocation to end
+    import signal
+    import threading
+
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    big = make_image(brain_like((96, 256, 256), seed=3), (0.5, 0.5, 0.8))   # many seconds of CPU inference
+    sitk.WriteImage(big, str(inp / "big.nii.gz"))
+    port = free_port()
+    server = start_server(inp, out, port)
+    try:
+        answer = {}
+        caller = threading.Thread(target=lambda: answer.update(
+            reply=request(f"http://127.0.0.1:{port}/invoke", method="POST", timeout=60)), daemon=True)
+        caller.start()
+        time.sleep(4)                                   # inside the invocation (reading, then the networks)
+        assert server.poll() is None and not answer, "the invocation ended before the test could stop it"
+        sent = time.time()
+        server.send_signal(signal.SIGTERM)
+        progress, errors = server.communicate(timeout=30)
+        stopped_in = time.time() - sent
+    finally:
+        if server.poll() is None:
+            server.kill()
+    print(f"stopped in {stopped_in:.2f} s; last stderr line: {errors.strip().splitlines()[-1]}")
+    assert stopped_in < 3, (stopped_in, errors[-2000:])
+    assert not list(out.rglob("*_CMB*")) and not list(out.rglob(".tmp-*"))
+    assert "big.nii.gz: interrupted (SIGTERM)" in errors.strip().splitlines()[-1], errors[-2000:]
+
+
+def test_sigterm_while_loading_stops_at_once_and_says_so(tmp_path):
+    import signal
+
+    env = {**os.environ, "CMB_PRECISION": "float32"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "process.py"), "--serve", "--port", str(free_port()),
+                               "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--device", "cpu"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "invoke mode" not in server.stdout.readline():   # loading has begun
+            assert server.poll() is None
+        sent = time.time()
+        server.send_signal(signal.SIGTERM)
+        _, errors = server.communicate(timeout=30)
+        stopped_in = time.time() - sent
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert stopped_in < 3 and server.returncode == 143, (stopped_in, server.returncode, errors[-2000:])
+    assert "stopped by SIGTERM while loading" in errors.strip().splitlines()[-1]

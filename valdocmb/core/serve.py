@@ -17,12 +17,15 @@ never holds one case's mask beside another's.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .stopping import Terminated, interrupt_thread, stop_on_sigterm
 
 log = logging.getLogger("valdocmb")
 
@@ -75,6 +78,15 @@ class Invoker:
         self.lock = threading.Lock()
         self.count = 0
         self.written: dict[Path, int] = {}  # files the previous invocation left, with their modification times
+        self.thread: int | None = None      # the thread running an invocation, while one runs
+
+    def interrupt(self) -> None:
+        """SIGTERM: stop the invocation in progress now (its case is recorded as interrupted and its partial
+        outputs removed, as in exec mode), so the server can end before the platform's SIGKILL 5 s later."""
+        thread = self.thread
+        if thread is not None:
+            log.warning("SIGTERM during invocation %d: stopping it", self.count)
+            interrupt_thread(thread)
 
     def remove_previous_outputs(self) -> None:
         for path, mtime in self.written.items():
@@ -99,12 +111,17 @@ class Invoker:
             before = files_under(self.args.output)
             collector = ErrorCollector()
             log.addHandler(collector)
+            self.thread = threading.get_ident()
             try:
                 code = self.runner(self.args, self.method)
+            except Terminated as exc:  # SIGTERM outside the runner's own handling (between its cases' records)
+                code, collector.messages = 143, [*collector.messages, f"stopped by {exc}"]
+                log.error("invocation %d: stopped by %s", number, exc)
             except Exception as exc:  # noqa: BLE001 - a bug must answer 500, not drop the connection
                 log.exception("invocation %d failed", number)
                 code, collector.messages = 1, [*collector.messages, f"unexpected {type(exc).__name__}: {exc}"]
             finally:
+                self.thread = None
                 log.removeHandler(collector)
             after = files_under(self.args.output)
             self.written = {path: mtime for path, mtime in after.items() if before.get(path) != mtime}
@@ -126,6 +143,7 @@ def create_app(args, method, runner, ready_info: dict | None = None):
 
     invoker = Invoker(args, method, runner)
     app = FastAPI(title="valdocmb", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.invoker = invoker
 
     @app.get("/health")
     def health():
@@ -158,16 +176,28 @@ def serve(args, runner, method_from) -> int:
     start = time.perf_counter()
     log.info("invoke mode")
     try:
-        method = method_from(args)
+        with stop_on_sigterm():  # SIGTERM while loading: stop at once, and say so
+            method = method_from(args)
+            warm = warm_up(method)
     except CaseError as exc:
         log.error("cannot start method %s: %s", args.method, exc)
         return 2
-    warm = warm_up(method)
+    except Terminated as exc:
+        log.error("stopped by %s while loading the method, before serving", exc)
+        return 143
     log.info("ready in %.1f s (warm-up %.1f s); listening on %s:%d", time.perf_counter() - start, warm, args.host,
              args.port)
     info = {"method": args.method, "device": args.device, "weights": str(args.weights)}
-    config = uvicorn.Config(create_app(args, method, runner, info), host=args.host, port=args.port, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    app = create_app(args, method, runner, info)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=5)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # uvicorn's signal handler: also stop the invocation in progress
+            if sig == signal.SIGTERM:
+                app.state.invoker.interrupt()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     server.run()
     return 0 if server.started else 2

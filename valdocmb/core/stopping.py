@@ -49,3 +49,22 @@ def stop_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _TerminatedInThread(Terminated):
+    """`Terminated` raised inside another thread (an invoke-mode invocation); Python instantiates it bare."""
+
+    def __init__(self, *args):
+        super().__init__(*(args or ("SIGTERM",)))
+
+
+def interrupt_thread(thread_id: int) -> None:
+    """Raise `Terminated` ("SIGTERM") in the thread `thread_id` (an invocation running in a server's worker thread,
+    where no signal handler can reach): at once between Python statements, or when its `uninterrupted()` write
+    ends."""
+    import ctypes
+
+    if _state["depth"]:
+        _state["pending"] = signal.SIGTERM
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_TerminatedInThread))

@@ -268,3 +268,26 @@ def test_sigterm_while_loading_stops_at_once_and_says_so(tmp_path):
             server.kill()
     assert stopped_in < 3 and server.returncode == 143, (stopped_in, server.returncode, errors[-2000:])
     assert "stopped by SIGTERM while loading" in errors.strip().splitlines()[-1]
+
+
+def test_a_client_that_hangs_up_mid_invocation_leaves_the_server_healthy(tmp_path):
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    sitk.WriteImage(make_image(brain_like((40, 160, 160), seed=4), (0.5, 0.5, 0.8)), str(inp / "a.nii.gz"))
+    port = free_port()
+    server = start_server(inp, out, port)
+    try:
+        with pytest.raises((TimeoutError, urllib.error.URLError)):
+            request(f"http://127.0.0.1:{port}/invoke", method="POST", timeout=0.5)   # hangs up at once
+        assert request(f"http://127.0.0.1:{port}/health", timeout=10)[0] == 200
+        deadline = time.time() + 120
+        while True:   # the abandoned invocation finishes; the next one is served normally
+            status, body = request(f"http://127.0.0.1:{port}/invoke", method="POST")
+            if status != 409:
+                break
+            assert time.time() < deadline
+            time.sleep(1)
+        assert status == 201 and "a_CMB.nii.gz" in body["outputs"], body
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)

@@ -65,7 +65,10 @@ def test_two_invocations_in_a_row_never_mix_their_outputs(tmp_path):
     assert "second" in summary and "first" not in summary
 
 
-def test_a_failed_case_answers_500_with_the_error_and_leaves_no_stale_mask(tmp_path):
+def test_a_failed_case_answers_500_with_the_error_and_leaves_no_stale_mask(tmp_path, capfd):
+    from valdocmb.core.logs import setup_logging
+
+    setup_logging(progress_to_stdout=True)   # as process.py --serve logs
     inp, out = tmp_path / "input", tmp_path / "output"
     inp.mkdir()
     with client_for(inp, out) as client:
@@ -78,7 +81,11 @@ def test_a_failed_case_answers_500_with_the_error_and_leaves_no_stale_mask(tmp_p
     body = response.json()
     assert body["status"] == "failed" and body["exit_code"] == 1
     assert any("broken.nii.gz" in error for error in body["errors"])
+    assert len(body["errors"]) == 1          # the run's closing summary is not a second error
     assert not list(out.glob("*_CMB.nii.gz"))
+    # the platform shows the last stderr line of a failed invocation: the file and the reason
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert "broken.nii.gz" in last and "cannot be read" in last
 
 
 def test_an_input_folder_without_a_case_answers_500(tmp_path):

@@ -23,7 +23,7 @@ import copy
 import logging
 import pickle
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from ..core.patches import extract_patches
 from ..core.preprocess import DEFAULT_TARGET_SPACING
 from . import dense
 from .stream import RegionStream, StreamedRegion
-from .three_stage import soft_dice_loss
+from .three_stage import schedule_with, soft_dice_loss
 
 log = logging.getLogger("valdocmb.train")
 
@@ -85,19 +85,8 @@ STREAM_SCHEDULES = {
 
 
 def stream_schedule_with(schedule: StreamSchedule, overrides: list[str]) -> StreamSchedule:
-    kinds = {f.name: f.type for f in fields(StreamSchedule)}
-    changes = {}
-    for item in overrides:
-        name, sep, value = item.partition("=")
-        if not sep or name not in kinds:
-            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(kinds)}")
-        try:
-            changes[name] = float(value) if kinds[name] in (float, "float") else int(value)
-        except ValueError:
-            raise SystemExit(f"--set {item!r}: {value!r} is not a number") from None
-        if changes[name] < 0 or (changes[name] == 0 and name != "hard_negatives"):
-            raise SystemExit(f"--set {item!r}: must be positive")
-    return replace(schedule, **changes)
+    """The schedule with NAME=VALUE overrides (`three_stage.schedule_with`); hard_negatives=0 counts every position."""
+    return schedule_with(schedule, overrides, may_be_zero=("hard_negatives",))
 
 
 # stream seeds: one per stage and one for validation, so no validation region is ever trained on

@@ -67,9 +67,10 @@ SCHEDULES = {
 }
 
 
-def schedule_with(schedule: Schedule, overrides: list[str]) -> Schedule:
-    """The schedule with NAME=VALUE overrides (e.g. discrimination_iterations=30); a bad one stops with the reason."""
-    kinds = {f.name: f.type for f in fields(Schedule)}
+def schedule_with(schedule, overrides: list[str], may_be_zero: tuple = ()):
+    """The schedule (any schedule dataclass) with NAME=VALUE overrides (e.g. discrimination_iterations=30); a bad
+    one stops with the reason. Values must be positive, or at least zero for the fields in `may_be_zero`."""
+    kinds = {f.name: f.type for f in fields(schedule)}
     changes = {}
     for item in overrides:
         name, sep, value = item.partition("=")
@@ -79,7 +80,7 @@ def schedule_with(schedule: Schedule, overrides: list[str]) -> Schedule:
             changes[name] = float(value) if kinds[name] in (float, "float") else int(value)
         except ValueError:
             raise SystemExit(f"--set {item!r}: {value!r} is not a number") from None
-        if changes[name] <= 0:
+        if changes[name] < 0 or (changes[name] == 0 and name not in may_be_zero):
             raise SystemExit(f"--set {item!r}: must be positive")
     return replace(schedule, **changes)
 

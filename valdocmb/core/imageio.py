@@ -96,7 +96,12 @@ def _read_checked(path: Path, cast: bool = True) -> tuple[sitk.Image, int]:
         if "allocat" in reason.lower():
             raise CaseError(f"{path}: too large to read into memory ({reason})") from None
         raise CaseError(f"{path}: cannot be read as an image: {reason}") from None
+    return checked_volume(image, str(path), ext, cast), raw_non_finite
 
+
+def checked_volume(image: sitk.Image, path: str, ext: str | None, cast: bool = True) -> sitk.Image:
+    """The image as one 3D scalar volume (a 4D one with a single volume is cut to 3D), refused with a CaseError
+    naming `path` when it cannot be a scan: several components or volumes, a slice, bad spacing or direction."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(
             f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar (grey-value) "
@@ -132,7 +137,7 @@ def _read_checked(path: Path, cast: bool = True) -> tuple[sitk.Image, int]:
                             "computes in")
     if cast and image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
-    return image, raw_non_finite
+    return image
 
 
 def _declared(path: Path, ext: str) -> tuple[tuple[int, ...], int] | None:
@@ -270,4 +275,5 @@ def _make_folder(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CaseError(f"{path.parent}: cannot be created as a folder for {path.name}: {exc.strerror or exc}") from None
+        raise CaseError(f"{path.parent}: cannot be created as a folder for {path.name}: "
+                        f"{exc.strerror or exc}") from None

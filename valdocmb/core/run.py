@@ -36,9 +36,11 @@ from .. import __version__
 from . import location, report
 from .defaults import INVOKE_PORT, NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
 from .errors import CaseError, RunError
-from .imageio import (LABELS_SUFFIX, PROBABILITY_SUFFIX, TEMPORARY_PREFIX, image_extension, image_like, read_scan,
-                      same_geometry, temporary_path, write_image_atomic, write_text_atomic)
-from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, discover, valdo_results_entry
+from .dicom import DEFAULT_ECHO_TIME_MS, read_series
+from .imageio import (TEMPORARY_PREFIX, image_like, read_scan, same_geometry, temporary_path, write_image_atomic,
+                      write_text_atomic)
+from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, CaseOutcome, Layout, discover
+from .layouts.bids import SCANS_TABLE, Bids
 from .logs import setup_logging
 from .methods import NAMES as METHODS
 from .offline import no_network
@@ -77,6 +79,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
 def shard(text: str) -> tuple[int, int]:
     """K/N, 1 <= K <= N: the K-th of N shards."""
     try:
@@ -90,7 +102,22 @@ def shard(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="process.py", description="Cerebral microbleed segmentation (VALDO Task 2)")
+    parser = argparse.ArgumentParser(
+        prog="process.py", description="Cerebral microbleed segmentation (VALDO Task 2). Called with no positional "
+        "argument it reads --input and writes --output; called as a BIDS App, `process.py BIDS_DIR OUTPUT_DIR "
+        "participant` processes a BIDS dataset into BIDS derivatives (`group` rebuilds the scans table of "
+        "OUTPUT_DIR from what the participant runs wrote).")
+    parser.add_argument("bids_dir", nargs="?", type=Path, help="BIDS App call: the BIDS dataset")
+    parser.add_argument("output_dir", nargs="?", type=Path, help="BIDS App call: the derivatives folder")
+    parser.add_argument("analysis_level", nargs="?", choices=("participant", "group"),
+                        help="BIDS App call: participant (segment) or group (collect the scans table)")
+    parser.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
+                        help="BIDS: only these participants (01 or sub-01)")
+    parser.add_argument("--session-label", nargs="+", default=None, metavar="LABEL",
+                        help="BIDS: only these sessions (1 or ses-1)")
+    parser.add_argument("--echo-time", type=positive_float, default=None, metavar="MS",
+                        help=f"multi-echo scans (BIDS MEGRE, DICOM): read the echo nearest this echo time in ms "
+                        f"(default {DEFAULT_ECHO_TIME_MS:g})")
     parser.add_argument("--input", type=Path, default=Path(env("CMB_INPUT", "/input")), help="input folder")
     parser.add_argument("--output", type=Path, default=Path(env("CMB_OUTPUT", "/output")), help="output folder")
     parser.add_argument("--layout", choices=LAYOUTS, default=env("CMB_LAYOUT", "auto"),
@@ -107,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="grand-challenge: relative path of the output mask socket (inside the output folder)")
     parser.add_argument("--reports", choices=("auto", "on", "off"), default=env("CMB_REPORTS", "auto"),
                         help="lesion tables, labelled masks, QC pictures, summary.csv and index.html "
-                        "(auto: on for a plain folder, off in the grand-challenge layouts)")
+                        "(auto: on for a plain folder and DICOM, off for grand-challenge, VALDO 2021 and BIDS, "
+                        "whose own outputs carry the counts)")
     parser.add_argument("--probability", action="store_true", help="also write each scan's probability map")
     parser.add_argument("--resume", action="store_true",
                         help="skip a case whose outputs (mask, and its reports when reports are on) all exist already, "
@@ -163,6 +191,15 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             args.shard = shard(os.environ["CMB_SHARD"])
         except argparse.ArgumentTypeError as exc:
             parser.error(f"CMB_SHARD: {exc}")
+    given = [value is not None for value in (args.bids_dir, args.output_dir, args.analysis_level)]
+    if any(given):
+        if not all(given):
+            parser.error("the BIDS App call takes all three: BIDS_DIR OUTPUT_DIR participant|group")
+        args.input, args.output = args.bids_dir, args.output_dir
+        if args.layout == "auto":
+            args.layout = "bids"
+        elif args.layout != "bids":
+            parser.error(f"the BIDS App call reads a BIDS dataset; --layout {args.layout} contradicts it")
     if args.serve and args.shard is not None:
         parser.error("--shard splits a folder among exec runs; invoke mode processes what each invocation puts there")
     if args.threads is None and os.environ.get("CMB_THREADS"):
@@ -194,8 +231,14 @@ def method_from(args: argparse.Namespace):
                        args.lesion_rule == "weights", args.precision)
 
 
+def read_case(case: Case) -> sitk.Image:
+    if case.series_files is not None:
+        return read_series(case.series_files, case.input_path, case.details.get("series", ""))
+    return read_scan(case.input_path)
+
+
 def process_case(case: Case, method, timings: dict) -> tuple[sitk.Image, SegmentationResult]:
-    image = read_scan(case.input_path)
+    image = read_case(case)
     size, spacing = image.GetSize(), tuple(round(s, 3) for s in image.GetSpacing())
     log.info("  input %s, spacing %s mm", "x".join(map(str, size)), spacing)
     result = method.segment(image, timings)
@@ -211,38 +254,28 @@ def process_case(case: Case, method, timings: dict) -> tuple[sitk.Image, Segment
     return image, result
 
 
-def sibling(mask_path: Path, suffix: str, ext: str | None = None) -> Path:
-    """A file next to a mask: <mask stem><suffix><ext> (ext defaults to the mask's)."""
-    mask_ext = image_extension(mask_path) or ""
-    return mask_path.with_name(mask_path.name[: len(mask_path.name) - len(mask_ext)] + suffix + (ext or mask_ext))
-
-
-def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, args, layout: str, row: dict,
+def write_reports(case: Case, image: sitk.Image, result: SegmentationResult, args, layout: Layout, row: dict,
                   timings: dict) -> dict | None:
-    """Per-case extras: lesion table (CSV, JSON) with each CMB's region, labelled mask, QC picture, probability
-    map, GC value outputs. Returns the registration's record for run.json (None when the CMBs were not located)."""
+    """Per-case extras: the layout's own outputs (grand-challenge value sockets, BIDS sidecars and tables), lesion
+    table (CSV, JSON) with each CMB's region, labelled mask, QC picture, probability map. Returns the registration's
+    record for run.json (None when the CMBs were not located)."""
     labels, lesions = report.lesion_table(result)
-    row.update(cmb_count=len(lesions), total_volume_mm3=round(sum(l.volume_mm3 for l in lesions), 3))
+    row.update(cmb_count=len(lesions), total_volume_mm3=round(sum(lesion.volume_mm3 for lesion in lesions), 3))
     census = location_record = None
-    if args.location == "on" and (layout == "gc" or reports_on(args, layout)):
+    if args.location == "on" and (layout.always_located or reports_on(args, layout)):
         lesions, census, location_record = located(image, lesions, row, timings)
     elif args.location == "off":
         row["location"] = "off"
-    if layout == "gc":  # value sockets: the count, the lesion list, the regional counts
-        count_file, lesions_file, *regions_file = value_files(args, layout)
-        write_text_atomic(json.dumps(len(lesions)), count_file)
-        write_text_atomic(report.lesions_json(lesions, case.case_id, census), lesions_file)
-        if regions_file:
-            write_text_atomic(json.dumps(census, indent=1), regions_file[0])
+    layout.write_case_files(case, lesions, census, result.info or {})
     if reports_on(args, layout):
-        csv_file, json_file, labels_file, picture_file = report_files(case, args)
-        write_text_atomic(report.lesions_csv(lesions), csv_file)
-        write_text_atomic(report.lesions_json(lesions, case.case_id, census), json_file)
-        write_image_atomic(image_like(labels, image), labels_file)
-        picture = qc_png(image, labels, lesions, picture_file, case.case_id)
+        files = layout.report_files(case)
+        write_text_atomic(report.lesions_csv(lesions), files.table_csv)
+        write_text_atomic(report.lesions_json(lesions, case.case_id, census), files.table_json)
+        write_image_atomic(image_like(labels, image), files.labels)
+        picture = qc_png(image, labels, lesions, files.picture, case.case_id)
         row["qc"] = str(picture.relative_to(args.output))
     if args.probability and result.probability is not None:
-        write_image_atomic(result.probability, sibling(case.output_path, PROBABILITY_SUFFIX))
+        write_image_atomic(result.probability, layout.probability_file(case))
     return location_record
 
 
@@ -267,56 +300,35 @@ def located(image: sitk.Image, lesions: list, row: dict, timings: dict) -> tuple
     return [replace(lesion, **place) for lesion, place in zip(lesions, places)], counts, record
 
 
-def reports_on(args, layout: str) -> bool:
-    return args.reports == "on" or (args.reports == "auto" and layout == "folder")
+def reports_on(args, layout: Layout) -> bool:
+    return args.reports == "on" or (args.reports == "auto" and layout.reports_by_default)
 
 
-def report_files(case: Case, args) -> list[Path]:
-    """A case's reports: lesion table (CSV, JSON), labelled mask, QC picture, in that order."""
-    return [sibling(case.output_path, "_lesions", ".csv"), sibling(case.output_path, "_lesions", ".json"),
-            sibling(case.output_path, LABELS_SUFFIX), args.output / "qc" / f"{case.case_id}.png"]
-
-
-def value_files(args, layout: str) -> list[Path]:
-    """Grand-challenge's value outputs (the count, the lesion list, the regional counts unless --location off, in
-    that order), in its layout."""
-    if layout != "gc":
-        return []
-    return [args.output / "number-of-cerebral-microbleeds.json", args.output / "cerebral-microbleeds.json",
-            *([args.output / "cerebral-microbleed-regions.json"] if args.location == "on" else [])]
-
-
-def case_outputs(case: Case, args, layout: str) -> list[Path]:
-    """Every file a case can write: the mask, its reports, its probability map, grand-challenge's value outputs."""
+def case_outputs(case: Case, layout: Layout) -> list[Path]:
+    """Every file a case can write: the mask, the layout's own outputs, its reports, its probability map."""
     if case.output_path is None:
         return []
-    return [case.output_path, *report_files(case, args), sibling(case.output_path, PROBABILITY_SUFFIX),
-            *value_files(args, layout)]
+    return [case.output_path, *layout.case_files(case), *layout.report_files(case).all(),
+            layout.probability_file(case)]
 
 
-def expected_outputs(case: Case, args, layout: str) -> list[Path]:
+def expected_outputs(case: Case, args, layout: Layout) -> list[Path]:
     """The files a successful run of the case leaves with these settings (a probability map only exists where the
     method makes one, so it is not required)."""
-    return [case.output_path, *(report_files(case, args) if reports_on(args, layout) else []),
-            *value_files(args, layout)]
+    return [case.output_path, *layout.case_files(case),
+            *(layout.report_files(case).all() if reports_on(args, layout) else [])]
 
 
-def done_earlier(case: Case, args, layout: str) -> bool:
+def done_earlier(case: Case, args, layout: Layout) -> bool:
     return case.output_path is not None and all(path.is_file() for path in expected_outputs(case, args, layout))
 
 
-def earlier_counts(case: Case, args, row: dict) -> None:
-    """A skipped case's count, volume and QC picture, from what its earlier run wrote (when reports were on)."""
-    _, json_file, _, picture = report_files(case, args)
+def earlier_counts(case: Case, args, layout: Layout, row: dict) -> None:
+    """A skipped case's count, volume and QC picture, from what its earlier run wrote."""
+    picture = layout.report_files(case).picture
     if picture.is_file():
         row["qc"] = str(picture.relative_to(args.output))
-    try:
-        table = json.loads(json_file.read_text())
-        row.update(cmb_count=table["cmb_count"],
-                   total_volume_mm3=round(sum(lesion["volume_mm3"] for lesion in table["lesions"]), 3),
-                   **table.get("regions", {}))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    row.update(layout.earlier_counts(case))
 
 
 def run_file(args, name: str) -> Path:
@@ -327,9 +339,9 @@ def run_file(args, name: str) -> Path:
     return args.output / f"{stem}.shard-{args.shard[0]}-of-{args.shard[1]}{dot}{ext}"
 
 
-def remove_outputs(case: Case, args, layout: str, why: str) -> None:
+def remove_outputs(case: Case, layout: Layout, why: str) -> None:
     """Remove a case's outputs: an earlier run's before the case runs again, this run's when it fails."""
-    for path in case_outputs(case, args, layout):
+    for path in case_outputs(case, layout):
         try:
             if path.is_file():
                 path.unlink()
@@ -338,24 +350,21 @@ def remove_outputs(case: Case, args, layout: str, why: str) -> None:
             log.warning("  could not remove %s: %s", path, exc.strerror or exc)
 
 
-def check_names(case: Case, args, layout: str) -> None:
+def check_names(case: Case, args, layout: Layout) -> None:
     """Output names the file system cannot hold fail the case before any inference."""
     limit = os.pathconf(args.output, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-    for path in case_outputs(case, args, layout):
+    for path in case_outputs(case, layout):
         if len(temporary_path(path).name.encode()) > limit:  # each file is written under a longer name first
             raise CaseError(f"{case.input_path}: the output name {path.name[:40]}..., with the temporary prefix it "
                             f"is written under first, is longer than the {limit} bytes a file name may have here; "
                             "rename the scan")
 
 
-def check_output(args, layout: str, cases: list[Case]) -> None:
+def check_output(args, layout: Layout, cases: list[Case]) -> None:
     """The output folder can take the run's results, before any inference; RunError names the output otherwise."""
     output = args.output
     if output.exists() and not output.is_dir():
         raise RunError(f"{output}: is a file, not an output folder")
-    socket = (output / args.output_socket_path).resolve()
-    if layout == "gc" and not socket.is_relative_to(output.resolve()):
-        raise RunError(f"--output-socket-path {args.output_socket_path!r} leads outside the output folder {output}")
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / f"{TEMPORARY_PREFIX}write-test"
@@ -363,15 +372,16 @@ def check_output(args, layout: str, cases: list[Case]) -> None:
         probe.unlink()
     except OSError as exc:
         raise RunError(f"{output}: the output folder is not writable: {exc.strerror or exc}") from None
-    folders = {path.parent for case in cases for path in case_outputs(case, args, layout)}
+    folders = {path.parent for case in cases for path in case_outputs(case, layout)}
     for folder in sorted(folders):
         for parent in [folder, *folder.parents]:
             if parent == output or output not in parent.parents:
                 break
             if parent.exists() and not parent.is_dir():
                 raise RunError(f"{parent}: exists as a file where the run writes a folder")
-    needed = sum(4 * case.input_path.stat().st_size + (1 << 20) for case in cases
-                 if case.error is None and case.input_path is not None and case.input_path.is_file())
+    needed = sum(4 * sum(path.stat().st_size for path in case.series_files or [case.input_path]) + (1 << 20)
+                 for case in cases if case.error is None and case.input_path is not None
+                 and (case.series_files is not None or case.input_path.is_file()))
     free = shutil.disk_usage(output).free
     if free < needed:
         raise RunError(f"{output}: {free / 2**20:.0f} MB free, the run needs about {needed / 2**20:.0f} MB")
@@ -382,10 +392,25 @@ def check_output(args, layout: str, cases: list[Case]) -> None:
         log.info("removed %d temporary file(s) an earlier, interrupted run left in %s", len(stale), output)
 
 
+def collect_bids_group(args: argparse.Namespace) -> int:
+    """The BIDS App's group level: the scans table of a derivatives folder that participant runs (or shards) wrote."""
+    if not args.output.is_dir():
+        log.error("%s: no derivatives folder to collect", args.output)
+        return 2
+    layout = Bids(args)
+    with uninterrupted():
+        layout.write_dataset_description()
+        layout.write_scans_table()
+    log.info("collected %s", args.output / SCANS_TABLE)
+    return 0
+
+
 def run(args: argparse.Namespace, method=None) -> int:
     started, start_time = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+    if getattr(args, "analysis_level", None) == "group":
+        return collect_bids_group(args)
     try:
-        found = discover(args.input, args.output, args.layout, args.input_socket, args.output_socket_path)
+        found = discover(args)
         layout, cases = found.layout, found.cases
         if args.shard is not None:
             index, count = args.shard
@@ -399,7 +424,7 @@ def run(args: argparse.Namespace, method=None) -> int:
         return 2
     runnable = [c for c in cases if c.error is None and c.case_id not in skipped]
     log.info("valdocmb %s: %d case(s) in %s (layout %s), method %s%s", __version__, len(cases), args.input,
-             layout, args.method, f"; {len(skipped)} done earlier, skipped (--resume)" if skipped else "")
+             layout.name, args.method, f"; {len(skipped)} done earlier, skipped (--resume)" if skipped else "")
     for path, reason in found.ignored:
         log.info("  ignored %s: %s", path, reason)
 
@@ -410,7 +435,7 @@ def run(args: argparse.Namespace, method=None) -> int:
             log.error("cannot start method %s: %s", args.method, exc)
             return 2
 
-    results, rows, case_records, method_info, failed, stopped = [], [], [], {}, 0, None
+    outcomes, rows, case_records, method_info, failed, stopped = [], [], [], {}, 0, None
     first_error = None
     for index, case in enumerate(cases, 1):
         start = time.perf_counter()
@@ -422,17 +447,17 @@ def run(args: argparse.Namespace, method=None) -> int:
                "method": args.method}
         if error is None and case.case_id in skipped:
             log.info("  skipped: its outputs exist (--resume)")
-            earlier_counts(case, args, row)
+            earlier_counts(case, args, layout, row)
             row.update(status="skipped", error="", seconds=0.0, weights="")
             rows.append(row)
             case_records.append({"case": case.case_id, "status": "skipped", "error": None, "seconds": 0.0,
                                  "timings": {}})
-            results.append(valdo_results_entry(case, None))
+            outcomes.append(CaseOutcome(case, row, None))
             continue
         if error is None:
             try:
                 check_names(case, args, layout)
-                remove_outputs(case, args, layout, "an earlier run's result, replaced now")
+                remove_outputs(case, layout, "an earlier run's result, replaced now")
                 image, result = process_case(case, method, timings)
                 method_info = result.info or method_info
                 location_record = write_reports(case, image, result, args, layout, row, timings)
@@ -449,7 +474,7 @@ def run(args: argparse.Namespace, method=None) -> int:
             failed += 1
             first_error = first_error or error
             log.error("  FAILED: %s", error)
-            remove_outputs(case, args, layout, "the case failed")
+            remove_outputs(case, layout, "the case failed")
         else:
             log.info("  wrote %s (%.1f s)", case.output_path, seconds)
         row.update(status="failed" if error else "ok", error=error or "", seconds=round(seconds, 2),
@@ -457,13 +482,12 @@ def run(args: argparse.Namespace, method=None) -> int:
         rows.append(row)
         case_records.append({"case": case.case_id, "status": row["status"], "error": error,
                              "seconds": round(seconds, 2), "timings": {k: round(v, 3) for k, v in timings.items()},
-                             "location": location_record})
-        results.append(valdo_results_entry(case, error))
+                             "location": location_record, **({"input": case.details} if case.details else {})})
+        outcomes.append(CaseOutcome(case, row, error))
 
     try:
         with uninterrupted():
-            if layout == "valdo2021":
-                write_text_atomic(json.dumps(results, indent=2), run_file(args, "results.json"))
+            layout.write_records(outcomes, lambda name: run_file(args, name))
             if reports_on(args, layout):
                 write_text_atomic(report.summary_csv(rows), run_file(args, "summary.csv"))
                 overview_html(rows, run_file(args, "index.html"))

@@ -351,3 +351,30 @@ def test_resume_in_the_valdo_layout_lists_skipped_cases_as_written(tmp_path):
     assert [entry["outputs"][0]["filename"] for entry in results] == [
         [f"{sid}_space-T2S_prediction.nii.gz"] for sid in sorted(GEOMETRIES)]
     assert all(entry["error_messages"] == [] for entry in results)
+
+
+def test_a_new_layout_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
+    """A toy layout (a list file naming the scans, masks into one folder, a run-wide count) plugs in with no change
+    to the runner: the class below plus its registry entry."""
+    from valdocmb.core.imageio import write_text_atomic
+    from valdocmb.core.layouts import REGISTRY, Case, Discovery, Layout
+
+    class Listed(Layout):
+        name = "listed"
+
+        def discover(self, input_dir):
+            names = (input_dir / "scans.txt").read_text().split()
+            return Discovery(self, [Case(n.split(".")[0], input_dir / n, self.output / "masks" / n, [n])
+                                    for n in names])
+
+        def write_records(self, outcomes, run_file):
+            write_text_atomic(str(sum(o.error is None for o in outcomes)), run_file("written.txt"))
+
+    monkeypatch.setitem(REGISTRY, "listed", Listed)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "a.nii.gz"))
+    (inp / "scans.txt").write_text("a.nii.gz\n")
+    assert run_main(inp, out, "--layout", "listed") == 0
+    check_mask(out / "masks" / "a.nii.gz", scan_for("sub-101"))
+    assert (out / "written.txt").read_text() == "1"

@@ -39,7 +39,7 @@ from .errors import CaseError, RunError
 from .dicom import DEFAULT_ECHO_TIME_MS, read_series
 from .imageio import (TEMPORARY_PREFIX, image_like, read_scan, same_geometry, temporary_path, write_image_atomic,
                       write_text_atomic)
-from .layouts import GC_DEFAULT_OUTPUT_PATH, LAYOUTS, Case, CaseOutcome, Layout, discover
+from .layouts import GC_DEFAULT_OUTPUT_PATH, REGISTRY, Case, CaseOutcome, Layout, discover
 from .layouts.bids import SCANS_TABLE, Bids
 from .logs import setup_logging
 from .methods import NAMES as METHODS
@@ -52,11 +52,18 @@ from .weights import resolve_weights_dir
 log = logging.getLogger("valdocmb")
 
 
-# options that an environment variable can set too: (option, variable, choices); argparse checks only the flags
-ENV_CHOICES = (("layout", "CMB_LAYOUT", LAYOUTS), ("method", "CMB_METHOD", METHODS),
-               ("device", "CMB_DEVICE", ("auto", "cpu", "cuda")), ("reports", "CMB_REPORTS", ("auto", "on", "off")),
-               ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")), ("location", "CMB_LOCATION", ("on", "off")),
-               ("precision", "CMB_PRECISION", PRECISIONS))
+def layout_names() -> tuple[str, ...]:
+    """`auto` and every registered layout (read when the options are parsed, so a layout registered later counts)."""
+    return ("auto", *REGISTRY)
+
+
+def env_choices() -> tuple:
+    """Options that an environment variable can set too: (option, variable, choices); argparse checks only the
+    flags."""
+    return (("layout", "CMB_LAYOUT", layout_names()), ("method", "CMB_METHOD", METHODS),
+            ("device", "CMB_DEVICE", ("auto", "cpu", "cuda")), ("reports", "CMB_REPORTS", ("auto", "on", "off")),
+            ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")), ("location", "CMB_LOCATION", ("on", "off")),
+            ("precision", "CMB_PRECISION", PRECISIONS))
 
 
 def tile_step(text: str) -> float:
@@ -120,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_ECHO_TIME_MS:g})")
     parser.add_argument("--input", type=Path, default=Path(env("CMB_INPUT", "/input")), help="input folder")
     parser.add_argument("--output", type=Path, default=Path(env("CMB_OUTPUT", "/output")), help="output folder")
-    parser.add_argument("--layout", choices=LAYOUTS, default=env("CMB_LAYOUT", "auto"),
+    parser.add_argument("--layout", choices=layout_names(), default=env("CMB_LAYOUT", "auto"),
                         help="input layout (default: detected)")
     parser.add_argument("--method", choices=METHODS, default=env("CMB_METHOD", "three-stage"))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=env("CMB_DEVICE", "auto"))
@@ -176,7 +183,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     """The options, with values from environment variables held to the same choices as the flags (exit 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for option, variable, choices in ENV_CHOICES:
+    for option, variable, choices in env_choices():
         if getattr(args, option) not in choices:
             parser.error(f"{variable}={getattr(args, option)!r} is not one of {', '.join(choices)}")
     if os.environ.get("CMB_API_METHOD", "exec") not in ("exec", "invoke"):

@@ -24,9 +24,8 @@ from .gc import GC_DEFAULT_OUTPUT_PATH, GrandChallenge
 from .valdo import VALDO_LABEL, VALDO_T2S, Valdo2021, valdo_results_entry
 
 REGISTRY: dict[str, type[Layout]] = {cls.name: cls for cls in (GrandChallenge, Bids, Valdo2021, Dicom, Folder)}
-LAYOUTS = ("auto", *REGISTRY)
 
-__all__ = ["Case", "CaseOutcome", "Discovery", "Layout", "ReportFiles", "sibling", "REGISTRY", "LAYOUTS",
+__all__ = ["Case", "CaseOutcome", "Discovery", "Layout", "ReportFiles", "sibling", "REGISTRY",
            "detect_layout", "discover", "GC_DEFAULT_OUTPUT_PATH", "FOLDER_MASK_SUFFIX", "FOLDER_SCAN_EXTENSIONS",
            "VALDO_LABEL", "VALDO_T2S", "valdo_results_entry"]
 
@@ -49,7 +48,7 @@ def discover(options: Any) -> Discovery:
         raise RunError(f"{input_dir}: is a file, not an input folder")
     name = detect_layout(input_dir) if options.layout == "auto" else options.layout
     if name not in REGISTRY:
-        raise RunError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
+        raise RunError(f"unknown layout {name!r}; choose one of auto, {', '.join(REGISTRY)}")
     layout = REGISTRY[name](options)
     layout.check_options()
     return layout.discover(input_dir)

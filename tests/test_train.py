@@ -315,3 +315,11 @@ def test_finetuning_folds_trained_in_parallel_processes_give_the_same_table(data
     assert all((tmp_path / "work3" / f"fold{k}" / "evaluation").is_dir() for k in range(3))
     assert (tmp_path / "work3" / "final" / "segmentation.ckpt").is_file()
     assert tables[0] == tables[1]
+
+
+def test_subject_seeds_come_from_the_whole_name():
+    from valdocmb.train.three_stage import _case_seed
+
+    assert _case_seed(0, "sub-ABC") != _case_seed(0, "sub-XYZ")  # was: digits only, so both drew seed 0's stream
+    assert _case_seed(0, "sub-001") != _case_seed(0, "sub-1001") != _case_seed(1, "sub-001")
+    assert _case_seed(3, "sub-ABC") == _case_seed(3, "sub-ABC")

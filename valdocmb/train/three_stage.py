@@ -13,6 +13,7 @@ resumes from there; the final weights hold inference state only. The command is 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import multiprocessing
 import pickle
@@ -108,8 +109,9 @@ def _pool_job(args):
 
 
 def _case_seed(seed: int, subject: str) -> int:
-    digits = int("".join(ch for ch in subject if ch.isdigit()) or 0)
-    return int(np.random.SeedSequence([seed, digits]).generate_state(1)[0])
+    """A subject's own random stream: from its whole name (sub-ABC and sub-XYZ differ), stable across runs."""
+    name = int.from_bytes(hashlib.sha256(subject.encode()).digest()[:8], "little")
+    return int(np.random.SeedSequence([seed, name]).generate_state(1)[0])
 
 
 def pool_cache(work: Path, seed: int, target_spacing, init_version: str | None = None) -> Path:

@@ -132,3 +132,12 @@ def test_python_dash_m_aliases_run_the_console_scripts_main(alias):
     module = importlib.import_module(f"valdocmb.{alias}")
     targets = {importlib.import_module(t.split(":")[0]).main for t in scripts.values()}
     assert module.main in targets
+
+
+def test_every_package_is_installed_by_a_non_editable_install():
+    """pyproject lists packages by name: a new subpackage missing there works in the editable checkout and is absent
+    from a wheel."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "valdocmb").rglob("__init__.py")}
+    assert on_disk <= listed, f"not in pyproject's packages: {sorted(on_disk - listed)}"

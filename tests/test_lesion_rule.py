@@ -159,9 +159,9 @@ def test_stagewise_cache_then_tune_records_a_rule_the_pipeline_applies(tmp_path,
     manifest["lesion_rule"].update(min_probability=1.01)
     (weights / MANIFEST).write_text(json.dumps(manifest))
     pipeline = ThreeStagePipeline.from_weights(weights, "cpu")
-    result = pipeline.segment(dark_blob_scan(), {})
+    result, detection = pipeline.segment_with_detection(dark_blob_scan(), {})
     assert sitk.GetArrayFromImage(result.mask).sum() == 0
-    assert pipeline.last_detection.kept == [False] and result.info["components"] == 1
+    assert detection.kept == [False] and result.info["components"] == 1
 
     # process.py applies it by default; --lesion-rule off keeps every component
     inp = tmp_path / "in"

@@ -160,14 +160,14 @@ def test_dark_blob_comes_out_where_it_was_put(direction):
     blob = (9, 20, 14)
     scan = dark_blob_scan(direction=direction, blob=blob)
     pipeline = fixed_pipeline()
-    mask = pipeline.segment(scan, {}).mask
+    result, detection = pipeline.segment_with_detection(scan, {})
+    mask = result.mask
     assert mask.GetSize() == scan.GetSize() and mask.GetOrigin() == scan.GetOrigin()
     assert mask.GetDirection() == scan.GetDirection() and mask.GetSpacing() == scan.GetSpacing()
     labels, n = ndimage.label(sitk.GetArrayFromImage(mask))
     assert n == 1
     centre = ndimage.center_of_mass(labels > 0)
     assert np.allclose(centre, blob, atol=1.0)
-    detection = pipeline.last_detection
     assert len(detection.survivors) >= 1 and all(c.discrimination_score >= 0.5 for c in detection.survivors)
     # The strongest candidate itself (not only the U-Net's local response) sits on the blob in world space.
     best = max(detection.survivors, key=lambda c: c.screening_score)
@@ -198,6 +198,9 @@ def test_cuda_only_precisions_fall_back_to_float32_on_cpu(mode, caplog):
 def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, native, expected):
     monkeypatch.setattr(three_stage, "cpu_has_bfloat16", lambda: native)
     assert fixed_pipeline(precision="auto").config.precision == expected
+    config = ThreeStageConfig(precision="auto")  # the caller's config is left as it was given
+    ThreeStagePipeline(dark_spot_screening(), dark_spot_discrimination(), dark_spot_segmentation(), "cpu", config)
+    assert config.precision == "auto"
 
 
 def test_cpu_bfloat16_flags_are_read_from_cpuinfo(tmp_path):

@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +126,8 @@ class ThreeStagePipeline:
     def __init__(self, screening: ScreeningFCN, discrimination: DiscriminationCNN, segmentation: SegmentationUNet,
                  device: str | torch.device = "cpu", config: ThreeStageConfig | None = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.config = config or ThreeStageConfig()
+        # a copy: resolving precision "auto" below must not rewrite the caller's config
+        self.config = replace(config) if config is not None else ThreeStageConfig()
         self.screening = screening.eval().to(self.device)
         self.discrimination = discrimination.eval().to(self.device)
         self.segmentation = segmentation.eval().to(self.device)
@@ -137,7 +138,6 @@ class ThreeStagePipeline:
             log.warning("precision %s needs a CUDA device; running float32 on %s", self.config.precision,
                         self.device)
             self.config.precision = "float32"
-        self.last_detection: Detection | None = None
         self.weights_info: dict = {}
         self._item_bytes: dict[str, int] = {}
 
@@ -384,6 +384,10 @@ class ThreeStagePipeline:
 
     def segment(self, image: sitk.Image, timings: dict) -> SegmentationResult:
         """The method interface used by the batch runner: mask, probability and detections on the input grid."""
+        return self.segment_with_detection(image, timings)[0]
+
+    def segment_with_detection(self, image: sitk.Image, timings: dict) -> tuple[SegmentationResult, Detection]:
+        """`segment`, and the stages' intermediate results (candidates, survivors, components) for analysis."""
         detection = self.detect(image, timings)
         with timed(timings, "to_input_grid", log):
             probability = detection.preprocessed.to_original(detection.probability, "linear")
@@ -396,11 +400,10 @@ class ThreeStagePipeline:
             result, detection.components, detection.lesions, detection.kept = apply_rule(result, rule)
         if not rule.is_noop():
             log.info("  %d of %d component(s) kept by the lesion rule", sum(detection.kept), len(detection.kept))
-        self.last_detection = detection
         result.info = {**self.describe(), "candidates": len(detection.candidates),
                        "confirmed": len(detection.survivors), "components": len(detection.kept),
                        "kept": sum(detection.kept)}
-        return result
+        return result, detection
 
     def _detections(self, detection: Detection) -> list[dict]:
         """The confirmed candidates in world coordinates, with their stage scores."""

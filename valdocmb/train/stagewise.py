@@ -59,8 +59,7 @@ def case_record(pipeline: ThreeStagePipeline, image: sitk.Image, reference: sitk
                 distance_mm: float) -> dict:
     """Scores of the candidate stages and the evidence of every component of the thresholded map."""
     timings: dict = {}
-    pipeline.segment(image, timings)
-    detection = pipeline.last_detection
+    _, detection = pipeline.segment_with_detection(image, timings)
     pre = detection.preprocessed
     spacing_zyx = np.array(pre.grid.spacing)[::-1]
     record: dict = {"timings": timings}

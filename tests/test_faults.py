@@ -415,3 +415,27 @@ def test_a_run_on_weights_packed_one_level_too_deep_segments_with_them(tmp_path,
     assert run.main(["--input", str(inp), "--output", str(tmp_path / "out"), "--weights", str(unpacked),
                      "--location", "off", "--reports", "off"]) == 0
     assert "packed one level too deep" in capfd.readouterr().err
+
+
+def test_checkpoints_and_pickles_go_through_the_one_write_path(tmp_path):
+    """A save that fails half-way leaves neither a partial file under the final name nor a temporary one (was: a
+    killed save left `*.ckpt.tmp`); what a SIGKILL leaves is removed when training starts again."""
+    import torch
+
+    from valdocmb.core.errors import CaseError
+    from valdocmb.core.imageio import remove_temporary_files, write_pickle_atomic
+    from valdocmb.core.weights import torch_save_atomic
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("stopped half-way")
+
+    path = tmp_path / "screening.ckpt"
+    torch_save_atomic({"step": 1}, path)
+    with pytest.raises((CaseError, RuntimeError)):
+        torch_save_atomic({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["screening.ckpt"]
+    write_pickle_atomic([1, 2], tmp_path / "regions.pkl")
+    (tmp_path / ".tmp-0123-screening.ckpt").write_bytes(b"left by SIGKILL")
+    assert remove_temporary_files(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["regions.pkl", "screening.ckpt"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import uuid
 from pathlib import Path
@@ -237,7 +238,8 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
 
 
 def write_bytes_checked(write, path: Path) -> Path:
-    """`write(tmp)` writes a file (a picture, say); it is checked non-empty and renamed atomically onto `path`."""
+    """`write(tmp)` writes a file (a picture, a torch checkpoint, a pickle); it is checked non-empty and renamed
+    atomically onto `path`."""
 
     def write_nonempty(tmp: Path) -> None:
         write(tmp)
@@ -245,6 +247,19 @@ def write_bytes_checked(write, path: Path) -> Path:
             raise CaseError(f"{path}: the written file is empty (disk full?)")
 
     return _write_verified(write_nonempty, Path(path))
+
+
+def write_pickle_atomic(value, path: Path) -> Path:
+    return write_bytes_checked(lambda tmp: tmp.write_bytes(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)),
+                               path)
+
+
+def remove_temporary_files(folder: Path) -> int:
+    """Remove what writes killed mid-way left in `folder` (not below it); returns how many."""
+    stale = [path for path in Path(folder).glob(f"{TEMPORARY_PREFIX}*") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def temporary_path(path: Path) -> Path:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable
 
 from .errors import CaseError
+from .imageio import write_text_atomic
 
 MANIFEST = "MANIFEST.json"
 # Entries measured on (or chosen for) one set of three-stage weights: new three-stage weights make them stale.
@@ -55,12 +54,7 @@ def update(weights_dir: Path, change: Callable[[dict], None]) -> dict:
         manifest = read(weights_dir)
         change(manifest)
         text = json.dumps(_nan_to_null(manifest), indent=2, default=float) + "\n"
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{MANIFEST}")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(text, path)
     return manifest
 
 

@@ -8,6 +8,7 @@ is missing, does not match its sha256 in MANIFEST.json, or cannot be loaded.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from . import manifest
 from .errors import CaseError
+from .imageio import write_bytes_checked
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,18 @@ def non_finite_tensors(value, name: str = "") -> list[str]:
 def save_weights(model: torch.nn.Module, path: Path, meta: dict | None = None) -> str:
     """Write a model's inference state in the three-stage format; returns the file's sha256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save({"architecture": type(model).__name__, "state_dict": state, "meta": meta or {}}, tmp)
-    tmp.replace(path)
+    torch_save_atomic({"architecture": type(model).__name__, "state_dict": state, "meta": meta or {}}, path)
     return sha256(path)
+
+
+def torch_save_atomic(value, path: Path) -> Path:
+    """torch.save through the one write path (temporary file, checked, renamed): a killed save leaves no partial
+    file under `path`. Saved to memory first: torch names the archive's folder after the file it writes, and the
+    temporary name would make every save of the same state differ byte for byte (and in sha256)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return write_bytes_checked(lambda tmp: tmp.write_bytes(buffer.getvalue()), Path(path))
 
 
 def load_weights(model: torch.nn.Module, weights_dir: Path, relative: str) -> tuple[dict, str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.imageio import write_pickle_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import ThreeStageConfig, ThreeStagePipeline
@@ -163,7 +164,7 @@ def _start_in_parallel(jobs, crops, parallel: int, schedule, device, seed, start
     their own; returns their futures."""
     crops_file = work / "crops.pkl"  # one copy on disk that every process reads, rather than one per job in a pipe
     work.mkdir(parents=True, exist_ok=True)
-    crops_file.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
+    write_pickle_atomic(crops, crops_file)
     options = dict(schedule=schedule, device=str(device), seed=seed,
                    start={k: copy.deepcopy(v).cpu() for k, v in start.items()},  # pickled to the processes
                    freeze_early=freeze_early, target_spacing=tuple(target_spacing), precision=precision)

@@ -41,7 +41,7 @@ from ..core.errors import CaseError
 from ..core.imageio import read_mask, read_scan, same_geometry, write_image_atomic
 from ..core.logs import setup_logging
 from ..core.nnunet import CONFIGURATION, MODEL_DIR, TRAINING_ORIENTATION, nnunet_environment, stdout_to_stderr
-from ..core.weights import sha256
+from ..core.weights import sha256, torch_save_atomic
 from .samples import find_training_cases
 
 log = logging.getLogger("valdocmb.nnunet_train")
@@ -207,8 +207,7 @@ def bake(result_folders: dict, preprocessed: Path, weights_out: Path, record: di
             "init_args": {"configuration": CONFIGURATION, "fold": str(fold)},
         }
         relative = f"{MODEL_DIR}/fold_{fold}/checkpoint_final.pth"
-        (weights_out / relative).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(inference, weights_out / relative)
+        torch_save_atomic(inference, weights_out / relative)
         logging_record = checkpoint.get("logging", {})
         epoch_seconds = [end - start for start, end in zip(logging_record.get("epoch_start_timestamps", []),
                                                            logging_record.get("epoch_end_timestamps", []))]

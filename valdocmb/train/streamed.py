@@ -35,8 +35,10 @@ from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
+from ..core.imageio import remove_temporary_files, write_pickle_atomic
 from ..core.patches import extract_patches
 from ..core.preprocess import DEFAULT_TARGET_SPACING
+from ..core.weights import torch_save_atomic
 from . import dense
 from .stream import RegionStream, StreamedRegion
 from .three_stage import schedule_with, soft_dice_loss
@@ -258,9 +260,7 @@ class Stage:
 
 
 def _checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    torch_save_atomic(state, path)
 
 
 def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, work: Path, device, workers: int,
@@ -546,9 +546,7 @@ def validation_regions(work: Path, seed: int, count: int, workers: int, spacing)
     with RegionStream(stream_seed(seed, "validation"), 0, workers, ahead=2 * max(1, workers),
                       target_spacing=spacing) as stream:
         regions = stream.take(count)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(pickle.dumps(regions, protocol=pickle.HIGHEST_PROTOCOL))
-    tmp.replace(path)
+    write_pickle_atomic(regions, path)
     log.info("validation: %d regions (%d microbleed voxels) in %.0f s", count, sum(int(r.label.sum()) for r in regions),
              time.perf_counter() - started)
     return regions
@@ -558,6 +556,8 @@ def train_streamed(schedule: StreamSchedule, device, work: Path, seed: int, work
                    spacing=DEFAULT_TARGET_SPACING, precision: str = "auto", init: dict | None = None):
     """All three stages from the stream; returns (networks, record). `init`: networks to start from (copied)."""
     work.mkdir(parents=True, exist_ok=True)
+    if removed := remove_temporary_files(work):
+        log.info("removed %d partial file(s) a killed run left in %s", removed, work)
     torch.manual_seed(seed)
     cast, precision = dense.autocast(torch.device(device), precision)
     log.info("streamed training: schedule %s, precision %s, device %s, %d simulation worker(s), work %s",

@@ -31,9 +31,10 @@ from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
 from ..core import manifest
+from ..core.imageio import write_pickle_atomic
 from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import WEIGHT_FILES, ThreeStagePipeline
-from ..core.weights import save_weights
+from ..core.weights import save_weights, torch_save_atomic
 from .dense import CLASS_WEIGHTS
 from .samples import CROP, Crop, case_pool, draw_batch
 
@@ -102,9 +103,7 @@ def _pool_job(args):
         log.info("pool: %s, %d false positive(s) of the given weights mined, %.0f s", subject,
                  sum(c.kind == "mined" for c in crops), time.perf_counter() - start)
     if path:
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_bytes(pickle.dumps(crops, protocol=pickle.HIGHEST_PROTOCOL))
-        tmp.replace(path)
+        write_pickle_atomic(crops, path)
     return crops
 
 
@@ -158,10 +157,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
 
 
 def _checkpoint(path: Path, net, optimizer, iteration: int, rng, history) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-                "rng": rng.bit_generator.state, "history": history}, tmp)
-    tmp.replace(path)
+    torch_save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                       "rng": rng.bit_generator.state, "history": history}, path)
 
 
 def networks(pipeline) -> dict:

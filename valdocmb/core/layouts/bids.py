@@ -51,6 +51,15 @@ SCAN_COLUMNS = ("participant_id", "session_id", "source", "mask", "status", "ech
 # validator's matcher misses names that two wildcards should match)
 BIDSIGNORE = ("*_lesions.tsv", "*_lesions.json", "*_regions.tsv", "cmb_scans.tsv", "cmb_scans.json", "reports/",
               "qc/", "summary*.csv", "index*.html", "run*.json")
+DERIVATIVES_README = """# Cerebral microbleed masks (valdocmb)
+
+Per scan, in `sub-*/[ses-*/]anat/`: `*_desc-cmb_mask.nii.gz` (1 = cerebral microbleed, in the scan's own grid) with
+its JSON sidecar (source, method, weights version, parameters, count, volume, regional counts),
+`*_desc-cmb_lesions.tsv` (one row per microbleed; columns described in `*_desc-cmb_lesions.json`) and
+`*_desc-cmb_regions.tsv` (counts per MARS class). `cmb_scans.tsv` lists every scan with its counts; `run*.json`
+records versions, parameters and timings. Made by valdocmb from T2*-weighted or SWI magnitude images. The weights
+were trained on simulated scans: read the measured figures in valdocmb's documentation before relying on them.
+"""
 LESION_COLUMNS = {
     "id": "Number of the microbleed in this scan (1, 2, ...), its value in the labelled mask when one is written",
     "voxel_x": "Centre of mass, voxel index along the image's first axis (0-based)",
@@ -205,6 +214,7 @@ class Bids(Layout):
             "Description": f"Cerebral microbleed mask (1 = microbleed) by valdocmb's {info.get('method', '')} method",
             "Type": "Lesion",
             "Sources": [f"bids:raw:{case.details['bids_source']}"],
+            "SpatialReference": f"bids:raw:{case.details['bids_source']}",  # the scan's own grid, exactly
             "GeneratedBy": {"Name": "valdocmb", "Version": __version__, "Method": info.get("method"),
                             "WeightsVersion": (info.get("weights") or {}).get("version"),
                             "Parameters": info.get("config") or info.get("parameters")},
@@ -249,6 +259,7 @@ class Bids(Layout):
             "DatasetLinks": {"raw": Path(self.options.input).resolve().as_uri()},
         }
         write_text_atomic(json.dumps(description, indent=1), self.output / "dataset_description.json")
+        write_text_atomic(DERIVATIVES_README, self.output / "README.md")
 
     def write_scans_table(self, failed: dict | None = None) -> None:
         """cmb_scans.tsv from every mask sidecar in the output (what all shards wrote) and this run's failures."""

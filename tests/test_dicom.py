@@ -2,6 +2,7 @@
 same masks as from the series' NIfTI conversion."""
 
 import json
+import locale
 
 import numpy as np
 import pytest
@@ -17,6 +18,15 @@ from conftest import DarkSpotSegmenter, brain_like, make_image, rotation
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 ORIENTATIONS = {"axial": np.eye(3), "sagittal": np.array([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]]),
                 "oblique": rotation(12, -8, 20)}
+
+
+@pytest.fixture(autouse=True)
+def keep_locale():
+    """GDCM's DICOM writer sets the process locale to C (ASCII) and leaves it so; later tests that decode a
+    subprocess's output as text would then fail on any non-ASCII character."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 def volume(direction=None, seed=0, spacing=(0.9, 0.9, 3.0)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import locale
 import shutil
 import subprocess
 import sys
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     image = sitk.ReadImage(str(EXAMPLE))
 
+    saved_locale = locale.setlocale(locale.LC_ALL)
     dicom_series(image, args.work / "dicom" / "export" / "S5")
+    locale.setlocale(locale.LC_ALL, saved_locale)  # GDCM's writer leaves the process in the C (ASCII) locale
     seconds_dicom = process("--input", str(args.work / "dicom"), "--output", str(args.work / "dicom-out"),
                             "--method", args.method)
     reader = sitk.ImageSeriesReader()

@@ -141,3 +141,20 @@ def test_every_package_is_installed_by_a_non_editable_install():
     listed = set(config["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "valdocmb").rglob("__init__.py")}
     assert on_disk <= listed, f"not in pyproject's packages: {sorted(on_disk - listed)}"
+
+
+# commands whose --help needs no torch: the container's (process.py, scoring), the simulator's and the benchmark's;
+# the training commands build their networks at import and still need it
+TORCH_FREE_HELP = ("valdocmb-run", "valdocmb-evaluate", "valdocmb-synth", "valdocmb-synth-figure",
+                   "valdocmb-benchmark")
+
+
+@pytest.mark.parametrize("script", TORCH_FREE_HELP)
+def test_help_works_without_torch(script):
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"][script]
+    module, function = target.split(":")
+    code = (f"import sys; sys.modules['torch'] = None\nimport {module} as m\n"
+            f"try:\n    m.{function}(['--help'])\nexcept SystemExit as e:\n    sys.exit(e.code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout

@@ -47,7 +47,6 @@ from .offline import no_network
 from .qc import overview_html, qc_png
 from .result import SegmentationResult
 from .stopping import Terminated, stop_on_sigterm, uninterrupted
-from .weights import resolve_weights_dir
 
 log = logging.getLogger("valdocmb")
 
@@ -229,6 +228,7 @@ def method_from(args: argparse.Namespace):
     """The method the options ask for, loaded once (exec mode before its first case, invoke mode before it serves);
     sets torch's CPU threads. A CaseError says why it cannot start."""
     from .device import cpu_threads  # imported here so `--help` and I/O errors need no torch
+    from .weights import resolve_weights_dir
 
     args.threads = cpu_threads(args.threads)
     args.weights = resolve_weights_dir(args.weights)

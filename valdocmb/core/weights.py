@@ -11,12 +11,14 @@ import hashlib
 import io
 import logging
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import manifest
 from .errors import CaseError
 from .imageio import write_bytes_checked
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that `--help` and the weights' paths need none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ def load_checked(weights_dir: Path, relative: str, what: str) -> tuple[dict, str
 
     `what` names the kind of file in error messages ("a three-stage weight file", "an nnU-Net checkpoint").
     """
+    import torch
     path = Path(weights_dir) / relative
     if not path.is_file():
         raise CaseError(f"{path}: {what} is missing (train with `valdocmb-train` / `valdocmb-nnunet-train`, or "
@@ -95,6 +98,7 @@ def load_checked(weights_dir: Path, relative: str, what: str) -> tuple[dict, str
 
 def non_finite_tensors(value, name: str = "") -> list[str]:
     """Names of the floating-point tensors in a nested dict/list that hold NaN or Inf."""
+    import torch
     if isinstance(value, torch.Tensor):
         return [name or "tensor"] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
     if isinstance(value, dict):
@@ -116,6 +120,7 @@ def torch_save_atomic(value, path: Path) -> Path:
     """torch.save through the one write path (temporary file, checked, renamed): a killed save leaves no partial
     file under `path`. Saved to memory first: torch names the archive's folder after the file it writes, and the
     temporary name would make every save of the same state differ byte for byte (and in sha256)."""
+    import torch
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return write_bytes_checked(lambda tmp: tmp.write_bytes(buffer.getvalue()), Path(path))

@@ -174,9 +174,9 @@ def serve(args, runner, method_from) -> int:
     from .errors import CaseError
 
     start = time.perf_counter()
-    log.info("invoke mode")
     try:
         with stop_on_sigterm():  # SIGTERM while loading: stop at once, and say so
+            log.info("invoke mode")  # said once the handler is in place: a SIGTERM from here on is caught
             method = method_from(args)
             warm = warm_up(method)
     except CaseError as exc:

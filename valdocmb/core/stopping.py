@@ -12,8 +12,9 @@ import signal
 import threading
 
 
-class Terminated(Exception):
-    """The process was asked to stop."""
+class Terminated(BaseException):
+    """The process was asked to stop. A BaseException, as KeyboardInterrupt is: the `except Exception` of a library
+    (logging's emit, an import's fallback) must not swallow a stop that arrives while it runs."""
 
 
 _state = {"depth": 0, "pending": None}

@@ -5,7 +5,7 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
-# Which torch 2.13.0 build (README, "GPU builds and grand-challenge's driver"):
+# Which torch 2.13.0 build (docs/container.md, "GPU builds and grand-challenge's driver"):
 #   cu128 (default)  CUDA 12.8 from the PyTorch index: any driver >= 525.60 (CUDA minor-version compatibility), which
 #                    covers the R535/R550/R570 drivers of grand-challenge's T4 and A10G hosts
 #   cu126, cu130     other CUDA builds from the PyTorch index (cu130 needs a driver >= 580)

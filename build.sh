@@ -3,7 +3,7 @@
 # buildah.
 #   CMB_API_METHOD=exec|invoke         grand-challenge container mode (default exec; sets the image's label)
 #   CMB_TORCH_VARIANT=cu128|cu126|cu130|pypi|cpu
-#                                      torch build (default cu128; see the Dockerfile and the README)
+#                                      torch build (default cu128; see the Dockerfile and docs/container.md)
 #   CMB_IMAGE=name:tag                 image tag (default valdocmb:latest, valdocmb:invoke for invoke mode,
 #                                      with -cpu appended for the CPU variant)
 #   CMB_BASE_IMAGE=image               base image (default: the Dockerfile's, python:3.11-slim-bookworm)

@@ -51,7 +51,8 @@ def write_series(folder, image, number, description="swi_tra", image_type="ORIGI
         piece = image[:, :, index]
         for key, value in tags.items():
             piece.SetMetaData(key, value)
-        piece.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, index))))
+        corner = image.TransformIndexToPhysicalPoint((0, 0, index))
+        piece.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in corner))
         piece.SetMetaData("0020|0013", str(index + 1))
         piece.SetMetaData("0008|0018", f"{study}.{number}.{echo_time}.{index + 1}")
         writer.SetFileName(str(folder / f"IM{start + index:04d}"))

@@ -7,8 +7,14 @@ import SimpleITK as sitk
 from valdocmb.evaluate import folders
 from valdocmb.evaluate.__main__ import main as evaluate_main
 from valdocmb.evaluate.folders import subject_id
-from valdocmb.evaluate.scoring import (component_evidence, label_components, missing_score, score_case,
-                                       score_components, summarize)
+from valdocmb.evaluate.scoring import (
+    component_evidence,
+    label_components,
+    missing_score,
+    score_case,
+    score_components,
+    summarize,
+)
 
 from conftest import make_image, rotation
 

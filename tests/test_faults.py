@@ -133,7 +133,8 @@ def test_a_rerun_leaves_no_earlier_mask_beside_a_failed_case_and_removes_old_tem
 
     assert run_main(inp, out, Recorder(during={1: fail})) == 1
     assert not mask.exists()       # was: the earlier mask stayed beside a results.json saying "failed"
-    assert json.loads((out / "results.json").read_text())[0]["error_messages"] == [f"{inp / SCAN}: this time the case fails"]
+    messages = json.loads((out / "results.json").read_text())[0]["error_messages"]
+    assert messages == [f"{inp / SCAN}: this time the case fails"]
     assert not list(out.rglob(".tmp-*"))
 
 

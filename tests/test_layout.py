@@ -5,10 +5,10 @@ import ast
 import importlib
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 # what the container runs and ships; nothing in it may import the research rooms or the simulator's packages

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_three_stage import dark_blob_scan, save_fixed_weights
 
 from valdocmb.core import run
 from valdocmb.core.errors import CaseError
@@ -15,7 +16,6 @@ from valdocmb.evaluate.scoring import EVIDENCE_VERSION, label_components, pooled
 from valdocmb.train import stagewise, tune
 
 from conftest import make_image
-from test_three_stage import dark_blob_scan, save_fixed_weights
 
 
 def lesion(max_probability=0.9, volume_mm3=5.0, discrimination=0.9):
@@ -47,7 +47,8 @@ def two_blob_result(spacing=(0.5, 0.5, 2.0)):
 def test_apply_rule_drops_components_and_keeps_geometry_and_probability():
     result = two_blob_result()
     kept_result, labels, lesions, kept = apply_rule(result, LesionRule(min_probability=0.9))
-    assert [l.max_probability for l in lesions] == [pytest.approx(0.97), pytest.approx(0.6)] and kept == [True, False]
+    assert [lesion.max_probability for lesion in lesions] == [pytest.approx(0.97), pytest.approx(0.6)]
+    assert kept == [True, False]
     out = sitk.GetArrayFromImage(kept_result.mask)
     assert out.sum() == 27 and out[5, 15, 15] == 0 and out.dtype == np.uint8
     for attribute in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):

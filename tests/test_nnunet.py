@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from test_layouts_and_run import gc_input
 
 from valdocmb.core import run
 from valdocmb.core.ensemble import EnsembleMethod
@@ -21,7 +22,8 @@ from valdocmb.core.weights import sha256
 from valdocmb.train.nnunet import convert_dataset
 
 from conftest import brain_like, make_image, rotation
-from test_layouts_and_run import gc_input
+
+pytestmark = pytest.mark.slow  # minutes of training, simulation or a soak: `pytest -m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACING = (0.49, 0.49, 0.8)
@@ -285,7 +287,8 @@ def test_compare_scores_each_method_and_their_ensemble_on_the_same_cases(data):
     assert by["sub-001", "three-stage"]["tp"] == 1 and by["sub-002", "three-stage"]["tp"] == 2
     assert by["sub-001", "nnunet"]["tp"] == 0 and by["sub-001", "nnunet"]["fn"] == 1
     # mean of 1 and 0 is 0.5: kept, so the ensemble equals the method that found them
-    assert by["sub-002", "ensemble"]["tp"] == 2 and by["sub-002", "ensemble"]["fp"] == by["sub-002", "three-stage"]["fp"]
+    assert by["sub-002", "ensemble"]["tp"] == 2
+    assert by["sub-002", "ensemble"]["fp"] == by["sub-002", "three-stage"]["fp"]
     summary = summary_of(rows)
     assert summary["ensemble"]["pooled"]["tp"] == 3 and summary["nnunet"]["pooled"]["sensitivity"] == 0
     assert "| ensemble | 2 |" in table(summary)

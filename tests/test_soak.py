@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from valdocmb.core import imageio, run
 
 from conftest import brain_like, make_image
+
+pytestmark = pytest.mark.slow  # minutes of training, simulation or a soak: `pytest -m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES, BAD, KILLS = 200, 12, 3

@@ -18,6 +18,8 @@ from valdocmb.train.samples import CROP, Crop, augment, case_pool, draw_batch, f
 
 from conftest import make_image
 
+pytestmark = pytest.mark.slow  # minutes of training, simulation or a soak: `pytest -m "not slow"` skips them
+
 
 def tiny_case(folder, subject, seed, blobs):
     rng = np.random.default_rng(seed)
@@ -81,7 +83,7 @@ def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_pa
     args = ["--data", str(data), "--out", str(out), "--work", str(work), "--schedule", "smoke", "--workers", "1"]
     assert train_main(args) == 0
     manifest = json.loads((out / "MANIFEST.json").read_text())
-    for name, relative in WEIGHT_FILES.items():
+    for relative in WEIGHT_FILES.values():
         entry = manifest["files"][relative]
         assert entry["sha256"] == sha256(out / relative)
         assert entry["training"]["cases"] == 3 and entry["training"]["schedule"] == "smoke"

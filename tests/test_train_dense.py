@@ -14,6 +14,8 @@ from valdocmb.train import dense, streamed
 from valdocmb.train.__main__ import main as train_main
 from valdocmb.train.stream import RegionStream, make_region
 
+pytestmark = pytest.mark.slow  # minutes of training, simulation or a soak: `pytest -m "not slow"` skips them
+
 
 def _grads(net):
     return [p.grad.clone() for p in net.parameters() if p.grad is not None]

@@ -1,4 +1,5 @@
-"""`python -m valdocmb.benchmark`, kept working: the command `valdocmb-benchmark`, whose code is valdocmb/bench/three_stage.py."""
+"""`python -m valdocmb.benchmark`, kept working: the command `valdocmb-benchmark`,
+whose code is valdocmb/bench/three_stage.py."""
 
 import sys
 

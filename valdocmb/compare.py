@@ -1,4 +1,5 @@
-"""`python -m valdocmb.compare`, kept working: the command `valdocmb-compare`, whose code is valdocmb/train/compare.py."""
+"""`python -m valdocmb.compare`, kept working: the command `valdocmb-compare`,
+whose code is valdocmb/train/compare.py."""
 
 import sys
 

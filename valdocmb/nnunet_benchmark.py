@@ -1,4 +1,5 @@
-"""`python -m valdocmb.nnunet_benchmark`, kept working: the command `valdocmb-nnunet-benchmark`, whose code is valdocmb/bench/nnunet.py."""
+"""`python -m valdocmb.nnunet_benchmark`, kept working: the command `valdocmb-nnunet-benchmark`,
+whose code is valdocmb/bench/nnunet.py."""
 
 import sys
 

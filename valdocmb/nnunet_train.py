@@ -1,4 +1,5 @@
-"""`python -m valdocmb.nnunet_train`, kept working: the command `valdocmb-nnunet-train`, whose code is valdocmb/train/nnunet.py."""
+"""`python -m valdocmb.nnunet_train`, kept working: the command `valdocmb-nnunet-train`,
+whose code is valdocmb/train/nnunet.py."""
 
 import sys
 

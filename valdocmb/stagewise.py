@@ -1,4 +1,5 @@
-"""`python -m valdocmb.stagewise`, kept working: the command `valdocmb-stagewise`, whose code is valdocmb/train/stagewise.py."""
+"""`python -m valdocmb.stagewise`, kept working: the command `valdocmb-stagewise`,
+whose code is valdocmb/train/stagewise.py."""
 
 import sys
 

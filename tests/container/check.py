@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from valdocmb.evaluate import score_case
 from valdocmb.core.imageio import same_geometry
+from valdocmb.evaluate import score_case
 
 SCAN = "sub-001_space-T2S_desc-masked_T2S.nii.gz"
 REFERENCE = "sub-001_space-T2S_CMB.nii.gz"

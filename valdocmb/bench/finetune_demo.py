@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     }
     summary_path.write_text(json.dumps(result, indent=1, default=float).replace("NaN", "null"))
     print(f"{'':28} {'sens':>6} {'FP/scan':>8} {'F1':>6} {'cases':>6}")
-    rows = [("20 new, 5-fold: unchanged", crossval["unchanged"]), ("20 new, 5-fold: fine-tuned", crossval["fine_tuned"])]
+    rows = [("20 new, 5-fold: unchanged", crossval["unchanged"]),
+            ("20 new, 5-fold: fine-tuned", crossval["fine_tuned"])]
     rows += [(f"{name}: {which}", result[f"{which}_{name}"]) for name in ("new_untouched", "holdout")
              for which in ("unchanged", "finetuned")]
     for label, r in rows:

@@ -4,7 +4,7 @@
 
 Each variant segments the same scan with the shipped model; printed per variant: seconds, the ratio to the first
 variant (the defaults), voxels at probability >= 0.5 and the largest probability change against the defaults.
-The README's choice of defaults comes from this. This is a benchmark, not a test.
+The choice of defaults (docs/methods.md) comes from this. This is a benchmark, not a test.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Defaults of the methods' options that the command line shows, in a leaf module so that `--help` needs no torch.
 
-nnU-Net's inference defaults were chosen by measurement (README, "The nnU-Net v2 baseline"): tile step 0.5
+nnU-Net's inference defaults were chosen by measurement (docs/methods.md, "The nnU-Net v2 baseline"): tile step 0.5
 (nnU-Net's own) and no test-time mirroring (8 network evaluations per tile, more than the whole three-stage pipeline
 costs on CPU).
 """
@@ -8,8 +8,8 @@ costs on CPU).
 NNUNET_TILE_STEP = 0.5
 NNUNET_MIRRORING = False
 
-# The three-stage networks' arithmetic (README, "Speed"). auto, the command line's default: bfloat16 on a CPU with
-# bfloat16 instructions (the same masks on the simulated hold-out, 1.6x faster), float32 elsewhere (emulated
+# The three-stage networks' arithmetic (docs/results.md, "Speed"). auto, the command line's default: bfloat16 on a CPU
+# with bfloat16 instructions (the same masks on the simulated hold-out, 1.6x faster), float32 elsewhere (emulated
 # bfloat16 is slower; on GPUs it is unmeasured). float16 and tf32 exist on CUDA only.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "tf32")
 CUDA_ONLY_PRECISIONS = ("float16", "tf32")

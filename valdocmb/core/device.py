@@ -44,7 +44,7 @@ def driver_problem(driver: str | None, cuda: str | None) -> str | None:
         return None
     return (f"the NVIDIA driver {driver} is older than torch {torch.__version__} (CUDA {cuda}) needs "
             f"({needed} or newer): rebuild the image with a CUDA build this driver runs "
-            "(README, \"GPU builds and grand-challenge's driver\")")
+            "(docs/container.md, \"GPU builds and grand-challenge's driver\")")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -94,7 +94,8 @@ def _nifti_header(path: Path, head: bytes) -> dict:
         if sizeof in (348, 540):
             break
     else:
-        raise CaseError(f"{path}: cannot be read as an image: not a NIfTI file (its header size field is neither 348 nor 540)")
+        raise CaseError(f"{path}: cannot be read as an image: not a NIfTI file (its header size field is neither 348 "
+                        "nor 540)")
     if sizeof == 348:
         dims = struct.unpack(endian + "8h", head[40:56])
         datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
@@ -102,14 +103,16 @@ def _nifti_header(path: Path, head: bytes) -> dict:
         offset = struct.unpack(endian + "f", head[108:112])[0]
     else:
         if len(head) < 540:
-            raise CaseError(f"{path}: cannot be read as an image: {len(head)} bytes, shorter than a NIfTI-2 header (540)")
+            raise CaseError(f"{path}: cannot be read as an image: {len(head)} bytes, shorter than a NIfTI-2 header "
+                            "(540)")
         datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
         dims = struct.unpack(endian + "8q", head[16:80])
         pixdim = struct.unpack(endian + "8d", head[104:168])
         offset = struct.unpack(endian + "q", head[168:176])[0]
     ndim = dims[0]
     if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]):
-        raise CaseError(f"{path}: cannot be read as an image: invalid NIfTI dimensions {dims[:ndim + 1] if 0 <= ndim <= 7 else dims}")
+        shown = dims[:ndim + 1] if 0 <= ndim <= 7 else dims
+        raise CaseError(f"{path}: cannot be read as an image: invalid NIfTI dimensions {shown}")
     if bitpix <= 0 or bitpix % 8:
         raise CaseError(f"{path}: cannot be read as an image: invalid NIfTI bits per voxel ({bitpix})")
     spacing = pixdim[1:min(ndim, 3) + 1]

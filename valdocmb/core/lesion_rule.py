@@ -2,8 +2,8 @@
 
 The U-Net segments every confirmed candidate's whole patch, so besides the microbleed it can leave small, faint
 components (vessel ends, brain-edge spots). A component is kept when its highest and mean probability, its volume
-and the best discrimination score of the candidates that produced it all reach the rule's minima. The rule belongs to the
-weights: `valdocmb-tune` chooses it on labelled cases and stores it in MANIFEST.json under "lesion_rule";
+and the best discrimination score of the candidates that produced it all reach the rule's minima. The rule belongs to
+the weights: `valdocmb-tune` chooses it on labelled cases and stores it in MANIFEST.json under "lesion_rule";
 weights without one keep every component (min_probability 0.5 is the segmentation threshold itself).
 
 The probability map is left as the U-Net made it (the ensemble averages it); only the mask loses components.
@@ -50,8 +50,8 @@ def rule_from_manifest(weights_dir: Path) -> LesionRule:
     try:
         return LesionRule(**{name: float(stored[name]) for name in asdict(LesionRule())})
     except (KeyError, TypeError, ValueError) as exc:
-        raise CaseError(f"{manifest.manifest_path(weights_dir)}: {MANIFEST_KEY!r} needs the numbers {', '.join(asdict(LesionRule()))} "
-                        f"({exc})") from None
+        raise CaseError(f"{manifest.manifest_path(weights_dir)}: {MANIFEST_KEY!r} needs the numbers "
+                        f"{', '.join(asdict(LesionRule()))} ({exc})") from None
 
 
 def apply_rule(result: SegmentationResult, rule: LesionRule) -> tuple[SegmentationResult, np.ndarray, list[Lesion],

@@ -172,8 +172,8 @@ def locate(lesions, placement: Placement) -> list[dict]:
     if placement.transform is None:
         return [{"region": UNKNOWN, "mars_class": UNKNOWN, "side": UNKNOWN} for _ in lesions]
     atlas = load_atlas()
-    return [region_at(placement.transform.TransformPoint((l.world_x_mm, l.world_y_mm, l.world_z_mm)), atlas)
-            for l in lesions]
+    return [region_at(placement.transform.TransformPoint((lesion.world_x_mm, lesion.world_y_mm, lesion.world_z_mm)),
+                      atlas) for lesion in lesions]
 
 
 def census(places: list[dict], status: str) -> dict:

@@ -143,7 +143,7 @@ def lesions_csv(lesions: list[Lesion]) -> str:
 def lesions_json(lesions: list[Lesion], case_id: str, census: dict | None = None) -> str:
     """The lesion list; with `census` (core.location), the per-scan regional counts too."""
     content = {"case": case_id, "cmb_count": len(lesions), **({"regions": census} if census else {}),
-               "lesions": [asdict(l) for l in lesions]}
+               "lesions": [asdict(lesion) for lesion in lesions]}
     return json.dumps(content, indent=1)
 
 

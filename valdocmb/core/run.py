@@ -35,10 +35,17 @@ import SimpleITK as sitk
 from .. import __version__
 from . import location, report
 from .defaults import INVOKE_PORT, NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
-from .errors import CaseError, RunError
 from .dicom import DEFAULT_ECHO_TIME_MS, read_series
-from .imageio import (TEMPORARY_PREFIX, image_like, read_scan, same_geometry, temporary_path, write_image_atomic,
-                      write_text_atomic)
+from .errors import CaseError, RunError
+from .imageio import (
+    TEMPORARY_PREFIX,
+    image_like,
+    read_scan,
+    same_geometry,
+    temporary_path,
+    write_image_atomic,
+    write_text_atomic,
+)
 from .layouts import GC_DEFAULT_OUTPUT_PATH, REGISTRY, Case, CaseOutcome, Layout, discover
 from .layouts.bids import SCANS_TABLE, Bids
 from .logs import setup_logging
@@ -159,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, default=env("CMB_PRECISION", "auto"),
                         help="three-stage networks' arithmetic: auto (default: bfloat16 on a CPU with bfloat16 "
                         "instructions, else float32), float32 (on CUDA without TF32), bfloat16 under autocast, or on "
-                        "CUDA float16 autocast or TF32 convolutions; see the README for what each changes")
+                        "CUDA float16 autocast or TF32 convolutions; see docs/results.md for what each changes")
     parser.add_argument("--nnunet-tile-step", type=tile_step, default=NNUNET_TILE_STEP,
                         help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,

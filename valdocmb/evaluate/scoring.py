@@ -99,7 +99,8 @@ def check_same_grid(reference: sitk.Image, prediction: sitk.Image, subject: str 
     if reference.GetSize() != prediction.GetSize():
         raise CaseError(f"{subject}: prediction size {prediction.GetSize()} != reference size {reference.GetSize()}")
     if not np.allclose(reference.GetSpacing(), prediction.GetSpacing(), rtol=1e-4):
-        raise CaseError(f"{subject}: prediction spacing {prediction.GetSpacing()} != reference {reference.GetSpacing()}")
+        raise CaseError(f"{subject}: prediction spacing {prediction.GetSpacing()} != reference "
+                        f"{reference.GetSpacing()}")
 
 
 def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz: np.ndarray | None = None,

@@ -316,7 +316,8 @@ def random_subject_transform(rng: np.random.Generator, params: dict):
     warp = sitk.BSplineTransformInitializer(template, mesh, 3)
     coefficients = rng.normal(0.0, params["warp_mm"], size=len(warp.GetParameters()))
     warp.SetParameters(coefficients.tolist())
-    drawn = {"scale": [round(float(v), 4) for v in scale], "rotation_deg": [round(float(v), 3) for v in np.rad2deg(angles)],
+    drawn = {"scale": [round(float(v), 4) for v in scale],
+             "rotation_deg": [round(float(v), 3) for v in np.rad2deg(angles)],
              "translation_mm": [round(float(v), 3) for v in affine.GetTranslation()],
              "warp_control_points": params["warp_control_points"], "warp_mm": params["warp_mm"]}
     return sitk.CompositeTransform([warp, affine]), affine, drawn  # applied last-added first: affine, then warp
@@ -366,4 +367,5 @@ def deform_onto(grid: sitk.Image, transform: sitk.Transform, source: str = "mni2
 
 
 def regions_onto(grid: sitk.Image, transform: sitk.Transform, source: str = "mni2009a") -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.Resample(load_template(source).regions, grid, transform, sitk.sitkNearestNeighbor))
+    regions = sitk.Resample(load_template(source).regions, grid, transform, sitk.sitkNearestNeighbor)
+    return sitk.GetArrayFromImage(regions)

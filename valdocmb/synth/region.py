@@ -35,9 +35,26 @@ from ..core.preprocess import DEFAULT_TARGET_SPACING
 from . import anatomy
 from .objects import render
 from .physics import gre_magnitude
-from .simulate import (DEFAULTS, _average_slices, _draw_calcifications, _draw_flow_voids, _draw_veins, _drawn,
-                       _grid_image, _kspace_artefacts, _lookup, _mask_edges, _one_of, _parenchyma_lookup,
-                       _tissue_signal, _to_grid, _visible_blob, check_choices, draw_acquisition, microbleed_at)
+from .simulate import (
+    DEFAULTS,
+    _average_slices,
+    _draw_calcifications,
+    _draw_flow_voids,
+    _draw_veins,
+    _drawn,
+    _grid_image,
+    _kspace_artefacts,
+    _lookup,
+    _mask_edges,
+    _one_of,
+    _parenchyma_lookup,
+    _tissue_signal,
+    _to_grid,
+    _visible_blob,
+    check_choices,
+    draw_acquisition,
+    microbleed_at,
+)
 
 REGION_SHAPE = (56, 72, 72)   # z, y, x processing voxels: a 48x64x64 screening crop with +-4 voxels to move
 COARSE_MM = 3.0               # the grid of the whole-brain pass (window placement and z-score statistics)

@@ -12,7 +12,7 @@ scans (sample pools, `valdocmb.train.three_stage`):
     valdocmb-train --data DIR --out weights [--schedule cpu|gpu|paper] [--set NAME=VALUE] [--device auto] [--seed 0]
     valdocmb-train --data DIR --folds 5 ...        # k-fold cross-validation with VALDO scoring
 
-Fine-tuning given weights on your own labelled scans (README, "Using your own labelled scans"):
+Fine-tuning given weights on your own labelled scans (docs/training.md, "Using your own labelled scans"):
 
     valdocmb-train --data DIR --init weights --out my-weights [--folds 5] [--freeze-early] [--mix SIM --mix-ratio 0.3]
 

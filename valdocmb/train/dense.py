@@ -179,7 +179,7 @@ def rotate_and_flip(volumes: torch.Tensor, labels: torch.Tensor | None, rng: np.
 def intensity_jitter(volumes: torch.Tensor, foreground: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Scale and offset per crop (x U(0.8, 1.25), + U(-0.3, 0.3) inside the brain): the z-score of a scan depends on
     what else is in it (CSF, atrophy, lesions, skull-stripping leftovers), and a region's estimate of its scan's
-    z-score misses by about that much (README, "From scratch on streamed simulation")."""
+    z-score misses by about that much (docs/training.md, "From scratch on streamed simulation")."""
     n = volumes.shape[0]
     scale = torch.from_numpy(np.exp(rng.uniform(np.log(0.8), np.log(1.25), n))).float().view(n, 1, 1, 1, 1)
     offset = torch.from_numpy(rng.uniform(-0.3, 0.3, n)).float().view(n, 1, 1, 1, 1).to(volumes.device)

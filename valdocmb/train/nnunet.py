@@ -107,8 +107,11 @@ def plan_and_preprocess(dataset_id: int, workers: int, gpu_memory_gb: float | No
                         parent_plans: Path | None = None) -> None:
     """nnU-Net's fingerprint, planning and preprocessing; with `parent_plans`, those plans instead of planning."""
     with stdout_to_stderr():
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                          preprocess)
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+            extract_fingerprints,
+            plan_experiments,
+            preprocess,
+        )
         from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
         from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
@@ -131,9 +134,10 @@ def trainer_class(epochs: int, iterations: int, val_iterations: int, learning_ra
     `pretrained`, a baked checkpoint whose network weights it starts from (all layers: the labels are the same)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+    cuda = torch.device("cuda")  # nnU-Net's own trainer default
+
     class nnUNetTrainerCMB(nnUNetTrainer):
-        def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
-                     device: torch.device = torch.device("cuda")):
+        def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict, device: torch.device = cuda):
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_epochs = epochs
             self.num_iterations_per_epoch = iterations

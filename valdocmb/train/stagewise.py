@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     if args.record:
         validation = {
             "data": str(args.data), "subjects": [c[0] for c in cases], "device": str(pipeline.device),
-            "weights": pipeline.weights_info.get("version"), "command": manifest.command_line("valdocmb-stagewise", argv),
+            "weights": pipeline.weights_info.get("version"),
+            "command": manifest.command_line("valdocmb-stagewise", argv),
             "note": "simulated hold-out cases never used in training; per grid and after each stage. The lesion rule "
                     "row applies the rule stored with the weights: when it was chosen on these same cases (tune), "
                     "that row is optimistic, and lesion_rule.cross_fitted holds the honest figures",

@@ -563,7 +563,10 @@ def train_streamed(schedule: StreamSchedule, device, work: Path, seed: int, work
     log.info("streamed training: schedule %s, precision %s, device %s, %d simulation worker(s), work %s",
              asdict(schedule), precision, device, workers, work)
     validation = validation_regions(work, seed, schedule.validation_regions, workers, spacing)
-    start = (lambda name, fresh: copy.deepcopy(init[name]) if init else fresh)
+
+    def start(name, fresh):
+        return copy.deepcopy(init[name]) if init else fresh
+
     record: dict = {"precision": precision, "schedule": asdict(schedule)}
 
     screening = start("screening", ScreeningFCN())

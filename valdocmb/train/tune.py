@@ -4,11 +4,11 @@
     valdocmb-tune --cache RUNS/records [--folds 5] [--min-sensitivity 0.9] [--record]
 
 A rule (`valdocmb.core.lesion_rule.LesionRule`) keeps a component of the thresholded U-Net map when its highest
-probability, its volume, its best discrimination score and its mean probability reach four minima. Every rule on a grid of minima is
-scored on the cached evidence by the one scoring core (exactly as `valdocmb-evaluate` scores the filtered mask); the
-chosen rule has the highest pooled F1 among those keeping pooled sensitivity >= --min-sensitivity (the highest pooled
-F1 when none does; an undefined F1, on cases without any CMB or detection, ranks last); of equal rules, the one with the lowest probability minimum, then volume, discrimination and mean
-probability minimum.
+probability, its volume, its best discrimination score and its mean probability reach four minima. Every rule on a
+grid of minima is scored on the cached evidence by the one scoring core (exactly as `valdocmb-evaluate` scores the
+filtered mask); the chosen rule has the highest pooled F1 among those keeping pooled sensitivity >= --min-sensitivity
+(the highest pooled F1 when none does; an undefined F1, on cases without any CMB or detection, ranks last); of equal
+rules, the one with the lowest probability minimum, then volume, discrimination and mean probability minimum.
 
 The figures of a rule chosen on the cases it is scored on are optimistic. Cross-fitting gives the honest ones: the
 cases are split into --folds groups; each group is scored with the rule chosen on the other groups. --record
@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import logging
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -154,7 +154,8 @@ def main(argv=None) -> int:
             log.error("%s: records made with weights %s, not with %s (%s); the rule was not recorded", args.cache,
                       ", ".join(other), weights, version)
             return 2
-        entry = {**result["rule"], "command": manifest.command_line("valdocmb-tune", argv), "chosen_on": str(args.cache),
+        entry = {**result["rule"], "command": manifest.command_line("valdocmb-tune", argv),
+                 "chosen_on": str(args.cache),
                  "weights": version, **{k: v for k, v in result.items() if k != "rule"}}
         manifest.update(weights, lambda content: content.update({MANIFEST_KEY: entry}))
         log.info("lesion rule %s recorded in %s", result["rule"], manifest.manifest_path(weights))

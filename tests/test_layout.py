@@ -94,7 +94,7 @@ def test_running_both_methods_loads_no_research_module_and_no_simulator_dependen
     code = (
         "import sys; from pathlib import Path\n"
         "import valdocmb.core.run as run, valdocmb.core.methods as methods, valdocmb.evaluate\n"
-        "methods.load('ensemble', Path('weights'), 'cpu')\n"
+        "methods.load('ensemble', Path('weights'), methods.MethodOptions(device='cpu'))\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith(('valdocmb', 'nilearn')))))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

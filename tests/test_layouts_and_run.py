@@ -378,3 +378,34 @@ def test_a_new_layout_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
     assert run_main(inp, out, "--layout", "listed") == 0
     check_mask(out / "masks" / "a.nii.gz", scan_for("sub-101"))
     assert (out / "written.txt").read_text() == "1"
+
+
+def toy_method(weights_dir, options):
+    """The toy method's loader: the dark-spot stand-in, told which weights it was given."""
+    method = DarkSpotSegmenter()
+    original = method.segment
+
+    def segment(image, timings):
+        result = original(image, timings)
+        result.info = {"method": "toy", "weights": {"version": f"toy:{weights_dir.name}"}, "device": options.device}
+        return result
+
+    method.segment = segment
+    return method
+
+
+def test_a_new_method_is_one_factory_and_one_registry_line(tmp_path, monkeypatch):
+    """A method plugs in through the registry alone: --method accepts it and the runner loads it by name."""
+    from valdocmb.core import methods
+
+    monkeypatch.setitem(methods.REGISTRY, "toy", methods.MethodSpec("toy", toy_method, "a test method"))
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    sitk.WriteImage(scan_for("sub-101"), str(inp / "a.nii.gz"))
+    weights = tmp_path / "toy-weights"
+    weights.mkdir()
+    assert run.main(["--input", str(inp), "--output", str(out), "--method", "toy", "--weights", str(weights),
+                     "--location", "off"]) == 0
+    check_mask(out / "a_CMB.nii.gz", scan_for("sub-101"))
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert summary[0]["method"] == "toy" and summary[0]["weights"] == "toy:toy-weights"

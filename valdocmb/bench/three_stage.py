@@ -54,16 +54,17 @@ def run_variant(scan: str, variant: str, weights: str, device: str, threads: int
 
     from ..core.device import cpu_threads
     from ..core.imageio import read_scan
-    from ..core.methods import load
+    from ..core.methods import MethodOptions, load
 
     setup_logging()
     threads = cpu_threads(threads)
     method_name, option = parse_variant(variant)
     start = time.perf_counter()
     if method_name == "three-stage":
-        method = load("three-stage", Path(weights), device, precision=option or "float32")
+        method = load("three-stage", Path(weights), MethodOptions(device=device, precision=option or "float32"))
     else:
-        method = load("nnunet", Path(weights), device, {"mirroring": option == "mirroring"})
+        options = MethodOptions(device=device, nnunet={"mirroring": option == "mirroring"})
+        method = load("nnunet", Path(weights), options)
     load_seconds = time.perf_counter() - start
     image = read_scan(scan)
     on_cuda = device != "cpu" and torch.cuda.is_available()

@@ -42,3 +42,6 @@ class EnsembleMethod:
         info = {"method": "ensemble", "members": infos, "weights": {"version": version},
                 "parameters": {"combination": "mean of the members' probabilities", "threshold": self.threshold}}
         return SegmentationResult(mask, probability, detections, info)
+
+
+MEMBERS = ("three-stage", "nnunet")

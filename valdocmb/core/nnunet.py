@@ -173,3 +173,8 @@ class NnUNetMethod:
         # two classes: softmax argmax is probability >= 0.5
         mask = sitk.Cast(sitk.BinaryThreshold(probability, 0.5, 2.0, 1, 0), sitk.sitkUInt8)
         return SegmentationResult(mask=mask, probability=probability, detections=[], info=self.info)
+
+
+def load_method(weights_dir: Path, options) -> NnUNetMethod:
+    """The registry's factory (core.methods): nnU-Net from `weights_dir` with a run's MethodOptions."""
+    return NnUNetMethod.from_weights(weights_dir, options.device, **options.nnunet)

@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
-from . import location, report
+from . import location, methods, report
 from .defaults import INVOKE_PORT, NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
 from .dicom import DEFAULT_ECHO_TIME_MS, read_series
 from .errors import CaseError, RunError
@@ -49,7 +49,6 @@ from .imageio import (
 from .layouts import GC_DEFAULT_OUTPUT_PATH, REGISTRY, Case, CaseOutcome, Layout, discover
 from .layouts.bids import SCANS_TABLE, Bids
 from .logs import setup_logging
-from .methods import NAMES as METHODS
 from .offline import no_network
 from .qc import overview_html, qc_png
 from .result import SegmentationResult
@@ -66,7 +65,7 @@ def layout_names() -> tuple[str, ...]:
 def env_choices() -> tuple:
     """Options that an environment variable can set too: (option, variable, choices); argparse checks only the
     flags."""
-    return (("layout", "CMB_LAYOUT", layout_names()), ("method", "CMB_METHOD", METHODS),
+    return (("layout", "CMB_LAYOUT", layout_names()), ("method", "CMB_METHOD", methods.names()),
             ("device", "CMB_DEVICE", ("auto", "cpu", "cuda")), ("reports", "CMB_REPORTS", ("auto", "on", "off")),
             ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")), ("location", "CMB_LOCATION", ("on", "off")),
             ("precision", "CMB_PRECISION", PRECISIONS))
@@ -135,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path(env("CMB_OUTPUT", "/output")), help="output folder")
     parser.add_argument("--layout", choices=layout_names(), default=env("CMB_LAYOUT", "auto"),
                         help="input layout (default: detected)")
-    parser.add_argument("--method", choices=METHODS, default=env("CMB_METHOD", "three-stage"))
+    parser.add_argument("--method", choices=methods.names(), default=env("CMB_METHOD", "three-stage"))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=env("CMB_DEVICE", "auto"))
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: the CPUs this process may use, within a container's "
@@ -223,14 +222,6 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_method(name: str, weights_dir: Path, device: str, nnunet_options: dict | None = None,
-                lesion_rule: bool = True, precision: str = "float32"):
-    """The segmenter for `name`: an object with segment(image, timings) -> SegmentationResult."""
-    from .methods import load  # imported here so `--help` and I/O errors need no torch
-
-    return load(name, weights_dir, device, nnunet_options, lesion_rule, precision)
-
-
 def method_from(args: argparse.Namespace):
     """The method the options ask for, loaded once (exec mode before its first case, invoke mode before it serves);
     sets torch's CPU threads. A CaseError says why it cannot start."""
@@ -240,9 +231,10 @@ def method_from(args: argparse.Namespace):
     args.threads = cpu_threads(args.threads)
     args.weights = resolve_weights_dir(args.weights)
     log.info("loading %s from %s; torch uses %d CPU thread(s)", args.method, args.weights, args.threads)
-    return load_method(args.method, args.weights, args.device,
-                       {"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring},
-                       args.lesion_rule == "weights", args.precision)
+    options = methods.MethodOptions(
+        device=args.device, precision=args.precision, lesion_rule=args.lesion_rule == "weights",
+        nnunet={"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring})
+    return methods.load(args.method, args.weights, options)
 
 
 def read_case(case: Case) -> sitk.Image:

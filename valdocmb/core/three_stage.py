@@ -419,3 +419,9 @@ class ThreeStagePipeline:
     def describe(self) -> dict:
         return {"method": "three-stage", "device": str(self.device), "config": asdict(self.config),
                 "weights": self.weights_info}
+
+
+def load_method(weights_dir: Path, options) -> ThreeStagePipeline:
+    """The registry's factory (core.methods): the pipeline from `weights_dir` with a run's MethodOptions."""
+    return ThreeStagePipeline.from_weights(weights_dir, options.device, lesion_rule=options.lesion_rule,
+                                           precision=options.precision)

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from ..core import manifest
+from ..core.defaults import PRECISIONS
 from ..core.ensemble import EnsembleMethod
 from ..core.imageio import read_mask, read_scan
 from ..core.logs import setup_logging
-from ..core.nnunet import DEFAULT_MIRRORING, DEFAULT_TILE_STEP, NnUNetMethod
-from ..core.three_stage import ThreeStagePipeline
+from ..core.methods import MethodOptions, load
+from ..core.nnunet import DEFAULT_MIRRORING, DEFAULT_TILE_STEP
 from ..core.weights import default_weights_dir
 from ..evaluate.scoring import CaseScore, score_case, summarize
 from .samples import find_training_cases
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tile-step", type=float, default=DEFAULT_TILE_STEP, help="nnU-Net sliding-window step")
     parser.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRRORING,
                         help="nnU-Net test-time mirroring")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="three-stage arithmetic (default auto, as the container runs it)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--record", action="store_true", help="store the summary in the weights' MANIFEST.json")
     parser.add_argument("--resume", action="store_true", help="keep the cases already in OUT/cases.csv, run the rest")
@@ -106,12 +109,9 @@ def main(argv=None) -> int:
     if not cases:
         log.error("%s: no scan with a label", args.data)
         return 2
-    members = {}
-    if "three-stage" in args.methods:
-        members["three-stage"] = ThreeStagePipeline.from_weights(weights, args.device)
-    if "nnunet" in args.methods:
-        members["nnunet"] = NnUNetMethod.from_weights(weights, args.device, tile_step=args.tile_step,
-                                                      mirroring=args.mirroring)
+    options = MethodOptions(device=args.device, precision=args.precision,
+                            nnunet={"tile_step": args.tile_step, "mirroring": args.mirroring})
+    members = {name: load(name, weights, options) for name in ("three-stage", "nnunet") if name in args.methods}
     command = manifest.command_line("valdocmb-compare", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     ensemble = EnsembleMethod(members) if len(members) == 2 else None

@@ -1,6 +1,6 @@
 """Score the three-stage pipeline after each stage on labelled cases, per acquisition grid.
 
-    valdocmb-stagewise --data DIR [--weights weights] [--device auto] [--precision float32] [--max-cases N] [--json F]
+    valdocmb-stagewise --data DIR [--weights weights] [--device auto] [--precision auto] [--max-cases N] [--json F]
                        [--subjects S ...] [--cache DIR] [--record]
 
 Stage outputs scored with the VALDO rules: "screening" = every candidate after non-maximum suppression, drawn as a
@@ -32,6 +32,7 @@ from ..core.defaults import PRECISIONS
 from ..core.imageio import image_like, read_mask, read_scan, write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
+from ..core.methods import MethodOptions, load
 from ..core.report import Lesion
 from ..core.three_stage import ThreeStagePipeline
 from ..core.weights import default_weights_dir
@@ -140,9 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
-                        help="the networks' arithmetic (auto: as the container runs them, bfloat16 on a CPU that has "
-                        "it); cached records are reused whatever precision made them")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the networks' arithmetic (default auto, as the container runs them: bfloat16 on a CPU "
+                        "that has it); cached records are reused whatever precision made them")
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--subjects", nargs="+", help="only these subjects (e.g. to share the work between processes)")
     parser.add_argument("--mark-radius", type=float, default=1.5)
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     weights = args.weights or default_weights_dir()
-    pipeline = ThreeStagePipeline.from_weights(weights, args.device, precision=args.precision)
+    pipeline = load("three-stage", weights, MethodOptions(device=args.device, precision=args.precision))
     cases = find_training_cases(args.data)
     if args.subjects:
         cases = [case for case in cases if case[0] in set(args.subjects)]

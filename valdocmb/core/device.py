@@ -78,9 +78,9 @@ def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
     except (OSError, ValueError):
         pass
     try:
-        quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())        # cgroup v1
-        period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
-        return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+        quota_us = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())        # cgroup v1
+        period_us = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(quota_us / period_us)) if quota_us > 0 and period_us > 0 else None
     except (OSError, ValueError):
         return None
 

@@ -47,7 +47,8 @@ class Geometry:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape (z, y, x) of an image on this grid."""
-        return tuple(reversed(self.size))
+        size = self.size
+        return size[2], size[1], size[0]
 
     def apply_to(self, image: sitk.Image) -> sitk.Image:
         image.SetSpacing(self.spacing)
@@ -71,7 +72,8 @@ def resampled_grid(grid: Geometry, target_spacing) -> Geometry:
     direction = np.asarray(grid.direction).reshape(3, 3)
     # First voxel centre moves from half an old voxel to half a new voxel inside the field-of-view edge.
     origin = np.asarray(grid.origin) + direction @ ((target - spacing) / 2)
-    return Geometry(tuple(int(s) for s in size), tuple(target.tolist()), tuple(origin.tolist()), grid.direction)
+    return Geometry((int(size[0]), int(size[1]), int(size[2])), tuple(target.tolist()), tuple(origin.tolist()),
+                    grid.direction)
 
 
 @dataclass
@@ -180,4 +182,4 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
         lo = max(0, int(present[0]) - margin)
         hi = min(mask.shape[axis], int(present[-1]) + 1 + margin)
         slices.append(slice(lo, hi))
-    return tuple(slices)
+    return slices[0], slices[1], slices[2]

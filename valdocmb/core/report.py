@@ -90,7 +90,8 @@ def lesion_table(result: SegmentationResult, match_mm: float = 2.0) -> tuple[np.
         z, y, x = centres[old]
         world = image.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
         screening, discrimination = scores.get(old + 1, (None, None))
-        lesions.append(Lesion(new_id, round(x, 2), round(y, 2), round(z, 2), *(round(w, 2) for w in world),
+        lesions.append(Lesion(new_id, round(x, 2), round(y, 2), round(z, 2), round(world[0], 2), round(world[1], 2),
+                              round(world[2], 2),
                               round(counts[old] * voxel_mm3, 3), int(counts[old]), round(float(maxima[old]), 4),
                               round(float(means[old]), 4), screening, discrimination))
     full_labels[box] = renumbered[labels]

@@ -238,6 +238,7 @@ def method_from(args: argparse.Namespace):
 
 
 def read_case(case: Case) -> sitk.Image:
+    assert case.input_path is not None  # a case without input carries an error and is never read
     if case.series_files is not None:
         return read_series(case.series_files, case.input_path, case.details.get("series", ""))
     return read_scan(case.input_path)
@@ -256,6 +257,7 @@ def process_case(case: Case, method, timings: dict) -> tuple[sitk.Image, Segment
     if mask.GetPixelID() != sitk.sitkUInt8 or not set(values.tolist()) <= {0, 1}:
         raise CaseError(f"{case.input_path}: the method returned a non-binary mask (values {values[:5].tolist()}; "
                         "not written)")
+    assert case.output_path is not None
     write_image_atomic(mask, case.output_path)
     return image, result
 
@@ -321,6 +323,7 @@ def case_outputs(case: Case, layout: Layout) -> list[Path]:
 def expected_outputs(case: Case, args, layout: Layout) -> list[Path]:
     """The files a successful run of the case leaves with these settings (a probability map only exists where the
     method makes one, so it is not required)."""
+    assert case.output_path is not None
     return [case.output_path, *layout.case_files(case),
             *(layout.report_files(case).all() if reports_on(args, layout) else [])]
 
@@ -441,7 +444,11 @@ def run(args: argparse.Namespace, method=None) -> int:
             log.error("cannot start method %s: %s", args.method, exc)
             return 2
 
-    outcomes, rows, case_records, method_info, failed, stopped = [], [], [], {}, 0, None
+    outcomes: list[CaseOutcome] = []
+    rows: list[dict] = []
+    case_records: list[dict] = []
+    method_info: dict = {}
+    failed, stopped = 0, None
     first_error = None
     for index, case in enumerate(cases, 1):
         start = time.perf_counter()

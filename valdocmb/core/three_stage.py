@@ -56,7 +56,7 @@ WEIGHT_FILES = {
 def cuda_fp32_precision(mode: str):
     """cuDNN convolutions and cuBLAS products in float32 as "ieee" (exact float32) or "tf32" (10-bit mantissa on
     tensor cores); torch's own default lets convolutions use TF32. Restored afterwards, so nnU-Net keeps its own."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul  # type: ignore[attr-defined]  # torch>=2.9
     before = conv.fp32_precision, matmul.fp32_precision
     conv.fp32_precision = matmul.fp32_precision = mode
     try:
@@ -110,7 +110,7 @@ def blocks_read_by(centre_in_brain: np.ndarray, reach: int, block: int, blocks) 
         for d in range(1, reach + 1):
             grown[(slice(None),) * axis + (slice(d, None),)] |= read[(slice(None),) * axis + (slice(None, -d),)]
         read = grown
-    return read.reshape(blocks[0], block, blocks[1], block, blocks[2], block).any(axis=(1, 3, 5))
+    return np.asarray(read.reshape(blocks[0], block, blocks[1], block, blocks[2], block).any(axis=(1, 3, 5)))
 
 
 def weights_version(weights_dir: Path) -> str:
@@ -311,7 +311,7 @@ class ThreeStagePipeline:
                 for sign in (-s, s):
                     shift = [0, 0, 0]
                     shift[axis] = sign
-                    shifts.append(tuple(shift))
+                    shifts.append((shift[0], shift[1], shift[2]))
         return np.array(shifts)
 
     @torch.inference_mode()

@@ -121,6 +121,8 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
     native = np.ascontiguousarray(xyz(prediction))  # the official code copies it in C order: same sum order
     if labels_xyz is None:
         labels_xyz, n = label_components(native >= 0.5, connectivity)
+    elif n is None:
+        raise ValueError("component_evidence: labels_xyz needs their count n")
     ref_centres = centres_mm(ref_labels, n_ref, spacing)
     pred_centres = centres_mm(labels_xyz, n, spacing)
     index = range(1, n_ref + 1)
@@ -131,8 +133,9 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
         # totals summed as the official code sums them (in the images' own types), for the volume difference
         "ref_total": float(np.sum(ref)),
         "pred_total": float(np.sum(np.where(native >= 0.5, native, np.zeros_like(native)))),
-        "components": [],
     }
+    components: list[dict] = []
+    evidence["components"] = components
     distances = cdist(pred_centres, ref_centres) if n and n_ref else np.zeros((n, 0))
     boxes = ndimage.find_objects(labels_xyz, n) if n else []
     for p in range(n):
@@ -145,7 +148,7 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
             component.update(claim=claim, distance=float(distances[p, claim]),
                              overlap=float(ref[boxes[p]][inside & (ref_labels[boxes[p]] == claim + 1)]
                                            .sum(dtype=np.float64)))
-        evidence["components"].append(component)
+        components.append(component)
     return evidence
 
 

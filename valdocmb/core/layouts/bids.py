@@ -83,6 +83,13 @@ def entities(stem: str) -> tuple[dict[str, str], str]:
     return dict(pair.split("-", 1) for pair in pairs), suffix
 
 
+def nifti_stem(path: Path) -> str:
+    """The stem of a file discovery already matched as a BIDS NIfTI name."""
+    match = NIFTI.match(path.name)
+    assert match is not None, path
+    return match["stem"]
+
+
 def bids_name(pairs: dict[str, str]) -> str:
     return "_".join(f"{key}-{value}" for key, value in pairs.items())
 
@@ -154,7 +161,7 @@ class Bids(Layout):
                 if other != path:
                     found.ignored.append((other, f"echo at {other_time:g} ms; the {echo_time:g} ms echo is read "
                                           f"(nearest --echo-time {target_ms:g} ms)"))
-            scans.append((path, entities(NIFTI.match(path.name)["stem"])[0], suffix))
+            scans.append((path, entities(nifti_stem(path))[0], suffix))
             if echo_time is not None:
                 chosen[path] = echo_time
         found.cases = self._cases(input_dir, scans, chosen) + problems
@@ -164,7 +171,7 @@ class Bids(Layout):
         return found
 
     def _anat_files(self, input_dir: Path, found: Discovery) -> list[Path]:
-        files = []
+        files: list[Path] = []
         for subject in sorted(input_dir.glob("sub-*")):
             if not subject.is_dir():
                 continue
@@ -306,7 +313,7 @@ def tsv(columns, rows: list[dict]) -> str:
 def sidecar(path: Path, root: Path) -> dict:
     """A data file's metadata by the BIDS inheritance principle: every JSON from the dataset's top down to the file's
     folder whose entities are a subset of the file's and whose suffix is the file's, later (deeper) ones winning."""
-    pairs, suffix = entities(NIFTI.match(path.name)["stem"])
+    pairs, suffix = entities(nifti_stem(path))
     merged: dict = {}
     folders = [root, *reversed([p for p in path.parent.parents if root in p.parents]), path.parent]
     for folder in dict.fromkeys(folders):

@@ -31,8 +31,8 @@ class Dicom(Layout):
         if not files:
             raise RunError(f"{input_dir}: no DICOM file (with the DICM preamble) found at any depth")
         all_series, unreadable = group_series(files)
-        for path, reason in unreadable:
-            found.ignored.append((path, reason.split(": ", 1)[1]))
+        for path, problem in unreadable:
+            found.ignored.append((path, problem.split(": ", 1)[1]))
         studies = sorted({series.study_uid for series in all_series})
         target = getattr(self.options, "echo_time", None) or DEFAULT_ECHO_TIME_MS
         names: dict[str, int] = {}
@@ -48,10 +48,11 @@ class Dicom(Layout):
             names[name] = names.get(name, 0) + 1
             case_id = name if names[name] == 1 else f"{name}-{names[name]}"
             echo_time, echo_files = choose_echo(series, target)
+            echo_times = sorted(te for te in series.echoes if te is not None)
             details = {"series": series.label(), "series_number": series.number,
                        "series_description": series.tags.get("description", ""),
                        "image_type": series.tags.get("image_type", ""), "echo_time_ms": echo_time,
-                       "echo_times_ms": sorted(te for te in series.echoes if te is not None), "files": len(echo_files)}
+                       "echo_times_ms": echo_times, "files": len(echo_files)}
             if len(series.echoes) > 1 and None in series.echoes:
                 case = Case(case_id, folder, None, [str(folder.relative_to(input_dir))],
                             error=f"{folder} ({series.label()}): several echoes, some without EchoTime; cannot "
@@ -61,7 +62,7 @@ class Dicom(Layout):
                             [str(folder.relative_to(input_dir))], series_files=sorted(echo_files), details=details)
                 if len(series.echoes) > 1:
                     found.ignored.append((folder, f"{series.label()}: echoes at "
-                                          f"{', '.join(f'{te:g}' for te in details['echo_times_ms'])} ms; the "
+                                          f"{', '.join(f'{te:g}' for te in echo_times)} ms; the "
                                           f"{echo_time:g} ms echo is read (nearest --echo-time {target:g} ms)"))
             found.cases.append(case)
         if not found.cases:

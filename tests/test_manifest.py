@@ -50,3 +50,19 @@ def test_new_three_stage_weights_make_the_figures_measured_on_the_old_ones_stale
 
 def test_the_command_recorded_is_the_one_main_was_given():
     assert manifest.command_line("valdocmb-tune", ["--cache", "x"]) == "valdocmb-tune --cache x"
+
+
+def test_weights_folder_default_order_and_a_wheel_without_weights(tmp_path, monkeypatch):
+    """/opt/ml/model, then CMB_WEIGHTS, then the shipped weights/; an installation without weights/ says how to
+    give them, not just that a folder is missing."""
+    from valdocmb.core import weights
+
+    monkeypatch.setattr(weights, "UPLOADED_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.delenv("CMB_WEIGHTS", raising=False)
+    assert weights.default_weights_dir() == weights.SHIPPED_WEIGHTS_DIR
+    monkeypatch.setenv("CMB_WEIGHTS", str(tmp_path))
+    assert weights.resolve_weights_dir(None) == tmp_path
+    monkeypatch.delenv("CMB_WEIGHTS")
+    monkeypatch.setattr(weights, "SHIPPED_WEIGHTS_DIR", tmp_path / "site-packages-parent" / "weights")
+    with pytest.raises(CaseError, match="give --weights DIR or set CMB_WEIGHTS"):
+        weights.resolve_weights_dir(None)

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default: the CPUs this process may use, within a container's "
                         "CPU quota)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights folder (default: /opt/ml/model when present, else the baked-in weights/)")
+                        help="weights folder (default: /opt/ml/model when present, else CMB_WEIGHTS, else the "
+                        "baked-in weights/)")
     parser.add_argument("--input-socket", default=None, help="grand-challenge: slug of the T2* image socket")
     parser.add_argument("--output-socket-path", default=GC_DEFAULT_OUTPUT_PATH,
                         help="grand-challenge: relative path of the output mask socket (inside the output folder)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,11 +28,18 @@ UPLOADED_MODEL_DIR = Path("/opt/ml/model")
 WEIGHT_ENTRIES = ("MANIFEST.json", "three_stage", "nnunet")   # what a weights folder holds at its top
 
 
+# the repository's (and the image's, /opt/app) weights/ beside the package folder; a wheel installed elsewhere has none
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+
+
 def default_weights_dir() -> Path:
-    """Weights uploaded to grand-challenge (/opt/ml/model) win over the ones baked into the image."""
+    """Weights uploaded to grand-challenge (/opt/ml/model) win over CMB_WEIGHTS, which wins over the ones shipped
+    with the repository and baked into the image."""
     if UPLOADED_MODEL_DIR.is_dir() and any(UPLOADED_MODEL_DIR.iterdir()):
         return UPLOADED_MODEL_DIR
-    return Path(__file__).resolve().parents[2] / "weights"
+    if os.environ.get("CMB_WEIGHTS"):
+        return Path(os.environ["CMB_WEIGHTS"])
+    return SHIPPED_WEIGHTS_DIR
 
 
 def resolve_weights_dir(given: Path | None) -> Path:
@@ -43,6 +51,9 @@ def resolve_weights_dir(given: Path | None) -> Path:
         raise CaseError(f"--weights {folder}: is a file; give the folder that holds three_stage/ (and nnunet/), "
                         "e.g. the repository's weights/")
     if not folder.is_dir():
+        if not given and folder == SHIPPED_WEIGHTS_DIR:
+            raise CaseError(f"{folder}: no weights folder here: this installation of the package has none (weights/ "
+                            "ships with the repository and the image); give --weights DIR or set CMB_WEIGHTS")
         raise CaseError(f"--weights {folder}: no such folder")
     entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
     if (len(entries) == 1 and entries[0].is_dir() and not any((folder / name).exists() for name in WEIGHT_ENTRIES)

@@ -94,7 +94,7 @@ def false_positive_causes(record: dict, kept: list[bool], objects: list[dict]) -
 
 
 # -- figures ------------------------------------------------------------------------------------------------------
-def _figures(records, scores, kept_lists, objects_of) -> dict:
+def figures_by_grid(records, scores, kept_lists, objects_of) -> dict:
     out = {}
     grids = sorted({r["grid"] for r in records})
     for grid in grids + ["all"]:
@@ -124,10 +124,10 @@ def hold_out_figures(cache: Path, data: Path, weights: Path, folds: int = 5, min
                   for r in records]
     stored = rule_from_manifest(weights)
     kept_stored = [[stored.keeps(lesion) for lesion in r["lesion_objects"]] for r in records]
-    return {"cross_fitted": _figures(records, scores, kept_cross, objects_of),
+    return {"cross_fitted": figures_by_grid(records, scores, kept_cross, objects_of),
             "cross_fitted_rules": chosen,
             "stored_rule": {"rule": asdict(stored),
-                            **_figures(records, [score_components(r["evidence"], kept, r["subject"])
+                            **figures_by_grid(records, [score_components(r["evidence"], kept, r["subject"])
                                                 for r, kept in zip(records, kept_stored)], kept_stored, objects_of)}}
 
 

@@ -1,0 +1,186 @@
+"""Weight sets side by side on the same cases, with the decision rule written down before any scoring.
+
+    python -m valdocmb.bench.weights_eval --out runs/weights-eval \\
+        --weights shipped=weights --weights randomised=weights/randomised \\
+        --weights new=~/.cache/valdocmb/weights-stream --candidate new [--device auto] [--jobs 2]
+        [--holdout-cases 50] [--ood-cases 40] [--tuning-cases 20]
+    python -m valdocmb.bench.weights_eval --out runs/weights-eval --weights ... --report-only
+
+Three simulated sets, each made once with the product's own commands and never used in training:
+- `holdout`: the in-distribution hold-out (`valdocmb-synth --seed 2`, the standard profile, all five grids);
+- `ood`: the out-of-distribution hold-out (`--profile ood --seed 23`: an anatomy source, a vein model, a deep-grey
+  iron range and a bias range that training never sees, `simulate.OOD_HELD_OUT`);
+- `tuning`: where a lesion rule for new weights is chosen (`--seed 31`), apart from every reported case.
+Every weight set scores every set (`valdocmb-stagewise --cache`, resumable, one record per case). The report gives,
+per hold-out, grid and weights, the official VALDO figures with the lesion rule cross-fitted on the hold-out's own
+folds (as `valdocmb-tune` does) and with the rule chosen on the tuning set, false positives by what the simulator
+put there, and seconds per case. It ends with the decision, by DECISION_RULE below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..core.lesion_rule import LesionRule
+from ..core.logs import setup_logging
+from ..evaluate.scoring import score_components
+from ..train.tune import choose_rule, load_records
+from .jobs import hardware, run_all, scoring_sets, synthesis
+from .randomisation import figures_by_grid, hold_out_figures
+
+REPORTED = ("holdout", "ood")
+TUNING = "tuning"
+MIN_SENSITIVITY = 0.9  # the tuning set's rule: highest pooled F1 among rules keeping this sensitivity
+# Written before any scoring (issue 31): the candidate becomes the default when, with the lesion rule cross-fitted,
+# its OOD F1 over all grids beats the shipped weights' and its in-distribution sensitivity is at most 0.02 lower.
+DECISION_RULE = ("candidate default iff F1(candidate, ood, all) > F1(shipped, ood, all) and "
+                 "sensitivity(candidate, holdout, all) >= sensitivity(shipped, holdout, all) - 0.02 "
+                 "(lesion rule cross-fitted)")
+
+
+def sets(holdout_cases: int, ood_cases: int, tuning_cases: int) -> dict[str, list[str]]:
+    return {"holdout": ["--seed", "2", "--cases", str(holdout_cases)],
+            "ood": ["--profile", "ood", "--seed", "23", "--cases", str(ood_cases)],
+            "tuning": ["--seed", "31", "--cases", str(tuning_cases)]}
+
+
+def named_folders(items: list[str]) -> dict[str, Path]:
+    folders = {}
+    for item in items:
+        name, _, folder = item.partition("=")
+        if not name or not folder:
+            raise SystemExit(f"--weights {item!r}: expected NAME=FOLDER")
+        folders[name] = Path(folder).expanduser()
+    return folders
+
+
+def tuning_rule(scores: Path, name: str) -> LesionRule | None:
+    records = load_records(scores / f"{name}-{TUNING}")
+    return choose_rule(records, MIN_SENSITIVITY) if records else None
+
+
+def tuned_figures(cache: Path, data: Path, rule: LesionRule, subjects: set) -> dict:
+    records = [r for r in load_records(cache) if r["subject"] in subjects]
+    sims = {p.name.split("_")[0]: json.loads(p.read_text())["objects"] for p in data.glob("sub-*_sim.json")}
+    kept = [[rule.keeps(lesion) for lesion in r["lesion_objects"]] for r in records]
+    scores = [score_components(r["evidence"], k, r["subject"]) for r, k in zip(records, kept)]
+    return figures_by_grid(records, scores, kept, lambda record: sims.get(record["subject"], []))
+
+
+def decide(result: dict, candidate: str | None) -> str:
+    if not candidate or candidate == "shipped":
+        return "no candidate named (--candidate): no decision"
+    try:
+        ood = {w: result[f"{w}_ood"]["cross_fitted"]["all"] for w in ("shipped", candidate)}
+        ind = {w: result[f"{w}_holdout"]["cross_fitted"]["all"] for w in ("shipped", candidate)}
+    except KeyError:
+        return "not every weight set has scored both hold-outs yet: no decision"
+    compared = [ood[w]["f1"] for w in ood] + [ind[w]["sensitivity"] for w in ind]
+    if any(value is None or math.isnan(value) for value in compared):
+        return "a figure is undefined (a hold-out without microbleeds, or nothing found): no decision"
+    wins = ood[candidate]["f1"] > ood["shipped"]["f1"]
+    keeps = ind[candidate]["sensitivity"] >= ind["shipped"]["sensitivity"] - 0.02
+    verdict = "becomes the default" if wins and keeps else "does not become the default"
+    return (f"{candidate} {verdict}: OOD F1 {ood[candidate]['f1']:.3f} vs shipped {ood['shipped']['f1']:.3f} "
+            f"({'higher' if wins else 'not higher'}); in-distribution sensitivity {ind[candidate]['sensitivity']:.3f}"
+            f" vs shipped {ind['shipped']['sensitivity']:.3f} ({'within' if keeps else 'more than'} 0.02 lower)")
+
+
+def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
+    """Every weight set on the cases all of them have scored, per hold-out and grid."""
+    scores, data = out / "scores", out / "data"
+    result: dict = {}
+    rules = {name: tuning_rule(scores, name) for name in weights}
+    for held in REPORTED:
+        scored = [{p.stem for p in (scores / f"{name}-{held}").glob("sub-*.json")} for name in weights]
+        common = set.intersection(*scored) if scored else set()
+        if not common:
+            continue
+        for name, folder in weights.items():
+            entry = hold_out_figures(scores / f"{name}-{held}", data / held, folder, subjects=common)
+            rule = rules[name]
+            if rule is not None:
+                entry["tuning_rule"] = {"rule": asdict(rule), **tuned_figures(scores / f"{name}-{held}", data / held,
+                                                                               rule, common)}
+            result[f"{name}_{held}"] = entry
+    lines = ["| hold-out | grid | weights | cases | sensitivity (TP/CMBs) | FP/scan | F1 | FP/scan: vein, calc., "
+             "flow void, unrated CMB, other | tuning-set rule: sens., FP/scan, F1 | s/case |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for held in REPORTED:
+        grids = sorted({g for key, r in result.items() if key.endswith(held) for g in r["cross_fitted"]},
+                       key=lambda g: (g == "all", g))
+        for grid in grids:
+            for name in weights:
+                r = result.get(f"{name}_{held}")
+                if not r or grid not in r["cross_fitted"]:
+                    continue
+                c, by = r["cross_fitted"][grid], r["cross_fitted"][grid]["fp_per_scan_by_cause"]
+                causes = ", ".join(f"{by.get(k, 0):.2f}" for k in ("vein", "calcification", "flow_void",
+                                                                   "unrated_cmb", "other"))
+                t = r.get("tuning_rule", {}).get(grid)
+                tuned = f"{t['sensitivity']:.2f}, {t['fp_per_scan']:.2f}, {t['f1']:.2f}" if t else "n/a"
+                lines.append(f"| {held} | {grid} | {name} | {c['cases']} | {c['sensitivity']:.2f} "
+                             f"({c['tp']}/{c['tp'] + c['fn']}) | {c['fp_per_scan']:.2f} | {c['f1']:.2f} | {causes} | "
+                             f"{tuned} | {c['seconds_per_case']:.0f} |")
+    decision = decide(result, candidate)
+    text = "\n".join(lines) + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps({"decision_rule": DECISION_RULE, "decision": decision,
+                                                 "figures": result}, indent=1, default=float).replace("NaN", "null"))
+    print(text)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="valdocmb.bench.weights_eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--weights", action="append", default=[], metavar="NAME=FOLDER",
+                        help="a weight set to score (repeatable; one must be named shipped)")
+    parser.add_argument("--candidate", default=None, help="the weight set the decision rule is about")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="processes at a time")
+    parser.add_argument("--holdout-cases", type=int, default=50)
+    parser.add_argument("--ood-cases", type=int, default=40)
+    parser.add_argument("--tuning-cases", type=int, default=20)
+    parser.add_argument("--report-only", action="store_true", help="only the report, from the cached records")
+    args = parser.parse_args(argv)
+    setup_logging()
+    weights = named_folders(args.weights) or {"shipped": Path("weights"), "randomised": Path("weights/randomised")}
+    if "shipped" not in weights:
+        parser.error("name one weight set shipped (the current default), e.g. --weights shipped=weights")
+    if args.report_only:
+        report(args.out, weights, args.candidate)
+        return 0
+    logs, data, scores = args.out / "logs", args.out / "data", args.out / "scores"
+    logs.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    made = sets(args.holdout_cases, args.ood_cases, args.tuning_cases)
+    run_all(synthesis(made, data, args.jobs), logs, len(made))
+    seconds["synth"] = time.perf_counter() - started
+    for name, folder in weights.items():  # one weight set at a time: its processes share the CPUs or the GPU
+        started = time.perf_counter()
+        run_all(scoring_sets(folder, (*REPORTED, TUNING), data, scores, name, args.device, max(1, args.jobs)), logs,
+                args.jobs)
+        seconds[f"scoring_{name}"] = time.perf_counter() - started
+    summary = {"sets": {k: " ".join(v) for k, v in made.items()}, "weights": {k: str(v) for k, v in weights.items()},
+               "seconds": {k: round(v) for k, v in seconds.items()}, "hardware": hardware(),
+               "mean_seconds_per_case": {name: float(np.mean([r["seconds"] for held in REPORTED
+                                                              for r in load_records(scores / f"{name}-{held}")] or [0]))
+                                         for name in weights}}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report(args.out, weights, args.candidate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """What every input/output layout provides: the cases it finds, where their outputs go, and its run-wide records.
 
-A layout is one class (one module in this package plus one line in the registry of `__init__.py`). Discovery
-never runs a network; it decides which files make which case. Problems with single inputs become `Case`s that
-carry an error, so one bad file never hides the others.
+A layout is one class (one module in this package plus one line in the registry of `__init__.py`). Discovery reads
+no voxel data (DICOM discovery reads headers); it decides which files make which case. Problems with single inputs
+become `Case`s that carry an error, so one bad file never hides the others.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ class Bids(Layout):
         seen_participants: set[str] = set()
         echoes: dict[tuple, list[tuple[float | None, Path]]] = {}
         scans: list[tuple[Path, dict[str, str], str]] = []
-        for path in self._anat_files(input_dir, found):
+        for path in self._anat_files(input_dir):
             match = NIFTI.match(path.name)
             if not match:
                 if not path.name.endswith((".json", ".tsv", ".bval", ".bvec")):
@@ -170,7 +170,8 @@ class Bids(Layout):
                            + (" for the participant/session labels given" if participants or sessions else ""))
         return found
 
-    def _anat_files(self, input_dir: Path, found: Discovery) -> list[Path]:
+    def _anat_files(self, input_dir: Path) -> list[Path]:
+        """The files of every sub-*/[ses-*/]anat/ folder, in path order (hidden ones skipped)."""
         files: list[Path] = []
         for subject in sorted(input_dir.glob("sub-*")):
             if not subject.is_dir():

@@ -23,7 +23,8 @@ def python(*args: str) -> list[str]:
 
 def run_all(commands: dict[str, list[str]], logs: Path, at_once: int) -> None:
     """Run the named commands, `at_once` at a time, each logging to logs/<name>.log; stop on the first failure."""
-    waiting, running = list(commands.items()), {}
+    waiting = list(commands.items())
+    running: dict = {}
     while waiting or running:
         while waiting and len(running) < at_once:
             name, command = waiting.pop(0)

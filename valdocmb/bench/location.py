@@ -45,7 +45,8 @@ def true_mni_ras(sim: dict) -> list[list[float]] | None:
     recorded = dict(sim["anatomy"])
     if recorded.pop("source", "mni2009a") != "mni2009a":  # other sources are newer than the recorded positions
         return None
-    transform, _, drawn = anatomy.random_subject_transform(rng, DEFAULTS["anatomy"])
+    parameters: dict = DEFAULTS["anatomy"]  # type: ignore[assignment]  # DEFAULTS maps names to dicts
+    transform, _, drawn = anatomy.random_subject_transform(rng, parameters)
     if drawn != recorded:
         return None
     return [list(anatomy._ras_to_lps(transform.TransformPoint(o["centre_mm"]))) for o in cmbs]  # LPS <-> RAS
@@ -68,10 +69,14 @@ def main(argv=None) -> int:
     setup_logging()
     atlas = load_atlas()
     scans = sorted(p for folder in args.data for p in folder.iterdir() if VALDO_T2S.match(p.name))
-    mars, regions, sides = Counter(), Counter(), Counter()
+    mars: Counter = Counter()
+    regions: Counter = Counter()
+    sides: Counter = Counter()
     cases, seconds = [], []
     for i, scan_path in enumerate(scans):
-        subject = VALDO_T2S.match(scan_path.name).group(1)
+        matched = VALDO_T2S.match(scan_path.name)
+        assert matched is not None  # the scans were chosen by this pattern
+        subject = matched.group(1)
         sim = json.loads(scan_path.with_name(f"{subject}_space-T2S_sim.json").read_text())
         truth_points = true_mni_ras(sim)
         if truth_points is None:

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     if x1 > x0 and y1 > y0:
         scan = scan[x0:x1, y0:y1, :]
     print(f"{args.scan.name}: {'x'.join(map(str, scan.GetSize()))} voxels, device {args.device}", flush=True)
-    rows, reference, base = [], None, None
+    rows: list[dict] = []
+    reference, base = None, 1.0  # the first setting's (set on the first pass)
     for step, mirroring in VARIANTS:
         method = NnUNetMethod.from_weights(args.weights, args.device, tile_step=step, mirroring=mirroring)
         start = time.perf_counter()

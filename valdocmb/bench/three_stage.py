@@ -120,7 +120,8 @@ def benchmark_scan(scan: Path, variants: list[str], args, scratch: Path) -> list
     reader.ReadImageInformation()
     print(f"\n{scan.name}: {'x'.join(map(str, reader.GetSize()))} voxels at "
           f"{'x'.join(f'{s:.3g}' for s in reader.GetSpacing())} mm, device {args.device}", flush=True)
-    rows, first_mask = [], {}
+    rows: list[dict] = []
+    first_mask: dict[str, np.ndarray] = {}
     for index, variant in enumerate(variants):
         mask_out = scratch / f"{scan.name}-{index}.npy"
         context = multiprocessing.get_context("spawn")
@@ -161,8 +162,8 @@ def main(argv=None) -> int:
     scans = list(args.scan) if args.scan is not None else [EXAMPLE]
     grids = args.simulate if args.simulate is not None else (["rss"] if args.scan is None else [])
     report = {"device": args.device, "weights": str(args.weights), "scans": {}}
-    with tempfile.TemporaryDirectory(prefix="valdocmb-bench-") as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="valdocmb-bench-") as scratch_name:
+        scratch = Path(scratch_name)
         scans += [simulated_scan(grid, scratch) for grid in grids]
         for scan in scans:
             report["scans"][scan.name] = benchmark_scan(scan, args.variants, args, scratch)

@@ -150,7 +150,7 @@ def simulation(scans: int, regions: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         for i in range(scans):
             started = time.process_time()
-            case = simulate_case(1000 + i, grids[i % len(grids)], **PROFILES["randomised"])
+            case = simulate_case(1000 + i, grids[i % len(grids)], **PROFILES["randomised"])  # type: ignore[arg-type]
             scan, label = Path(scratch) / f"s{i}_T2S.nii.gz", Path(scratch) / f"s{i}_CMB.nii.gz"
             sitk.WriteImage(case.image, str(scan))
             sitk.WriteImage(case.label, str(label))
@@ -159,9 +159,9 @@ def simulation(scans: int, regions: int) -> dict:
             cpu += time.process_time() - started
     whole = {"scans": scans, "crops": int(crops), "cpu_s": round(cpu, 1), "crops_per_cpu_s": round(crops / cpu, 2)}
     crops = cpu = 0.0
-    for case in range(-(-regions // REGIONS_PER_CASE)):
+    for number in range(-(-regions // REGIONS_PER_CASE)):
         started = time.process_time()
-        for region in make_case(7, case):
+        for region in make_case(7, number):
             sites = streamed.region_sites(region, streamed.region_rng(region))
             crops += 1 + sum(len(sites[k]) for k in ("positive", "mimic", "random"))
         cpu += time.process_time() - started
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     device = resolve_device(args.device)
-    report = {"hardware": hardware(), "device": str(device), "threads": torch.get_num_threads()}
+    report: dict = {"hardware": hardware(), "device": str(device), "threads": torch.get_num_threads()}
     if args.curves:
         report["curves"] = curves(args.curves, args.figure)
     elif args.score:

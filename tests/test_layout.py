@@ -143,10 +143,10 @@ def test_every_package_is_installed_by_a_non_editable_install():
     assert on_disk <= listed, f"not in pyproject's packages: {sorted(on_disk - listed)}"
 
 
-# commands whose --help needs no torch: the container's (process.py, scoring), the simulator's and the benchmark's;
-# the training commands build their networks at import and still need it
+# commands whose --help needs no torch: all but the two training commands, which build their networks at import
 TORCH_FREE_HELP = ("valdocmb-run", "valdocmb-evaluate", "valdocmb-synth", "valdocmb-synth-figure",
-                   "valdocmb-benchmark")
+                   "valdocmb-benchmark", "valdocmb-nnunet-benchmark", "valdocmb-tune", "valdocmb-stagewise",
+                   "valdocmb-compare")
 
 
 @pytest.mark.parametrize("script", TORCH_FREE_HELP)

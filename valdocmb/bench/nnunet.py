@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..core.defaults import NNUNET_MIRRORING as DEFAULT_MIRRORING
+from ..core.defaults import NNUNET_TILE_STEP as DEFAULT_TILE_STEP
 from ..core.logs import setup_logging
-from ..core.nnunet import DEFAULT_MIRRORING, DEFAULT_TILE_STEP, NnUNetMethod
 from ..core.weights import default_weights_dir
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "tests/data/example/input/sub-001_space-T2S_desc-masked_T2S.nii.gz"
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, default=default_weights_dir())
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    from ..core.nnunet import NnUNetMethod  # torch and nnU-Net: imported once --help is past
+
     setup_logging()
     scan = sitk.ReadImage(str(args.scan), sitk.sitkFloat32)
     x0, x1, y0, y1 = args.crop

@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from ..core import manifest
-from ..core.defaults import PRECISIONS
+from ..core.defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
 from ..core.ensemble import EnsembleMethod
 from ..core.imageio import read_mask, read_scan
 from ..core.logs import setup_logging
 from ..core.methods import MethodOptions, load
-from ..core.nnunet import DEFAULT_MIRRORING, DEFAULT_TILE_STEP
 from ..core.weights import default_weights_dir
 from ..evaluate.scoring import CaseScore, score_case, summarize
 from .samples import find_training_cases
@@ -90,8 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--subjects", nargs="+", help="these subjects, in this order (default: all)")
     parser.add_argument("--methods", nargs="+", choices=("three-stage", "nnunet"), default=["three-stage", "nnunet"],
                         help="the ensemble is scored too when both are run")
-    parser.add_argument("--tile-step", type=float, default=DEFAULT_TILE_STEP, help="nnU-Net sliding-window step")
-    parser.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRRORING,
+    parser.add_argument("--tile-step", type=float, default=NNUNET_TILE_STEP, help="nnU-Net sliding-window step")
+    parser.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,
                         help="nnU-Net test-time mirroring")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="three-stage arithmetic (default auto, as the container runs it)")

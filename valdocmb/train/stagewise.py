@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,11 +35,13 @@ from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
 from ..core.methods import MethodOptions, load
 from ..core.report import Lesion
-from ..core.three_stage import ThreeStagePipeline
 from ..core.weights import default_weights_dir
 from ..evaluate.folders import format_table
 from ..evaluate.scoring import EVIDENCE_VERSION, CaseScore, component_evidence, score_case, score_components, summarize
 from .samples import find_training_cases
+
+if TYPE_CHECKING:  # torch is imported by the method's loader, once --help is past
+    from ..core.three_stage import ThreeStagePipeline
 
 log = logging.getLogger("valdocmb.stagewise")
 STAGES = ("screening", "discrimination", "segmentation", "lesion rule")

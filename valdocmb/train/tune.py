@@ -31,7 +31,6 @@ from ..core import manifest
 from ..core.lesion_rule import MANIFEST_KEY, LesionRule
 from ..core.logs import setup_logging
 from ..core.report import Lesion
-from ..core.three_stage import weights_version
 from ..core.weights import default_weights_dir
 from ..evaluate.folders import format_table
 from ..evaluate.scoring import EVIDENCE_VERSION, CaseScore, pooled, score_components, summarize
@@ -148,6 +147,8 @@ def main(argv=None) -> int:
                                         indent=1))
     if args.record:
         weights = args.weights or default_weights_dir()
+        from ..core.three_stage import weights_version  # torch: imported once --help is past
+
         version = weights_version(weights)
         other = sorted({str(r.get("weights")) for r in records} - {version})
         if other:

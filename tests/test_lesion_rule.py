@@ -132,6 +132,8 @@ def test_stagewise_cache_then_tune_records_a_rule_the_pipeline_applies(tmp_path,
     args = ["--data", str(data), "--weights", str(weights), "--device", "cpu", "--cache", str(cache)]
     assert stagewise.main(args) == 0
     assert sorted(p.name for p in cache.iterdir()) == ["sub-001.json", "sub-002.json", "sub-003.json"]
+    record = json.loads((cache / "sub-001.json").read_text())  # what the weights comparison reports per scan
+    assert record["candidates"] >= record["confirmed"] >= 1
     first = capsys.readouterr().out
     assert "after lesion rule" in first
     assert stagewise.main(args) == 0                         # a rerun reads every case from the cache

@@ -76,6 +76,16 @@ def tuned_figures(cache: Path, data: Path, rule: LesionRule, subjects: set) -> d
     return figures_by_grid(records, scores, kept, lambda record: sims.get(record["subject"], []))
 
 
+def candidates_by_grid(cache: Path, subjects: set) -> dict[str, float | None]:
+    """Screening candidates per scan, per grid and over all (None where the records predate the count)."""
+    records = [r for r in load_records(cache) if r["subject"] in subjects]
+    out: dict[str, float | None] = {}
+    for grid in sorted({r["grid"] for r in records}) + ["all"]:
+        counts = [r["candidates"] for r in records if (grid == "all" or r["grid"] == grid) and "candidates" in r]
+        out[grid] = float(np.mean(counts)) if counts else None
+    return out
+
+
 def decide(result: dict, candidate: str | None) -> str:
     if not candidate or candidate == "shipped":
         return "no candidate named (--candidate): no decision"
@@ -107,14 +117,15 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
             continue
         for name, folder in weights.items():
             entry = hold_out_figures(scores / f"{name}-{held}", data / held, folder, subjects=common)
+            entry["candidates_per_scan"] = candidates_by_grid(scores / f"{name}-{held}", common)
             rule = rules[name]
             if rule is not None:
                 entry["tuning_rule"] = {"rule": asdict(rule), **tuned_figures(scores / f"{name}-{held}", data / held,
                                                                                rule, common)}
             result[f"{name}_{held}"] = entry
     lines = ["| hold-out | grid | weights | cases | sensitivity (TP/CMBs) | FP/scan | F1 | FP/scan: vein, calc., "
-             "flow void, unrated CMB, other | tuning-set rule: sens., FP/scan, F1 | s/case |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "flow void, unrated CMB, other | tuning-set rule: sens., FP/scan, F1 | s/case | candidates/scan |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for held in REPORTED:
         grids = sorted({g for key, r in result.items() if key.endswith(held) for g in r["cross_fitted"]},
                        key=lambda g: (g == "all", g))
@@ -128,9 +139,10 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
                                                                    "unrated_cmb", "other"))
                 t = r.get("tuning_rule", {}).get(grid)
                 tuned = f"{t['sensitivity']:.2f}, {t['fp_per_scan']:.2f}, {t['f1']:.2f}" if t else "n/a"
+                count = r["candidates_per_scan"].get(grid)
                 lines.append(f"| {held} | {grid} | {name} | {c['cases']} | {c['sensitivity']:.2f} "
                              f"({c['tp']}/{c['tp'] + c['fn']}) | {c['fp_per_scan']:.2f} | {c['f1']:.2f} | {causes} | "
-                             f"{tuned} | {c['seconds_per_case']:.0f} |")
+                             f"{tuned} | {c['seconds_per_case']:.0f} | {'n/a' if count is None else f'{count:.0f}'} |")
     decision = decide(result, candidate)
     text = "\n".join(lines) + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
     (out / "report.md").write_text(text)

@@ -66,7 +66,8 @@ def case_record(pipeline: ThreeStagePipeline, image: sitk.Image, reference: sitk
     _, detection = pipeline.segment_with_detection(image, timings)
     pre = detection.preprocessed
     spacing_zyx = np.array(pre.grid.spacing)[::-1]
-    record: dict = {"timings": timings}
+    record: dict = {"timings": timings, "candidates": len(detection.candidates),
+                    "confirmed": len(detection.survivors)}
     for stage, found in (("screening", detection.candidates), ("discrimination", detection.survivors)):
         marks = spheres(pre.array.shape, [c.centre for c in found], spacing_zyx, radius_mm)
         record[stage] = asdict(score_case(reference, pre.to_original(marks, "nearest"), distance_mm=distance_mm))

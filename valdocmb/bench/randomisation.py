@@ -104,31 +104,71 @@ def figures_by_grid(records, scores, kept_lists, objects_of) -> dict:
             for cause, n in false_positive_causes(records[i], kept_lists[i], objects_of(records[i])).items():
                 causes[cause] = causes.get(cause, 0) + n
         figures = pooled([scores[i] for i in chosen])
+        candidates = [records[i]["candidates"] for i in chosen if "candidates" in records[i]]
         out[grid] = {"cases": len(chosen), **{k: figures[k] for k in ("tp", "fp", "fn", "sensitivity",
                                                                           "fp_per_scan", "f1")},
                      "fp_per_scan_by_cause": {k: v / max(1, len(chosen)) for k, v in sorted(causes.items())},
-                     "seconds_per_case": float(np.mean([records[i]["seconds"] for i in chosen]))}
+                     "seconds_per_case": float(np.mean([records[i]["seconds"] for i in chosen])),
+                     # screening candidates; None for records made before stagewise kept the count
+                     "candidates_per_scan": float(np.mean(candidates)) if candidates else None}
     return out
 
 
-def hold_out_figures(cache: Path, data: Path, weights: Path, folds: int = 5, min_sensitivity: float = 0.9,
-                     subjects: set | None = None) -> dict:
-    """Per grid: cross-fitted lesion rule (folds of this hold-out) and the weights' stored rule; only `subjects`
-    when given."""
-    records = [r for r in load_records(cache) if subjects is None or r["subject"] in subjects]
+def simulated_objects(data: Path):
+    """record -> the objects the simulator put in its scan (from the sim.json files of `data`)."""
     sims = {p.name.split("_")[0]: json.loads(p.read_text())["objects"] for p in data.glob("sub-*_sim.json")}
-    objects_of = lambda record: sims.get(record["subject"], [])  # noqa: E731
+    return lambda record: sims.get(record["subject"], [])
+
+
+def rule_figures(records: list[dict], rule: LesionRule, objects_of) -> dict:
+    """Per grid, every case scored with one lesion rule, and the rule."""
+    kept = [[rule.keeps(lesion) for lesion in r["lesion_objects"]] for r in records]
+    scores = [score_components(r["evidence"], k, r["subject"]) for r, k in zip(records, kept)]
+    return {"rule": asdict(rule), **figures_by_grid(records, scores, kept, objects_of)}
+
+
+def hold_out_figures(cache: Path, data: Path, weights: Path, folds: int = 5, min_sensitivity: float = 0.9,
+                     subjects: set | None = None, rules: dict[str, LesionRule] | None = None) -> dict:
+    """Per grid: cross-fitted lesion rule (folds of this hold-out), the weights' stored rule and each of `rules`
+    (under its name); only `subjects` when given."""
+    records = [r for r in load_records(cache) if subjects is None or r["subject"] in subjects]
+    objects_of = simulated_objects(data)
     scores, chosen = cross_fit(records, folds, min_sensitivity)
     rule_of_fold = {s: fold["rule"] for fold in chosen for s in fold["scored"]}
     kept_cross = [[LesionRule(**rule_of_fold[r["subject"]]).keeps(lesion) for lesion in r["lesion_objects"]]
                   for r in records]
-    stored = rule_from_manifest(weights)
-    kept_stored = [[stored.keeps(lesion) for lesion in r["lesion_objects"]] for r in records]
     return {"cross_fitted": figures_by_grid(records, scores, kept_cross, objects_of),
             "cross_fitted_rules": chosen,
-            "stored_rule": {"rule": asdict(stored),
-                            **figures_by_grid(records, [score_components(r["evidence"], kept, r["subject"])
-                                                for r, kept in zip(records, kept_stored)], kept_stored, objects_of)}}
+            "stored_rule": rule_figures(records, rule_from_manifest(weights), objects_of),
+            **{name: rule_figures(records, rule, objects_of) for name, rule in (rules or {}).items()}}
+
+
+def common_subjects(caches) -> set[str]:
+    """The cases every cache has scored (so that rows of different weights compare alike)."""
+    scored = [{p.stem for p in Path(cache).glob("sub-*.json")} for cache in caches]
+    return set.intersection(*scored) if scored else set()
+
+
+TABLE_HEAD = ("| hold-out | grid | weights | cases | sensitivity (TP/CMBs) | FP/scan | F1 | FP/scan: vein, calc., "
+              "flow void, unrated CMB, other |")
+TABLE_CAUSES = ("vein", "calcification", "flow_void", "unrated_cmb", "other")
+
+
+def table_rows(result: dict, hold_outs, weights):
+    """(figures entry, grid, the row's cells up to the causes) per hold-out, grid ("all" last) and weights."""
+    for held in hold_outs:
+        grids = sorted({g for key, r in result.items() if key.endswith(held) for g in r["cross_fitted"]},
+                       key=lambda g: (g == "all", g))
+        for grid in grids:
+            for name in weights:
+                r = result.get(f"{name}_{held}")
+                if not r or grid not in r["cross_fitted"]:
+                    continue
+                c = r["cross_fitted"][grid]
+                causes = ", ".join(f"{c['fp_per_scan_by_cause'].get(k, 0):.2f}" for k in TABLE_CAUSES)
+                yield r, grid, (f"| {held} | {grid} | {name} | {c['cases']} | {c['sensitivity']:.2f} "
+                                f"({c['tp']}/{c['tp'] + c['fn']}) | {c['fp_per_scan']:.2f} | {c['f1']:.2f} | "
+                                f"{causes} |")
 
 
 def report(out: Path, weights: dict[str, Path]) -> dict:
@@ -136,30 +176,16 @@ def report(out: Path, weights: dict[str, Path]) -> dict:
     result = {}
     for name in HOLD_OUTS:
         caches = {which: out / "scores" / f"{which}-{name}" for which in weights}
-        scored = [{p.stem for p in cache.glob("sub-*.json")} for cache in caches.values()]
-        common = set.intersection(*scored) if scored else set()
+        common = common_subjects(caches.values())
         if not common:
             continue
         for which, folder in weights.items():
             result[f"{which}_{name}"] = hold_out_figures(caches[which], out / "data" / name, folder,
                                                          subjects=common)
-    lines = ["| hold-out | grid | weights | cases | sensitivity (TP/CMBs) | FP/scan | F1 | FP/scan: vein, calc., "
-             "flow void, unrated CMB, other | stored rule: sens., FP/scan |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in HOLD_OUTS:
-        grids = sorted({g for key, r in result.items() if key.endswith(name) for g in r["cross_fitted"]},
-                       key=lambda g: (g == "all", g))
-        for grid in grids:
-            for which in weights:
-                r = result.get(f"{which}_{name}")
-                if not r or grid not in r["cross_fitted"]:
-                    continue
-                c, s = r["cross_fitted"][grid], r["stored_rule"][grid]
-                by = c["fp_per_scan_by_cause"]
-                causes = ", ".join(f"{by.get(k, 0):.2f}" for k in ("vein", "calcification", "flow_void",
-                                                                   "unrated_cmb", "other"))
-                lines.append(f"| {name} | {grid} | {which} | {c['cases']} | {c['sensitivity']:.2f} "
-                             f"({c['tp']}/{c['tp'] + c['fn']}) | {c['fp_per_scan']:.2f} | {c['f1']:.2f} | {causes} | "
-                             f"{s['sensitivity']:.2f}, {s['fp_per_scan']:.2f} |")
+    lines = [f"{TABLE_HEAD} stored rule: sens., FP/scan |", "|" + "---|" * 9]
+    for r, grid, cells in table_rows(result, HOLD_OUTS, weights):
+        s = r["stored_rule"][grid]
+        lines.append(f"{cells} {s['sensitivity']:.2f}, {s['fp_per_scan']:.2f} |")
     table = "\n".join(lines)
     (out / "report.md").write_text(table + "\n")
     (out / "report.json").write_text(json.dumps(result, indent=1, default=float).replace("NaN", "null"))

@@ -25,17 +25,15 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
-from ..evaluate.scoring import score_components
 from ..train.tune import choose_rule, load_records
 from .jobs import hardware, run_all, scoring_sets, synthesis
-from .randomisation import figures_by_grid, hold_out_figures
+from .randomisation import TABLE_HEAD, common_subjects, hold_out_figures, table_rows
 
 REPORTED = ("holdout", "ood")
 TUNING = "tuning"
@@ -68,24 +66,6 @@ def tuning_rule(scores: Path, name: str) -> LesionRule | None:
     return choose_rule(records, MIN_SENSITIVITY) if records else None
 
 
-def tuned_figures(cache: Path, data: Path, rule: LesionRule, subjects: set) -> dict:
-    records = [r for r in load_records(cache) if r["subject"] in subjects]
-    sims = {p.name.split("_")[0]: json.loads(p.read_text())["objects"] for p in data.glob("sub-*_sim.json")}
-    kept = [[rule.keeps(lesion) for lesion in r["lesion_objects"]] for r in records]
-    scores = [score_components(r["evidence"], k, r["subject"]) for r, k in zip(records, kept)]
-    return figures_by_grid(records, scores, kept, lambda record: sims.get(record["subject"], []))
-
-
-def candidates_by_grid(cache: Path, subjects: set) -> dict[str, float | None]:
-    """Screening candidates per scan, per grid and over all (None where the records predate the count)."""
-    records = [r for r in load_records(cache) if r["subject"] in subjects]
-    out: dict[str, float | None] = {}
-    for grid in sorted({r["grid"] for r in records}) + ["all"]:
-        counts = [r["candidates"] for r in records if (grid == "all" or r["grid"] == grid) and "candidates" in r]
-        out[grid] = float(np.mean(counts)) if counts else None
-    return out
-
-
 def decide(result: dict, candidate: str | None) -> str:
     if not candidate or candidate == "shipped":
         return "no candidate named (--candidate): no decision"
@@ -111,38 +91,20 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
     result: dict = {}
     rules = {name: tuning_rule(scores, name) for name in weights}
     for held in REPORTED:
-        scored = [{p.stem for p in (scores / f"{name}-{held}").glob("sub-*.json")} for name in weights]
-        common = set.intersection(*scored) if scored else set()
+        common = common_subjects(scores / f"{name}-{held}" for name in weights)
         if not common:
             continue
         for name, folder in weights.items():
-            entry = hold_out_figures(scores / f"{name}-{held}", data / held, folder, subjects=common)
-            entry["candidates_per_scan"] = candidates_by_grid(scores / f"{name}-{held}", common)
             rule = rules[name]
-            if rule is not None:
-                entry["tuning_rule"] = {"rule": asdict(rule), **tuned_figures(scores / f"{name}-{held}", data / held,
-                                                                               rule, common)}
-            result[f"{name}_{held}"] = entry
-    lines = ["| hold-out | grid | weights | cases | sensitivity (TP/CMBs) | FP/scan | F1 | FP/scan: vein, calc., "
-             "flow void, unrated CMB, other | tuning-set rule: sens., FP/scan, F1 | s/case | candidates/scan |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for held in REPORTED:
-        grids = sorted({g for key, r in result.items() if key.endswith(held) for g in r["cross_fitted"]},
-                       key=lambda g: (g == "all", g))
-        for grid in grids:
-            for name in weights:
-                r = result.get(f"{name}_{held}")
-                if not r or grid not in r["cross_fitted"]:
-                    continue
-                c, by = r["cross_fitted"][grid], r["cross_fitted"][grid]["fp_per_scan_by_cause"]
-                causes = ", ".join(f"{by.get(k, 0):.2f}" for k in ("vein", "calcification", "flow_void",
-                                                                   "unrated_cmb", "other"))
-                t = r.get("tuning_rule", {}).get(grid)
-                tuned = f"{t['sensitivity']:.2f}, {t['fp_per_scan']:.2f}, {t['f1']:.2f}" if t else "n/a"
-                count = r["candidates_per_scan"].get(grid)
-                lines.append(f"| {held} | {grid} | {name} | {c['cases']} | {c['sensitivity']:.2f} "
-                             f"({c['tp']}/{c['tp'] + c['fn']}) | {c['fp_per_scan']:.2f} | {c['f1']:.2f} | {causes} | "
-                             f"{tuned} | {c['seconds_per_case']:.0f} | {'n/a' if count is None else f'{count:.0f}'} |")
+            result[f"{name}_{held}"] = hold_out_figures(scores / f"{name}-{held}", data / held, folder,
+                                                        subjects=common,
+                                                        rules={"tuning_rule": rule} if rule is not None else None)
+    lines = [f"{TABLE_HEAD} tuning-set rule: sens., FP/scan, F1 | s/case | candidates/scan |", "|" + "---|" * 11]
+    for r, grid, cells in table_rows(result, REPORTED, weights):
+        c, t = r["cross_fitted"][grid], r.get("tuning_rule", {}).get(grid)
+        tuned = f"{t['sensitivity']:.2f}, {t['fp_per_scan']:.2f}, {t['f1']:.2f}" if t else "n/a"
+        count = c["candidates_per_scan"]
+        lines.append(f"{cells} {tuned} | {c['seconds_per_case']:.0f} | {'n/a' if count is None else f'{count:.0f}'} |")
     decision = decide(result, candidate)
     text = "\n".join(lines) + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
     (out / "report.md").write_text(text)

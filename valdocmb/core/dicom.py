@@ -144,12 +144,16 @@ def t2star_reason(tags: dict[str, str], echo_time: float | None) -> str | None:
             f"{'unknown' if echo_time is None else f'{echo_time:g} ms'}: not recognisably T2*-weighted or SWI")
 
 
+def nearest_echo(echo_times, target_ms: float) -> float:
+    """Of several echo times (ms), the one nearest `target_ms`; the shorter of two equally near (BIDS and DICOM)."""
+    return min(echo_times, key=lambda te: (abs(te - target_ms), te))
+
+
 def choose_echo(series: Series, target_ms: float) -> tuple[float | None, list[Path]]:
     """The echo nearest `target_ms` (a single-echo series: its only one)."""
     if len(series.echoes) == 1:
         return next(iter(series.echoes.items()))
-    known = [te for te in series.echoes if te is not None]
-    echo = min(known, key=lambda te: (abs(te - target_ms), te))
+    echo = nearest_echo([te for te in series.echoes if te is not None], target_ms)
     return echo, series.echoes[echo]
 
 

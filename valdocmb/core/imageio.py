@@ -254,9 +254,11 @@ def write_pickle_atomic(value, path: Path) -> Path:
                                path)
 
 
-def remove_temporary_files(folder: Path) -> int:
-    """Remove what writes killed mid-way left in `folder` (not below it); returns how many."""
-    stale = [path for path in Path(folder).glob(f"{TEMPORARY_PREFIX}*") if path.is_file()]
+def remove_temporary_files(folder: Path, below: bool = False) -> int:
+    """Remove what writes killed mid-way left in `folder` (and in its subfolders with `below`); returns how many."""
+    pattern = f"{TEMPORARY_PREFIX}*"
+    stale = [path for path in (Path(folder).rglob(pattern) if below else Path(folder).glob(pattern))
+             if path.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

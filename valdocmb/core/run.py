@@ -41,6 +41,7 @@ from .imageio import (
     TEMPORARY_PREFIX,
     image_like,
     read_scan,
+    remove_temporary_files,
     same_geometry,
     temporary_path,
     write_image_atomic,
@@ -395,11 +396,8 @@ def check_output(args, layout: Layout, cases: list[Case]) -> None:
     free = shutil.disk_usage(output).free
     if free < needed:
         raise RunError(f"{output}: {free / 2**20:.0f} MB free, the run needs about {needed / 2**20:.0f} MB")
-    stale = [p for p in output.rglob(f"{TEMPORARY_PREFIX}*") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        log.info("removed %d temporary file(s) an earlier, interrupted run left in %s", len(stale), output)
+    if removed := remove_temporary_files(output, below=True):
+        log.info("removed %d temporary file(s) an earlier, interrupted run left in %s", removed, output)
 
 
 def collect_bids_group(args: argparse.Namespace) -> int:

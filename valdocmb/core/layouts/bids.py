@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ... import __version__
-from ..dicom import DEFAULT_ECHO_TIME_MS
+from ..dicom import DEFAULT_ECHO_TIME_MS, nearest_echo
 from ..errors import RunError
 from ..imageio import write_text_atomic
 from ..location import CENSUS_FIELDS
@@ -119,7 +119,7 @@ class Bids(Layout):
         sessions = label_list(getattr(self.options, "session_label", None), "ses")
         target_ms = getattr(self.options, "echo_time", None) or DEFAULT_ECHO_TIME_MS
         seen_participants: set[str] = set()
-        echoes: dict[tuple, list[tuple[float | None, Path]]] = {}
+        echoes: dict[tuple, list[tuple[float | None, Path, dict[str, str]]]] = {}
         scans: list[tuple[Path, dict[str, str], str]] = []
         for path in self._anat_files(input_dir):
             match = NIFTI.match(path.name)
@@ -140,7 +140,8 @@ class Bids(Layout):
             elif suffix == "MEGRE" or "echo" in pairs:
                 key = (suffix, tuple((k, v) for k, v in pairs.items() if k not in DERIVED_DROPPED))
                 echo_time = sidecar(path, input_dir).get("EchoTime")
-                echoes.setdefault(key, []).append((None if echo_time is None else 1000 * float(echo_time), path))
+                echoes.setdefault(key, []).append((None if echo_time is None else 1000 * float(echo_time), path,
+                                                   pairs))
             else:
                 scans.append((path, pairs, suffix))
         missing = sorted(set(participants or []) - seen_participants)
@@ -150,18 +151,23 @@ class Bids(Layout):
         chosen: dict[Path, float] = {}
         for (suffix, _), echo_list in sorted(echoes.items()):
             echo_list.sort(key=lambda item: str(item[1]))
-            if any(echo_time is None for echo_time, _ in echo_list) and len(echo_list) > 1:
+            times = [echo_time for echo_time, _, _ in echo_list]
+            if len(echo_list) == 1:
+                echo_time, path, pairs = echo_list[0]
+            elif None in times:
                 first = echo_list[0][1]
-                problems.append(Case(first.name.split(".")[0], first, None, [p.name for _, p in echo_list],
+                problems.append(Case(first.name.split(".")[0], first, None, [p.name for _, p, _ in echo_list],
                                      error=f"{first}: echoes of a {suffix} scan without EchoTime in their sidecars; "
                                      "cannot choose one"))
                 continue
-            echo_time, path = min(echo_list, key=lambda item: (abs((item[0] or 0) - target_ms), item[0] or 0))
-            for other_time, other in echo_list:
+            else:
+                echo_time = nearest_echo(times, target_ms)
+                _, path, pairs = echo_list[times.index(echo_time)]
+            for other_time, other, _ in echo_list:
                 if other != path:
                     found.ignored.append((other, f"echo at {other_time:g} ms; the {echo_time:g} ms echo is read "
                                           f"(nearest --echo-time {target_ms:g} ms)"))
-            scans.append((path, entities(nifti_stem(path))[0], suffix))
+            scans.append((path, pairs, suffix))
             if echo_time is not None:
                 chosen[path] = echo_time
         found.cases = self._cases(input_dir, scans, chosen) + problems

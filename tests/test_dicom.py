@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from valdocmb.bench.layouts import write_dicom_series
 from valdocmb.core import run
 from valdocmb.core.dicom import t2star_reason
 from valdocmb.core.imageio import same_geometry
@@ -22,8 +23,8 @@ ORIENTATIONS = {"axial": np.eye(3), "sagittal": np.array([[0.0, 0, 1], [1, 0, 0]
 
 @pytest.fixture(autouse=True)
 def keep_locale():
-    """GDCM's DICOM writer sets the process locale to C (ASCII) and leaves it so; later tests that decode a
-    subprocess's output as text would then fail on any non-ASCII character."""
+    """GDCM's DICOM writer sets the process locale to C (ASCII) and leaves it so (the multi-frame file below is
+    written here directly); later tests that decode a subprocess's output as text would fail on non-ASCII."""
     saved = locale.setlocale(locale.LC_ALL)
     yield
     locale.setlocale(locale.LC_ALL, saved)
@@ -37,26 +38,9 @@ def volume(direction=None, seed=0, spacing=(0.9, 0.9, 3.0)):
 def write_series(folder, image, number, description="swi_tra", image_type="ORIGINAL\\PRIMARY\\M\\ND",
                  echo_time="20", study=STUDY, skip=(), start=0):
     """A classic single-frame series, one file per slice, with the tags a scanner writes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetImageIO("GDCMImageIO")  # file names without extension, as PACS exports have them
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    tags = {"0008|0060": "MR", "0020|000d": study, "0020|000e": f"{study}.{number}", "0008|103e": description,
-            "0020|0011": str(number), "0018|0081": echo_time, "0008|0008": image_type, "0018|0020": "GR",
-            "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))}
-    for index in range(image.GetSize()[2]):
-        if index in skip:
-            continue
-        piece = image[:, :, index]
-        for key, value in tags.items():
-            piece.SetMetaData(key, value)
-        corner = image.TransformIndexToPhysicalPoint((0, 0, index))
-        piece.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in corner))
-        piece.SetMetaData("0020|0013", str(index + 1))
-        piece.SetMetaData("0008|0018", f"{study}.{number}.{echo_time}.{index + 1}")
-        writer.SetFileName(str(folder / f"IM{start + index:04d}"))
-        writer.Execute(piece)
+    write_dicom_series(image, folder, {"0008|0060": "MR", "0020|000d": study, "0020|000e": f"{study}.{number}",
+                                       "0008|103e": description, "0020|0011": str(number), "0018|0081": echo_time,
+                                       "0008|0008": image_type, "0018|0020": "GR"}, skip=skip, start=start)
 
 
 def run_dicom(inp, out, *extra):

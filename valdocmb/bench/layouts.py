@@ -37,27 +37,44 @@ def process(*arguments: str) -> float:
     return time.perf_counter() - start
 
 
+def write_dicom_series(image: sitk.Image, folder: Path, tags: dict[str, str], skip=(), start: int = 0) -> None:
+    """A classic single-frame series as a scanner writes it: one extensionless file per slice (IM<start + index>),
+    the series' `tags` (modality, UIDs, description, echo time, ...) on each, and each slice's position,
+    orientation, instance number and UID; slices whose index is in `skip` are left out. GDCM's writer leaves the
+    process in the C (ASCII) locale, so the locale is restored afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")  # file names without extension, as PACS exports have them
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    orientation = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
+    instance = f"{tags['0020|000e']}.{tags.get('0018|0081', '0')}"
+    try:
+        for index in range(image.GetSize()[2]):
+            if index in skip:
+                continue
+            piece = image[:, :, index]
+            corner = image.TransformIndexToPhysicalPoint((0, 0, index))
+            for key, value in {**tags, "0020|0037": orientation,
+                               "0020|0032": "\\".join(f"{v:.6f}" for v in corner),
+                               "0020|0013": str(index + 1), "0008|0018": f"{instance}.{index + 1}"}.items():
+                piece.SetMetaData(key, value)
+            writer.SetFileName(str(folder / f"IM{start + index:04d}"))
+            writer.Execute(piece)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
 def dicom_series(image: sitk.Image, folder: Path) -> None:
-    folder.mkdir(parents=True)
+    """The scan quantised to int16 as series 5 of one study, described as a T2* series."""
     array = sitk.GetArrayFromImage(image)
     scaled = sitk.GetImageFromArray(np.round(array * (30000.0 / max(float(array.max()), 1e-6))).astype(np.int16))
     scaled.CopyInformation(image)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetImageIO("GDCMImageIO")
     uid = "1.2.826.0.1.3680043.8.498.77"
-    for index in range(scaled.GetSize()[2]):
-        piece = scaled[:, :, index]
-        for key, value in {"0008|0060": "MR", "0020|000d": uid, "0020|000e": f"{uid}.5", "0020|0011": "5",
-                           "0008|103e": "t2star_tra", "0018|0081": "20", "0008|0008": "ORIGINAL\\PRIMARY\\M\\ND",
-                           "0020|0013": str(index + 1), "0008|0018": f"{uid}.5.{index + 1}",
-                           "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1])),
-                           "0020|0032": "\\".join(f"{v:.6f}" for v in
-                                                  image.TransformIndexToPhysicalPoint((0, 0, index)))}.items():
-            piece.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"IM{index:04d}"))
-        writer.Execute(piece)
+    write_dicom_series(scaled, folder, {"0008|0060": "MR", "0020|000d": uid, "0020|000e": f"{uid}.5",
+                                        "0020|0011": "5", "0008|103e": "t2star_tra", "0018|0081": "20",
+                                        "0008|0008": "ORIGINAL\\PRIMARY\\M\\ND"})
 
 
 def reoriented(image: sitk.Image, number: int) -> sitk.Image:
@@ -77,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     image = sitk.ReadImage(str(EXAMPLE))
 
-    saved_locale = locale.setlocale(locale.LC_ALL)
     dicom_series(image, args.work / "dicom" / "export" / "S5")
-    locale.setlocale(locale.LC_ALL, saved_locale)  # GDCM's writer leaves the process in the C (ASCII) locale
     seconds_dicom = process("--input", str(args.work / "dicom"), "--output", str(args.work / "dicom-out"),
                             "--method", args.method)
     reader = sitk.ImageSeriesReader()

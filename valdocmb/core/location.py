@@ -9,8 +9,9 @@ happens in physical (LPS) space. The result is checked before it is used: the te
 scan must overlap the scan's brain (Dice >= MIN_BRAIN_OVERLAP) and the transform's scales must stay within
 SCALE_RANGE; otherwise every region is reported as unknown, with the reason.
 
-The atlas (core/data/mni_regions.nii.gz, labels in mni_regions.json) is built by `python -m valdocmb.synth.atlas`;
-its boundaries are approximations (see that module). A lesion whose centre maps outside the atlas's tissue takes the
+The atlas (core/data/mni_regions.nii.gz, labels in mni_regions.json) is FreeSurfer's Desikan-Killiany
+parcellation of its cvs_avg35_inMNI152 subject grouped into MARS regions by `python -m valdocmb.synth.atlas` (see
+that module for the rules). A lesion whose centre maps outside the atlas's tissue (a ventricle, a sulcus) takes the
 nearest labelled voxel within NEAREST_MM.
 """
 

@@ -91,10 +91,16 @@ def moved_template(scale=1.06, angles_deg=(6.0, -4.0, 8.0), shift=(7.0, -5.0, 4.
     return scan, truth
 
 
-def test_registration_recovers_a_moved_regridded_template():
-    scan, truth = moved_template()
+@pytest.mark.parametrize("angles_deg", [
+    (6.0, -4.0, 8.0),
+    pytest.param((20.0, 0.0, 180.0), marks=pytest.mark.slow),   # tilted and turned about the vertical axis
+    pytest.param((180.0, 0.0, 0.0), marks=pytest.mark.slow),    # upside down
+    pytest.param((0.0, 90.0, 0.0), marks=pytest.mark.slow),     # on its side: another axis order
+])
+def test_registration_recovers_a_moved_regridded_template(angles_deg):
+    scan, truth = moved_template(angles_deg=angles_deg)
     placement = register(scan)
-    assert placement.problem is None and placement.brain_overlap > 0.9
+    assert placement.status == "ok" and placement.brain_overlap > 0.9
     for ras, *_ in KNOWN:
         subject_point = truth.GetInverse().TransformPoint(lps(ras))
         assert np.linalg.norm(np.subtract(placement.transform.TransformPoint(subject_point), lps(ras))) < 3.0
@@ -112,6 +118,46 @@ def test_an_implausible_registration_leaves_regions_unknown_with_the_reason():
     counts = census(places, placement.record()["status"])
     assert counts["strictly_lobar"] == "" and counts["n_location_unknown"] == 1
     assert counts["location"].startswith("unknown: registration implausible")
+
+
+GOOD = {"metric": -0.6, "brain_overlap": 0.97, "search_margin": 0.4, "symmetry": 0.8, "scale_min": 0.95,
+        "scale_max": 1.05, "anisotropy": 1.1}
+
+
+@pytest.mark.parametrize("change, verdict", [
+    ({}, "ok"),
+    ({"brain_overlap": 0.5}, "unknown"),
+    ({"scale_min": 0.5}, "unknown"),
+    ({"symmetry": 0.1}, "unknown"),
+    ({"anisotropy": 1.6}, "unknown"),
+    ({"brain_overlap": 0.92}, "marginal"),
+    ({"symmetry": 0.35}, "marginal"),
+    ({"metric": -0.2}, "marginal"),
+    ({"anisotropy": 1.4}, "marginal"),
+])
+def test_plausibility_verdicts(change, verdict):
+    quality = {**GOOD, **change}
+    problem, doubt = location.implausible(quality), location.doubtful(quality)
+    assert {"ok": (None, None)}.get(verdict, (problem, doubt)) == (problem, doubt)
+    if verdict == "unknown":
+        assert problem and "implausible" in problem
+    if verdict == "marginal":
+        assert problem is None and doubt
+
+
+def test_a_marginal_placement_gives_regions_and_says_so(tmp_path, monkeypatch):
+    doubtful = Placement(sitk.TranslationTransform(3), 0.92, 0.1, None, GOOD, "brain overlap 0.92 < 0.94")
+    monkeypatch.setattr(location, "register", lambda scan: doubtful)
+    monkeypatch.setattr(location, "region_at", lambda point, atlas=None: place("frontal", "lobar"))
+    write_scan(tmp_path / "in")
+    assert run.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+                    method=DarkSpotSegmenter()) == 0
+    summary = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))[0]
+    assert summary["location"].startswith("marginal: brain overlap") and summary["n_lobar"] == "1"
+    assert summary["strictly_lobar"] == "yes"
+    record = json.loads((tmp_path / "out" / "run.json").read_text())["cases"][0]["location"]
+    assert record["status"].startswith("marginal") and record["symmetry"] == 0.8
+    assert "marginal: brain overlap" in (tmp_path / "out" / "index.html").read_text()
 
 
 def test_an_empty_scan_is_refused_before_registering():

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .imageio import image_like, write_bytes_checked, write_text_atomic
+from .location import placed
 
 MAX_PANELS = 24
 HALF_WIDTH_MM = 20.0
@@ -80,9 +81,10 @@ def qc_png(image: sitk.Image, labels: np.ndarray, lesions, path: Path, title: st
 def _regions(row: dict) -> str:
     """The MARS counts of a summary row, or why there are none."""
     status = row.get("location", "")
-    if status == "ok":
+    if placed(status):
         strictly = " (strictly lobar)" if row.get("strictly_lobar") == "yes" else ""
-        return f"{row['n_lobar']} / {row['n_deep']} / {row['n_infratentorial']}{strictly}"
+        doubt = "" if status == "ok" else f" ({html.escape(status)})"
+        return f"{row['n_lobar']} / {row['n_deep']} / {row['n_infratentorial']}{strictly}{doubt}"
     return html.escape(status)
 
 

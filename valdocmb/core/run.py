@@ -301,8 +301,10 @@ def located(image: sitk.Image, lesions: list, row: dict, timings: dict) -> tuple
     places = location.locate(lesions, placement)
     timings["location"] = time.perf_counter() - start
     record = placement.record()
-    if record["status"] != "ok":
+    if not location.placed(record["status"]):
         log.warning("  regions unknown: %s (the mask is written all the same)", record["status"].split(": ", 1)[1])
+    elif record["status"] != "ok":
+        log.warning("  regions given but in doubt: %s", record["status"])
     else:
         log.info("  located %d CMB(s): brain overlap %.2f", len(lesions), placement.brain_overlap)
     counts = location.census(places, record["status"])

@@ -127,12 +127,14 @@ GOOD = {"metric": -0.6, "brain_overlap": 0.97, "search_margin": 0.4, "symmetry":
 @pytest.mark.parametrize("change, verdict", [
     ({}, "ok"),
     ({"brain_overlap": 0.5}, "unknown"),
+    ({"brain_overlap": 0.88, "metric": -0.3}, "unknown"),   # low overlap and low mutual information
+    ({"brain_overlap": 0.88}, "marginal"),                  # low overlap alone
     ({"scale_min": 0.5}, "unknown"),
     ({"symmetry": 0.1}, "unknown"),
     ({"anisotropy": 1.6}, "unknown"),
     ({"brain_overlap": 0.92}, "marginal"),
     ({"symmetry": 0.35}, "marginal"),
-    ({"metric": -0.2}, "marginal"),
+    ({"metric": -0.38}, "marginal"),
     ({"anisotropy": 1.4}, "marginal"),
 ])
 def test_plausibility_verdicts(change, verdict):

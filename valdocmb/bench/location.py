@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..core.imageio import read_scan
+from ..core.imageio import image_like, read_scan
 from ..core.layouts import VALDO_T2S
 from ..core.location import MARS_CLASSES, UNKNOWN, Atlas, candidates, census, load_atlas, region_at, register
 from ..core.logs import setup_logging
@@ -84,10 +84,8 @@ def validator_atlas() -> Atlas:
                 if bare.startswith(key):
                     groups[label] = group
     labels = mars_regions(sitk.GetArrayFromImage(image), groups, image)
-    labels_image = sitk.GetImageFromArray(labels)
-    labels_image.CopyInformation(image)
     shipped = load_atlas()
-    return Atlas(shipped.template, labels_image, labels, shipped.names)
+    return Atlas(shipped.template, image_like(labels, image), labels, shipped.names)
 
 
 def true_mni_ras(sim: dict) -> list[list[float]] | None:
@@ -115,7 +113,7 @@ def true_mni_ras(sim: dict) -> list[list[float]] | None:
 
 def header_rotation(image: sitk.Image, header: str) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
     """The image with its header rotated about the image centre (data untouched): (image, rotation, centre); a
-    point p of the original becomes rotation @ (p - centre) + centre."""
+    point p of the original becomes rotation @ (p - centre) + centre (`with_header` applies it)."""
     axis, degrees = HEADERS[header]
     rotation = np.array(sitk.VersorTransform(tuple(float(a) for a in axis), float(np.radians(degrees))).GetMatrix())
     rotation = rotation.reshape(3, 3)
@@ -125,6 +123,12 @@ def header_rotation(image: sitk.Image, header: str) -> tuple[sitk.Image, np.ndar
     moved.SetOrigin((rotation @ (np.array(image.GetOrigin()) - centre) + centre).tolist())
     return moved, rotation, centre
 
+
+
+def with_header(scan: sitk.Image, centres: list, header: str) -> tuple[sitk.Image, list[np.ndarray]]:
+    """The scan under `header` and where the points `centres` (scan LPS mm) then are."""
+    image, rotation, centre = header_rotation(scan, header)
+    return image, [rotation @ (np.array(p) - centre) + centre for p in centres]
 
 def lps(ras) -> tuple[float, float, float]:
     return (-float(ras[0]), -float(ras[1]), float(ras[2]))
@@ -162,8 +166,7 @@ def score(folders: list[Path], headers: list[str]) -> dict:
                                             "silently_wrong": 0, "refused_right": 0, "seconds": [], "scans": []})
     for name, scan, sim, centres, truth in cases_in(folders):
         for header in headers:
-            image, rotation, centre = header_rotation(scan, header)
-            points = [rotation @ (np.array(p) - centre) + centre for p in centres]
+            image, points = with_header(scan, centres, header)
             placement = register(image)
             error = placement_error(placement.transform, points, truth)
             refused_error = placement_error(placement.refused, points, truth)  # what a refusal threw away
@@ -181,7 +184,7 @@ def score(folders: list[Path], headers: list[str]) -> dict:
                 table["side"][(t["side"], f["side"])] += 1
                 table["mars_shipped_at_truth"][(t["mars_class"], region_at(position, shipped)["mars_class"])] += 1
             truth_census = census(truths, "ok")["strictly_lobar"]
-            found_census = census(founds, placement.status if placement.transform else "unknown")["strictly_lobar"]
+            found_census = census(founds, placement.status)["strictly_lobar"]
             table["scans"].append({"scan": name, "grid": sim["acquisition"]["grid"],
                                    "anatomy": sim["anatomy"].get("source", "mni2009a"), **placement.record(),
                                    "error_mm": error, "refused_error_mm": refused_error,
@@ -246,8 +249,7 @@ def candidate_measures(folders: list[Path], headers: list[str], refine: int) -> 
     rows = []
     for name, scan, _, centres, truth in cases_in(folders):
         for header in headers:
-            image, rotation, centre = header_rotation(scan, header)
-            points = [rotation @ (np.array(p) - centre) + centre for p in centres]
+            image, points = with_header(scan, centres, header)
             found, problem = candidates(image, refine=refine)
             for rank, candidate in enumerate(found):
                 rows.append({"scan": name, "header": header, "rank": rank, **candidate.quality,

@@ -85,12 +85,15 @@ class Placement:
     `quality` holds the measures the verdict was drawn from."""
 
     transform: sitk.Transform | None
-    brain_overlap: float | None
     seconds: float
     problem: str | None = None
     quality: dict = field(default_factory=dict)
     marginal: str | None = None
     refused: sitk.Transform | None = None  # the registration that `problem` refused, for benchmarks
+
+    @property
+    def brain_overlap(self) -> float | None:
+        return self.quality.get("brain_overlap")
 
     @property
     def status(self) -> str:
@@ -100,9 +103,7 @@ class Placement:
 
     def record(self) -> dict:
         rounded = {k: (None if v is None else np.round(v, 3).tolist()) for k, v in self.quality.items()}
-        return {"status": self.status, **rounded,
-                "brain_overlap": None if self.brain_overlap is None else round(self.brain_overlap, 3),
-                "seconds": round(self.seconds, 2)}
+        return {"status": self.status, "brain_overlap": None, **rounded, "seconds": round(self.seconds, 2)}
 
 
 def _on_work_grid(scan: sitk.Image) -> sitk.Image:
@@ -328,13 +329,13 @@ def register(scan: sitk.Image) -> Placement:
     start = time.perf_counter()
     found, problem = candidates(scan)
     if not found:
-        return Placement(None, None, time.perf_counter() - start, problem)
+        return Placement(None, time.perf_counter() - start, problem)
     best = found[0]
     seconds = time.perf_counter() - start
     problem = implausible(best.quality)
     if problem:
-        return Placement(None, best.quality["brain_overlap"], seconds, problem, best.quality, refused=best.transform)
-    return Placement(best.transform, best.quality["brain_overlap"], seconds, None, best.quality,
+        return Placement(None, seconds, problem, best.quality, refused=best.transform)
+    return Placement(best.transform, seconds, None, best.quality,
                      doubtful(best.quality))
 
 

@@ -7,7 +7,7 @@ LEAKY_SLOPE = 0.01
 
 def conv_block(in_ch: int, out_ch: int, kernel, batch_norm: bool = True, padding=0) -> nn.Sequential:
     """Valid (unpadded by default) 3D convolution, optional batch norm, leaky ReLU."""
-    layers = [nn.Conv3d(in_ch, out_ch, kernel, padding=padding, bias=not batch_norm)]
+    layers: list[nn.Module] = [nn.Conv3d(in_ch, out_ch, kernel, padding=padding, bias=not batch_norm)]
     if batch_norm:
         layers.append(nn.BatchNorm3d(out_ch))
     layers.append(nn.LeakyReLU(LEAKY_SLOPE, inplace=True))

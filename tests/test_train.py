@@ -11,7 +11,7 @@ import torch
 from valdocmb.core.lesion_rule import rule_from_manifest
 from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStagePipeline
 from valdocmb.core.weights import sha256
-from valdocmb.train import crossval
+from valdocmb.train import crossval, schedules
 from valdocmb.train import three_stage as training
 from valdocmb.train.__main__ import main as train_main
 from valdocmb.train.samples import CROP, Crop, augment, case_pool, draw_batch, find_training_cases
@@ -78,7 +78,7 @@ def test_batches_follow_the_proportions():
 
 
 def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_path, monkeypatch):
-    monkeypatch.setitem(training.SCHEDULES, "smoke", training.Schedule(1, 32, 1, 32, 1, 32, 1, 8, 8))
+    monkeypatch.setitem(schedules.SCHEDULES, "smoke", schedules.Schedule(1, 32, 1, 32, 1, 32, 1, 8, 8))
     out, work = tmp_path / "weights", tmp_path / "work"
     args = ["--data", str(data), "--out", str(out), "--work", str(work), "--schedule", "smoke", "--workers", "1"]
     assert train_main(args) == 0
@@ -118,7 +118,7 @@ def test_training_writes_inference_weights_and_manifest_and_resumes(data, tmp_pa
 
 def test_weights_record_the_spacing_their_crops_were_made_at(data, tmp_path, monkeypatch):
     # was: every weight file said [0.49, 0.49, 0.8], whatever grid the sample pool was cut from
-    monkeypatch.setitem(training.SCHEDULES, "smoke", training.Schedule(1, 8, 1, 8, 1, 8, 1, 4, 4, 4))
+    monkeypatch.setitem(schedules.SCHEDULES, "smoke", schedules.Schedule(1, 8, 1, 8, 1, 8, 1, 4, 4, 4))
     out = tmp_path / "weights"
     assert train_main(["--data", str(data), "--out", str(out), "--work", str(tmp_path / "work"), "--schedule",
                        "smoke", "--workers", "1", "--max-cases", "1", "--spacing", "0.7", "0.7", "1.2"]) == 0
@@ -129,18 +129,18 @@ def test_weights_record_the_spacing_their_crops_were_made_at(data, tmp_path, mon
 
 
 def test_schedule_overrides_change_only_the_named_numbers():
-    base = training.SCHEDULES["cpu"]
-    changed = training.schedule_with(base, ["discrimination_iterations=30", "mining_threshold=0.2"])
+    base = schedules.SCHEDULES["cpu"]
+    changed = schedules.schedule_with(base, ["discrimination_iterations=30", "mining_threshold=0.2"])
     assert changed.discrimination_iterations == 30 and changed.mining_threshold == 0.2
     assert changed.screening_iterations == base.screening_iterations
-    assert training.SCHEDULES["cpu"].discrimination_iterations == 10  # the named schedule itself is untouched
+    assert schedules.SCHEDULES["cpu"].discrimination_iterations == 10  # the named schedule itself is untouched
     for bad in ("discrimination_iterations", "no_such=3", "batch_size=many", "batch_size=0"):
         with pytest.raises(SystemExit, match="--set"):
-            training.schedule_with(base, [bad])
+            schedules.schedule_with(base, [bad])
 
 
 def test_cross_validation_tests_every_case_once_on_networks_not_trained_on_it(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(training.SCHEDULES, "smoke", training.Schedule(1, 8, 1, 8, 1, 8, 1, 4, 4, 4))
+    monkeypatch.setitem(schedules.SCHEDULES, "smoke", schedules.Schedule(1, 8, 1, 8, 1, 8, 1, 4, 4, 4))
     trained_on, tested = [], []
     real_train_all, real_evaluate = crossval.train_all, crossval.evaluate_stages
 
@@ -178,7 +178,7 @@ def parent_weights(data, tmp_path_factory):
     """Weights trained on the tiny cases (the 'shipped' weights a user starts from), with an nnU-Net entry."""
     out = tmp_path_factory.mktemp("parent")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(training.SCHEDULES, "smoke", training.Schedule(1, 16, 1, 16, 1, 16, 1, 8, 8))
+        patch.setitem(schedules.SCHEDULES, "smoke", schedules.Schedule(1, 16, 1, 16, 1, 16, 1, 8, 8))
         assert train_main(["--data", str(data), "--out", str(out), "--work", str(out.parent / "parent-work"),
                            "--schedule", "smoke", "--workers", "1"]) == 0
     (out / "nnunet").mkdir()
@@ -190,8 +190,8 @@ def parent_weights(data, tmp_path_factory):
 
 
 def finetune_schedule(monkeypatch):
-    monkeypatch.setitem(training.SCHEDULES, "finetune",
-                        training.Schedule(1, 8, 1, 16, 1, 16, 1, 8, 8, learning_rate_scale=0.1))
+    monkeypatch.setitem(schedules.SCHEDULES, "finetune",
+                        schedules.Schedule(1, 8, 1, 16, 1, 16, 1, 8, 8, learning_rate_scale=0.1))
     # barely trained networks find candidates everywhere: a few per scan keep mining and scoring fast
     find_candidates = ThreeStagePipeline.find_candidates
     monkeypatch.setattr(ThreeStagePipeline, "find_candidates", lambda self, scores: find_candidates(self, scores)[:3])

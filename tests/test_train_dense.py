@@ -10,7 +10,7 @@ import torch
 from valdocmb.core.three_stage import ThreeStagePipeline
 from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
-from valdocmb.train import dense, streamed
+from valdocmb.train import dense, schedules, streamed
 from valdocmb.train.__main__ import main as train_main
 from valdocmb.train.stream import RegionStream, make_region
 
@@ -141,7 +141,7 @@ def test_the_stream_is_a_function_of_seed_and_index():
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    schedule = streamed.StreamSchedule(4, 1, 1, screening_crops=2, buffer=2, validate_every=2, patience=5,
+    schedule = schedules.StreamSchedule(4, 1, 1, screening_crops=2, buffer=2, validate_every=2, patience=5,
                                        validation_regions=1)
     monkeypatch.setattr(streamed, "CHECKPOINT_EVERY", 1)
     validation = streamed.validation_regions(tmp_path, 0, 1, 0, (0.49, 0.49, 0.8))

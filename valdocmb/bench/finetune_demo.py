@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import rule_from_manifest
 from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         "seconds": {k: round(v) for k, v in seconds.items()},
         "hardware": hardware(),
     }
-    summary_path.write_text(json.dumps(result, indent=1, default=float).replace("NaN", "null"))
+    write_text_atomic(json.dumps(result, indent=1, default=float).replace("NaN", "null"), summary_path)
     print(f"{'':28} {'sens':>6} {'FP/scan':>8} {'F1':>6} {'cases':>6}")
     rows = [("20 new, 5-fold: unchanged", crossval["unchanged"]),
             ("20 new, 5-fold: fine-tuned", crossval["fine_tuned"])]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.imageio import write_text_atomic
 from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
 from .three_stage import EXAMPLE, run_variant, simulated_scan
@@ -100,8 +101,8 @@ def main(argv=None) -> int:
     text = table(rows)
     print("\n" + text)
     if args.json:
-        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                         "rows": rows}, indent=1))
+        write_text_atomic(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                      "rows": rows}, indent=1), args.json)
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..core.imageio import same_geometry
+from ..core.imageio import same_geometry, write_image_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "tests" / "data" / "example" / "input" / "sub-001_space-T2S_desc-masked_T2S.nii.gz"
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(args.work / "dicom" / "export" / "S5")))
     (args.work / "nifti").mkdir()
-    sitk.WriteImage(reader.Execute(), str(args.work / "nifti" / "series-005.nii.gz"))
+    write_image_atomic(reader.Execute(), args.work / "nifti" / "series-005.nii.gz")
     seconds_nifti = process("--input", str(args.work / "nifti"), "--output", str(args.work / "nifti-out"),
                             "--method", args.method)
     from_dicom = sitk.ReadImage(str(args.work / "dicom-out" / "series-005_CMB.nii.gz"))
@@ -112,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
 
     bids = args.work / "bids"
     bids.mkdir()
-    (bids / "dataset_description.json").write_text(json.dumps(
+    write_text_atomic(json.dumps(
         {"Name": "valdocmb layout benchmark", "BIDSVersion": "1.10.0", "DatasetType": "raw", "License": "CC0",
-         "Authors": ["valdocmb", "benchmark"]}))
-    (bids / "README").write_text("The shipped example scan under several participant labels and orientations.\n")
+         "Authors": ["valdocmb", "benchmark"]}), bids / "dataset_description.json")
+    write_text_atomic("The shipped example scan under several participant labels and orientations.\n", bids / "README")
     for number in range(args.subjects):
         anat = bids / f"sub-{number + 1:02d}" / "anat"
         anat.mkdir(parents=True)
-        sitk.WriteImage(reoriented(image, number), str(anat / f"sub-{number + 1:02d}_T2starw.nii.gz"))
-        (anat / f"sub-{number + 1:02d}_T2starw.json").write_text(json.dumps({"EchoTime": 0.02}))
+        write_image_atomic(reoriented(image, number), anat / f"sub-{number + 1:02d}_T2starw.nii.gz")
+        write_text_atomic(json.dumps({"EchoTime": 0.02}), anat / f"sub-{number + 1:02d}_T2starw.json")
     out = args.work / "derivatives"
     shard_seconds = [process(str(bids), str(out), "participant", "--shard", f"{k}/2", "--method", args.method)
                      for k in (1, 2)]

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..core.imageio import image_like, read_scan
+from ..core.imageio import image_like, read_scan, write_text_atomic
 from ..core.layouts import VALDO_T2S
 from ..core.location import MARS_CLASSES, UNKNOWN, Atlas, candidates, census, load_atlas, region_at, register
 from ..core.logs import setup_logging
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         result = summarise(score(args.data, args.headers))
         print_summary(result)  # type: ignore[arg-type]
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        write_text_atomic(json.dumps(result, indent=1), args.json)
     return 0
 
 

@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from ..core.defaults import NNUNET_MIRRORING as DEFAULT_MIRRORING
 from ..core.defaults import NNUNET_TILE_STEP as DEFAULT_TILE_STEP
+from ..core.imageio import write_text_atomic
 from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
               f"{row['voxels_at_0.5']} voxels >= 0.5, largest change vs. the first {row['max_change']:.3f}",
               flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_text_atomic(json.dumps(rows, indent=1), args.json)
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import LesionRule, rule_from_manifest
 from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
@@ -187,8 +188,8 @@ def report(out: Path, weights: dict[str, Path]) -> dict:
         s = r["stored_rule"][grid]
         lines.append(f"{cells} {s['sensitivity']:.2f}, {s['fp_per_scan']:.2f} |")
     table = "\n".join(lines)
-    (out / "report.md").write_text(table + "\n")
-    (out / "report.json").write_text(json.dumps(result, indent=1, default=float).replace("NaN", "null"))
+    write_text_atomic(table + "\n", out / "report.md")
+    write_text_atomic(json.dumps(result, indent=1, default=float).replace("NaN", "null"), out / "report.json")
     print(table)
     return result
 
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
     seconds["new_scoring"] = time.perf_counter() - started
     summary = {"sets": {k: " ".join(v) for k, v in sets.items()}, "seconds": {k: round(v) for k, v in seconds.items()},
                "hardware": hardware()}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(json.dumps(summary, indent=1), args.out / "summary.json")
     report(args.out, weights)
     return 0
 

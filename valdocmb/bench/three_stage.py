@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.defaults import PRECISIONS
+from ..core.imageio import write_bytes_checked, write_image_atomic, write_text_atomic
 from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
 
@@ -78,7 +79,7 @@ def run_variant(scan: str, variant: str, weights: str, device: str, threads: int
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     mask = sitk.GetArrayFromImage(result.mask).astype(bool)
-    np.save(mask_out, mask)
+    write_bytes_checked(lambda tmp: np.save(tmp, mask), Path(mask_out))
     return {"variant": variant, "threads": threads, "load_seconds": round(load_seconds, 2),
             "seconds": round(seconds, 2), "stages": {k: round(v, 2) for k, v in timings.items()},
             "peak_rss_mb": peak_rss_mb(),
@@ -104,11 +105,10 @@ def simulated_scan(grid: str, folder: Path) -> Path:
         from ..synth.simulate import simulate_case
     except ImportError as exc:
         raise SystemExit(f"--simulate needs the simulator's extra: pip install -e '.[sim]' ({exc})") from None
-    import SimpleITK as sitk
 
     case = simulate_case(SIMULATION_SEED, grid)
     path = folder / f"simulated-{grid}_T2S.nii.gz"
-    sitk.WriteImage(case.image, str(path), True)
+    write_image_atomic(case.image, path)
     return path
 
 
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         for scan in scans:
             report["scans"][scan.name] = benchmark_scan(scan, args.variants, args, scratch)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        write_text_atomic(json.dumps(report, indent=1), args.json)
     return 0
 
 

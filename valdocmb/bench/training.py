@@ -24,7 +24,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from valdocmb.models.discrimination import DiscriminationCNN
@@ -32,10 +31,12 @@ from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
 from ..core.device import resolve_device
+from ..core.imageio import write_image_atomic, write_text_atomic
 from ..core.logs import setup_logging
 from ..core.patches import extract_patches
 from ..train import dense, streamed
 from ..train.samples import CROP, Crop, case_pool, draw_batch
+from ..train.schedules import STREAM_SCHEDULES
 from ..train.stream import REGIONS_PER_CASE, make_case
 from ..train.three_stage import CLASS_WEIGHTS, soft_dice_loss
 from .jobs import hardware
@@ -108,7 +109,7 @@ def throughput(regions, device, steps: int) -> list[dict]:
     torch.manual_seed(0)
     cast, precision = dense.autocast(device, "auto")
     pools = pools_from(regions)
-    schedule = streamed.STREAM_SCHEDULES["full"]
+    schedule = STREAM_SCHEDULES["full"]
     screening = ScreeningFCN().to(device)
     rows = []
 
@@ -152,9 +153,9 @@ def simulation(scans: int, regions: int) -> dict:
             started = time.process_time()
             case = simulate_case(1000 + i, grids[i % len(grids)], **PROFILES["randomised"])  # type: ignore[arg-type]
             scan, label = Path(scratch) / f"s{i}_T2S.nii.gz", Path(scratch) / f"s{i}_CMB.nii.gz"
-            sitk.WriteImage(case.image, str(scan))
-            sitk.WriteImage(case.label, str(label))
-            (Path(scratch) / f"s{i}_space-T2S_sim.json").write_text(json.dumps(case.meta))
+            write_image_atomic(case.image, scan)
+            write_image_atomic(case.label, label)
+            write_text_atomic(json.dumps(case.meta), Path(scratch) / f"s{i}_space-T2S_sim.json")
             crops += len(case_pool(f"s{i}", scan, label, np.random.default_rng(i)))
             cpu += time.process_time() - started
     whole = {"scans": scans, "crops": int(crops), "cpu_s": round(cpu, 1), "crops_per_cpu_s": round(crops / cpu, 2)}
@@ -178,7 +179,7 @@ def compare_precisions(steps: int, device, work: Path, seed: int) -> list[dict]:
     training loss in blocks of 10 steps, seconds per step, and the validation figures at the end."""
     results = []
     for precision in ("float32", "bfloat16"):
-        schedule = replace(streamed.STREAM_SCHEDULES["full"], validate_every=steps)
+        schedule = replace(STREAM_SCHEDULES["full"], validate_every=steps)
         cast, _ = dense.autocast(device, precision)
         validation = streamed.validation_regions(work, seed, schedule.validation_regions, 1, (0.49, 0.49, 0.8))
         torch.manual_seed(seed)
@@ -201,7 +202,7 @@ def compare_losses(steps: int, device, work: Path, seed: int) -> list[dict]:
     position, and with only the hardest ones; both scored on the same validation regions."""
     results = []
     for hard in (0, 2048):
-        schedule = streamed.STREAM_SCHEDULES["full"]
+        schedule = STREAM_SCHEDULES["full"]
         schedule = replace(schedule, hard_negatives=hard, validate_every=steps)
         cast, _ = dense.autocast(device, "auto")
         validation = streamed.validation_regions(work, seed, schedule.validation_regions, 1, (0.49, 0.49, 0.8))
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
               f"{sim['regions']['crops_per_cpu_s']:>12} {'':>8} {sim['ratio']:>6}x")
     print(json.dumps(report, indent=1) if args.losses or args.score or args.curves or args.precisions else "")
     if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+        write_text_atomic(json.dumps(report, indent=1), args.out)
     return 0
 
 

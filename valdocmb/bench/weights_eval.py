@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
 from ..train.tune import choose_rule, load_records
@@ -107,9 +108,9 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
         lines.append(f"{cells} {tuned} | {c['seconds_per_case']:.0f} | {'n/a' if count is None else f'{count:.0f}'} |")
     decision = decide(result, candidate)
     text = "\n".join(lines) + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
-    (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps({"decision_rule": DECISION_RULE, "decision": decision,
-                                                 "figures": result}, indent=1, default=float).replace("NaN", "null"))
+    write_text_atomic(text, out / "report.md")
+    record = {"decision_rule": DECISION_RULE, "decision": decision, "figures": result}
+    write_text_atomic(json.dumps(record, indent=1, default=float).replace("NaN", "null"), out / "report.json")
     print(text)
     return result
 
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
                "mean_seconds_per_case": {name: float(np.mean([r["seconds"] for held in REPORTED
                                                               for r in load_records(scores / f"{name}-{held}")] or [0]))
                                          for name in weights}}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(json.dumps(summary, indent=1), args.out / "summary.json")
     report(args.out, weights, args.candidate)
     return 0
 

@@ -20,7 +20,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from .defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP
-from .device import resolve_device
 from .errors import CaseError
 from .logs import timed
 from .result import SegmentationResult
@@ -82,6 +81,8 @@ class NnUNetMethod:
 
     def __init__(self, model_dir: Path, device: str = "auto", tile_step: float = DEFAULT_TILE_STEP,
                  mirroring: bool = DEFAULT_MIRRORING, weights_dir: Path | None = None):
+        from .device import resolve_device  # imports torch: here, so that valdocmb-nnunet-train --help needs none
+
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.tile_step, self.mirroring = tile_step, mirroring

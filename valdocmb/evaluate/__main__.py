@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..core.imageio import write_text_atomic
 from ..core.logs import setup_logging
 from .folders import evaluate_folders, format_table, write_csv
 from .scoring import summarize
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         write_csv(scores, args.csv)
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_text_atomic(json.dumps(summary, indent=2), args.json)
     return 0 if all(s.status == "ok" for s in scores) else 1
 
 

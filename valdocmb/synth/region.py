@@ -207,7 +207,7 @@ def _window(rng, case: dict, window_centre, shape, target_spacing, cmb_per_regio
     noisy = np.where(brain, np.maximum(noisy, 1e-3), 0).astype(np.float32)
     label &= brain.astype(np.uint8)
     if case["scale"] is None:
-        case["scale"] = _whole_brain_scale(case, tp, sigma, texture_amplitude)
+        case["scale"] = _whole_brain_scale(case, tp, float(sigma), texture_amplitude)
     mean, std = case["scale"]
 
     # -- onto the processing grid, as preprocess resamples a scan ----------------------------------------------

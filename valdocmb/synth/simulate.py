@@ -99,7 +99,7 @@ RANDOMISED = {
 }
 OOD_HELD_OUT = {"anatomy_sources": ["pydeface"], "vein_models": ["short"], "veins": (20, 45),
                 "iron_r2star_per_s": (30.0, 45.0), "bias_amplitude": (0.3, 0.42)}
-PROFILES = {"standard": {}, "randomised": RANDOMISED, "ood": {**RANDOMISED, **OOD_HELD_OUT}}
+PROFILES: dict[str, dict] = {"standard": {}, "randomised": RANDOMISED, "ood": {**RANDOMISED, **OOD_HELD_OUT}}
 
 CALCIFICATION_SITES_RAS = {
     "choroid_plexus": ((28.0, -40.0, 15.0), True),
@@ -165,7 +165,7 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
     transform, affine, anatomy_draw = anatomy.random_subject_transform(rng, params["anatomy"])
     anatomy_draw["source"] = source
     tissue = anatomy.deform_onto(anat_grid, transform, source)
-    drawn = {}  # the randomisation actually drawn for this case
+    drawn: dict = {}  # the randomisation actually drawn for this case
     tp, tissue, magnitude, texture_amplitude = _tissue_signal(rng, params, tissue, b0, te, anat_spacing, spacing,
                                                              drawn)
     brain = tissue.brain
@@ -242,7 +242,7 @@ def simulate_case(seed: int, grid="random", with_phase: bool = False, **override
 
     image = image_like(image_array, acq_grid)
     label_image = image_like(label, acq_grid)
-    phase_image = image_like(np.where(brain, phase, 0).astype(np.float32), acq_grid) if with_phase else None
+    phase_image = image_like(np.where(brain, phase, 0).astype(np.float32), acq_grid) if phase is not None else None
     cmbs = [r for r in records if r["type"] == "cmb"]
     meta = {
         "seed": int(seed), "acquisition": {**acq, "snr_wm": round(float(snr), 3),
@@ -478,7 +478,7 @@ def _draw_veins(rng, params, tissue, grid, tp, te, wm_signal) -> list[Source]:
     deep_wm = np.argwhere(tissue.wm > 0.9)
     centre = np.array(anatomy._ras_to_lps(anatomy.BRAIN_CENTRE_RAS))
     blood = gre_magnitude(0.85, tp["t2star_ms"]["venous_blood"], te) / wm_signal
-    sources = []
+    sources: list[Source] = []
     for _ in range(int(rng.integers(*params["veins"], endpoint=True))):
         model = _one_of(rng, params["vein_models"])
         medullary = rng.random() < 0.4 and len(deep_wm)
@@ -498,7 +498,7 @@ def _draw_veins(rng, params, tissue, grid, tp, te, wm_signal) -> list[Source]:
         axis /= np.linalg.norm(axis)
         radius = rng.uniform(*params["vein_diameter_mm"]) / 2
         chi = rng.uniform(*params["vein_chi_ppm"])
-        meta = {"subtype": "medullary" if medullary else "pial"}
+        meta: dict = {"subtype": "medullary" if medullary else "pial"}
         if model == "tortuous":
             earlier = [n for v in sources if v.segments for n in v.meta["bends_mm"]]
             if earlier and rng.random() < 0.2:  # cross an earlier vein at one of its bends

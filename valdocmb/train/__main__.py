@@ -36,22 +36,19 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import __version__
 from ..core import manifest
-from ..core.device import resolve_device
 from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import MANIFEST_KEY
 from ..core.logs import setup_logging
 from ..core.manifest import command_line
 from ..core.preprocess import DEFAULT_TARGET_SPACING
-from ..core.three_stage import WEIGHT_FILES, ThreeStagePipeline, weights_version
-from .crossval import cross_validate, cross_validate_finetuning
 from .samples import Crop, find_training_cases
+from .schedules import SCHEDULES, STREAM_SCHEDULES, schedule_with, stream_schedule_with
 from .stream import GRID_MIX, PROFILE_MIX
-from .streamed import STREAM_SCHEDULES, stream_schedule_with, train_streamed
-from .three_stage import SCHEDULES, build_pools, networks, pool_cache, schedule_with, train_all, write_weights
+
+# the networks' modules import torch: they are imported where used, so that --help needs none
 
 log = logging.getLogger("valdocmb.train")
 
@@ -76,6 +73,7 @@ def finetune_problem(args) -> str | None:
 def mixed_in(args, crops: list[Crop], spacing) -> list[Crop]:
     """Crops of the --mix cases, as many as make --mix-ratio of the training crops (drawn at random, all kinds in
     their own proportions); their cases are named mix:<subject>, so that no fold ever tests on them."""
+    from .three_stage import build_pools, pool_cache
     mix_crops = build_pools(find_training_cases(args.mix), args.seed, args.workers,
                             pool_cache(args.work / "mix", args.seed, spacing), spacing)
     wanted = min(len(mix_crops), round(len(crops) * args.mix_ratio / (1 - args.mix_ratio)))
@@ -88,6 +86,7 @@ def mixed_in(args, crops: list[Crop], spacing) -> list[Crop]:
 def complete_from_parent(parent: Path, out: Path, lesion_rule: dict | None) -> None:
     """Make `out` a complete weights folder: the parent's other files (nnU-Net) with their manifest entries, and the
     lesion rule chosen on the new data (the parent's was chosen for the parent's networks, so it is not carried)."""
+    from ..core.three_stage import WEIGHT_FILES, weights_version
     parent_files = manifest.read(parent)["files"]
     copied = {}
     for relative, entry in parent_files.items():
@@ -112,6 +111,11 @@ def complete_from_parent(parent: Path, out: Path, lesion_rule: dict | None) -> N
 
 def train_from_stream(args, argv, device) -> int:
     """From-scratch (or --init) training on streamed simulated regions: weights and manifest in --out."""
+    import torch
+
+    from ..core.three_stage import ThreeStagePipeline
+    from .streamed import train_streamed
+    from .three_stage import networks, write_weights
     unusable = [flag for flag, used in (("--folds", args.folds), ("--mix", args.mix), ("--pool-only", args.pool_only),
                                         ("--max-cases", args.max_cases), ("--freeze-early", args.freeze_early)) if used]
     if unusable:
@@ -154,6 +158,7 @@ def train_from_stream(args, argv, device) -> int:
 
 
 def _hardware(device) -> str:
+    import torch
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
             + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""))
 
@@ -202,6 +207,13 @@ def main(argv=None) -> int:
                         help="with --init --folds: the lesion rule's sensitivity floor (as valdocmb-tune)")
     args = parser.parse_args(argv)
     setup_logging()
+    import torch
+
+    from ..core.device import resolve_device
+    from ..core.three_stage import ThreeStagePipeline
+    from .crossval import cross_validate, cross_validate_finetuning
+    from .three_stage import build_pools, networks, pool_cache, train_all, write_weights
+
     device = resolve_device(args.device)
     if args.data is None:
         return train_from_stream(args, argv, device)
@@ -274,7 +286,7 @@ def main(argv=None) -> int:
     write_weights(nets, args.out, record, meta)
     if parent:
         complete_from_parent(args.init, args.out, lesion_rule)
-    (args.work / "history.json").write_text(json.dumps(record, indent=1))
+    write_text_atomic(json.dumps(record, indent=1), args.work / "history.json")
     log.info("weights written to %s (%.0f s)", args.out, time.perf_counter() - started)
     return 0
 

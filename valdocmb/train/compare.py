@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from ..core import manifest
 from ..core.defaults import NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS
 from ..core.ensemble import EnsembleMethod
-from ..core.imageio import read_mask, read_scan
+from ..core.imageio import read_mask, read_scan, write_text_atomic
 from ..core.logs import setup_logging
 from ..core.methods import MethodOptions, load
 from ..core.weights import default_weights_dir
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     ensemble = EnsembleMethod(members) if len(members) == 2 else None
     rows = read_rows(args.out / "cases.csv") if args.resume else []
     done = {r["subject"] for r in rows}
-    record = None
+    record: dict | None = None
     if done:
         log.info("resuming: %d case(s) already in %s", len(done), args.out / "cases.csv")
         record = write_results(rows, args, members, command)
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
         if case[0] not in done:
             rows += compare([case], members, ensemble, number, len(cases))
             record = write_results(rows, args, members, command)
+    assert record is not None  # there is at least one case (checked above)
     print(table(record["summary_raw"]))
     if args.record:
         comparison = {k: v for k, v in record.items() if k != "summary_raw"}
@@ -135,7 +137,8 @@ def read_rows(path: Path) -> list[dict]:
     """Rows of an earlier run's cases.csv, with the numbers as numbers again."""
     if not path.exists():
         return []
-    types = {name: field.type for name, field in CaseScore.__dataclass_fields__.items()}
+    # the fields' annotations are strings (postponed evaluation): "int", "float" or "str"
+    types = {field.name: str(field.type) for field in fields(CaseScore)}
     convert = {"int": int, "float": float, "str": str}
     rows = []
     with open(path, newline="") as fh:
@@ -147,16 +150,17 @@ def read_rows(path: Path) -> list[dict]:
 
 def write_results(rows: list[dict], args, members: dict, command: str) -> dict:
     summary = summary_of(rows)
-    with open(args.out / "cases.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(buffer.getvalue(), args.out / "cases.csv")
     record = {"data": str(args.data), "subjects": list(dict.fromkeys(r["subject"] for r in rows)),
               "device": str(next(iter(members.values())).device),
               "nnunet": {"tile_step": args.tile_step, "mirroring": args.mirroring}, "command": command,
               "summary": json.loads(json.dumps(summary, default=float).replace("NaN", "null"))}
-    (args.out / "summary.json").write_text(json.dumps(record, indent=1))
-    (args.out / "summary.md").write_text(table(summary) + "\n")
+    write_text_atomic(json.dumps(record, indent=1), args.out / "summary.json")
+    write_text_atomic(table(summary) + "\n", args.out / "summary.md")
     return {**record, "summary_raw": summary}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.imageio import write_pickle_atomic
+from ..core.imageio import write_pickle_atomic, write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import ThreeStageConfig, ThreeStagePipeline
@@ -72,7 +72,7 @@ def cross_validate(cases, crops, folds: int, schedule, device, work: Path, seed:
     means = {m: nan_mean([r[m] for r in table]) for m in ("dice", "volume_diff", "f1", "count_diff")}
     print(f"{'mean':>4} {'':>5} {means['dice']:6.3f} {means['volume_diff']:8.2f} {means['f1']:6.3f} "
           f"{means['count_diff']:8.2f}")
-    (work / "crossval.json").write_text(json.dumps({"folds": table, "mean": means}, indent=1))
+    write_text_atomic(json.dumps({"folds": table, "mean": means}, indent=1), work / "crossval.json")
     return 0
 
 
@@ -88,7 +88,7 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
     scored that many at a time in separate processes; the loop below then resumes from what they left."""
     assignment = fold_of([c[0] for c in cases], folds, seed)
     start = networks(unchanged)  # train_all copies them; the unchanged pipeline scores with them below
-    jobs = []
+    jobs: list[tuple[set, list, Path, int | None]] = []
     for fold in range(folds):
         test_cases = [c for c in cases if assignment[c[0]] == fold]
         jobs.append(({s for s, *_ in test_cases}, test_cases, work / f"fold{fold}", fold))
@@ -103,7 +103,8 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         future.result()  # re-raises a process's failure
     (work / "crops.pkl").unlink(missing_ok=True)  # the processes' copy of the crops
     out_of_fold: dict[str, dict] = {}
-    for held_out, test_cases, fold_work, fold in jobs[:folds]:
+    for fold in range(folds):
+        held_out, test_cases, fold_work, _ = jobs[fold]
         train_crops = [c for c in crops if c.case not in held_out]  # mixed-in cases: every fold
         log.info("fold %d/%d: fine-tuning on %d crops, %d test cases", fold + 1, folds, len(train_crops),
                  len(test_cases))
@@ -123,7 +124,7 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         table.append({"fold": fold + 1, "cases": len(members),
                       "unchanged": pooled([b for s, b in zip(subjects, before) if assignment[s] == fold]),
                       "fine_tuned": pooled([after[s] for s in members])})
-    result = {"table": table, "unchanged": pooled(before), "fine_tuned": pooled(crossfitted),
+    result: dict = {"table": table, "unchanged": pooled(before), "fine_tuned": pooled(crossfitted),
               "unchanged_rule": asdict(unchanged.config.lesion_rule),
               "rule": asdict(choose_rule(tuned_records, min_sensitivity)), "rule_folds": rules,
               "parent": unchanged.weights_info, "subjects": subjects}
@@ -134,7 +135,8 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         u, f = row["unchanged"], row["fine_tuned"]
         print(f"{row['fold']:>4} {row['cases']:>5} | {u['sensitivity']:15.3f} {u['fp_per_scan']:7.2f} {u['f1']:5.3f} | "
               f"{f['sensitivity']:16.3f} {f['fp_per_scan']:7.2f} {f['f1']:5.3f}")
-    (work / "finetune_crossval.json").write_text(json.dumps(result, indent=1, default=float).replace("NaN", "null"))
+    write_text_atomic(json.dumps(result, indent=1, default=float).replace("NaN", "null"),
+                      work / "finetune_crossval.json")
     return result
 
 

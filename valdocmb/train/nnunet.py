@@ -29,20 +29,22 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .. import __version__
 from ..core import manifest
-from ..core.device import resolve_device
 from ..core.errors import CaseError
-from ..core.imageio import read_mask, read_scan, same_geometry, write_image_atomic
+from ..core.imageio import read_mask, read_scan, same_geometry, write_image_atomic, write_text_atomic
 from ..core.logs import setup_logging
 from ..core.nnunet import CONFIGURATION, MODEL_DIR, TRAINING_ORIENTATION, nnunet_environment, stdout_to_stderr
 from ..core.weights import sha256, torch_save_atomic
 from .samples import find_training_cases
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that --help needs none
+    import torch
 
 log = logging.getLogger("valdocmb.nnunet_train")
 
@@ -99,7 +101,7 @@ def convert_dataset(source: Path, raw_root: Path, dataset_id: int, name: str, ma
         "file_ending": ".nii.gz",
         "description": f"cerebral microbleeds, converted by valdocmb {__version__} from {source}",
     }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    write_text_atomic(json.dumps(dataset_json, indent=2), folder / "dataset.json")
     return folder
 
 
@@ -123,7 +125,7 @@ def plan_and_preprocess(dataset_id: int, workers: int, gpu_memory_gb: float | No
             plans = json.loads(parent_plans.read_text())
             plans["dataset_name"] = convert_id_to_dataset_name(dataset_id)
             target = Path(nnUNet_preprocessed) / plans["dataset_name"]
-            (target / "nnUNetPlans.json").write_text(json.dumps(plans, indent=1))
+            write_text_atomic(json.dumps(plans, indent=1), target / "nnUNetPlans.json")
             shutil.copy(Path(nnUNet_raw) / plans["dataset_name"] / "dataset.json", target / "dataset.json")
         preprocess([dataset_id], configurations=(CONFIGURATION,), num_processes=(workers,))
 
@@ -132,6 +134,7 @@ def trainer_class(epochs: int, iterations: int, val_iterations: int, learning_ra
                   pretrained: Path | None = None):
     """nnU-Net's default trainer with our schedule and a checkpoint every epoch (so a stopped run resumes); with
     `pretrained`, a baked checkpoint whose network weights it starts from (all layers: the labels are the same)."""
+    import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     cuda = torch.device("cuda")  # nnU-Net's own trainer default
@@ -195,6 +198,8 @@ def half_precision(state: dict) -> dict:
 
 def bake(result_folders: dict, preprocessed: Path, weights_out: Path, record: dict) -> dict:
     """Copy an inference-only model folder into the weights folder and record it in MANIFEST.json."""
+    import torch
+
     model_dir = weights_out / MODEL_DIR
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -258,18 +263,23 @@ def main(argv=None) -> int:
                         help="initial learning rate (nnU-Net's default 1e-2; 1e-3 with --init)")
     args = parser.parse_args(argv)
     setup_logging()
-    parent = None
+    parent: dict[str, Path] | None = None
     if args.init:
-        parent = parent_model(args.init)
-        if isinstance(parent, str):
-            log.error("%s", parent)
+        found = parent_model(args.init)
+        if isinstance(found, str):
+            log.error("%s", found)
             return 2
+        parent = found
         if args.out.resolve() == args.init.resolve():
             log.error("--out %s is the --init folder: bake the fine-tuned model into a new folder", args.out)
             return 2
         args.learning_rate = args.learning_rate or 1e-3
     nnunet_environment(args.work.resolve())
     os.environ.setdefault("nnUNet_n_proc_DA", str(args.workers))
+    import torch
+
+    from ..core.device import resolve_device
+
     device = resolve_device(args.device)
     started = time.perf_counter()
     try:
@@ -285,9 +295,10 @@ def main(argv=None) -> int:
         log.info("nnU-Net fingerprint, planning and preprocessing of %s", folder.name)
         plan_and_preprocess(args.dataset_id, args.workers, args.gpu_memory_gb,
                             parent["plans"] if parent else None)
-        (preprocessed / ".valdocmb-preprocessed").write_text("ok\n")
-        step_seconds_path.write_text(json.dumps({"conversion": round(converted - started),
-                                                 "plan_and_preprocess": round(time.perf_counter() - converted)}))
+        write_text_atomic("ok\n", preprocessed / ".valdocmb-preprocessed")
+        seconds = {"conversion": round(converted - started),
+                   "plan_and_preprocess": round(time.perf_counter() - converted)}
+        write_text_atomic(json.dumps(seconds), step_seconds_path)
     step_seconds = json.loads(step_seconds_path.read_text()) if step_seconds_path.is_file() else {}
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())["configurations"][CONFIGURATION]
     log.info("3d_fullres plan: patch %s, spacing %s, batch %s", plans["patch_size"], plans["spacing"],
@@ -323,7 +334,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def parent_model(weights: Path) -> dict | str:
+def parent_model(weights: Path) -> dict[str, Path] | str:
     """The nnU-Net model in a weights folder to fine-tune ({"plans", "checkpoint"}: fold 'all' when it has one), or
     what is missing."""
     model = Path(weights) / MODEL_DIR

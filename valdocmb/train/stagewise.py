@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -73,6 +73,7 @@ def case_record(pipeline: ThreeStagePipeline, image: sitk.Image, reference: sitk
         record[stage] = asdict(score_case(reference, pre.to_original(marks, "nearest"), distance_mm=distance_mm))
     # the components as the lesion table numbers them, scored as the binary mask the pipeline writes
     components = detection.components
+    assert components is not None  # segment_with_detection sets them
     mask = image_like((components > 0).astype(np.uint8), reference)
     record["evidence"] = component_evidence(reference, mask, components.transpose(2, 1, 0), len(detection.lesions),
                                             distance_mm)
@@ -126,7 +127,7 @@ def evaluate_stages(pipeline, cases, radius_mm: float = 1.5, distance_mm: float 
 
 
 def report(records: list[dict], rule: LesionRule) -> dict:
-    out = {}
+    out: dict = {}
     grids = sorted({r["grid"] for r in records})
     scored = [stage_scores(r, rule) for r in records]
     for grid in grids + (["all"] if len(grids) > 1 else []):
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     weights = args.weights or default_weights_dir()
-    pipeline = load("three-stage", weights, MethodOptions(device=args.device, precision=args.precision))
+    pipeline = cast("ThreeStagePipeline", load("three-stage", weights, MethodOptions(device=args.device,
+                                                                                     precision=args.precision)))
     cases = find_training_cases(args.data)
     if args.subjects:
         cases = [case for case in cases if case[0] in set(args.subjects)]
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     summary["lesion_rule"] = asdict(rule)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=1, default=float))
+        write_text_atomic(json.dumps(summary, indent=1, default=float), args.json)
     if args.record:
         validation = {
             "data": str(args.data), "subjects": [c[0] for c in cases], "device": str(pipeline.device),

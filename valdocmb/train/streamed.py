@@ -23,8 +23,9 @@ import copy
 import logging
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ from ..core.patches import extract_patches
 from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.weights import torch_save_atomic
 from . import dense
+from .schedules import StreamSchedule
 from .stream import RegionStream, StreamedRegion
-from .three_stage import schedule_with, soft_dice_loss
+from .three_stage import soft_dice_loss
 
 log = logging.getLogger("valdocmb.train")
 
@@ -50,45 +52,6 @@ MINING_FLOOR = 0.05           # ... at least this probable
 LESION_ZONE = 6               # voxels around a microbleed where no negative site is taken
 CHECKPOINT_EVERY = 10         # steps between checkpoints (and at every validation's decision to stop)
 FROC_FALSE_PEAKS = (0.5, 1, 2, 4)   # false-positive peaks per validation region the screening figure averages over
-
-
-@dataclass
-class StreamSchedule:
-    screening_steps: int
-    discrimination_steps: int
-    segmentation_steps: int
-    screening_crops: int = 4          # 48x64x64 crops per step
-    discrimination_sites: int = 16    # sites per step, each seen through `discrimination_shifts` windows
-    discrimination_shifts: int = 24
-    segmentation_batch: int = 16
-    buffer: int = 48                  # regions held at once
-    refresh: int = 1                  # new regions per step
-    validate_every: int = 100
-    patience: int = 5                 # validations without improvement that end a stage ...
-    stop_after: float = 0.5           # ... once this share of its steps is done
-    validation_regions: int = 48
-    hard_negatives: int = 2048        # only this many hardest background positions per screening batch (0: all)
-    # the screening threshold stored with the weights leaves this many false-positive peaks per validation region:
-    # about what the pool-trained weights leave at their threshold of 0.1 (5.2), so candidates per scan do not grow
-    false_peaks_per_region: float = 5.0
-    learning_rate_scale: float = 1.0
-
-
-STREAM_SCHEDULES = {
-    # what valdocmb-train runs from scratch. Half of each budget is at least 50x the samples the pool-trained
-    # weights saw (screening 61 k patches, discrimination 92 k, U-Net 5.4 k): 2,000 x 4 crops x 8,993 positions,
-    # 12,000 x 16 sites x 24 windows, 17,000 x 16 patches; after that, a stage ends when validation stops improving
-    "full": StreamSchedule(4000, 24000, 34000),
-    "hour": StreamSchedule(700, 1000, 600, validate_every=50),
-    "smoke": StreamSchedule(2, 2, 2, screening_crops=2, discrimination_sites=4, discrimination_shifts=2,
-                            segmentation_batch=4, buffer=2, refresh=1, validate_every=1, patience=2,
-                            validation_regions=2),
-}
-
-
-def stream_schedule_with(schedule: StreamSchedule, overrides: list[str]) -> StreamSchedule:
-    """The schedule with NAME=VALUE overrides (`three_stage.schedule_with`); hard_negatives=0 counts every position."""
-    return schedule_with(schedule, overrides, may_be_zero=("hard_negatives",))
 
 
 # stream seeds: one per stage and one for validation, so no validation region is ever trained on
@@ -240,8 +203,10 @@ class Stage:
     validation figure its kept state is chosen by (`selection`; lower is better unless `higher_is_better`)."""
 
     name: str
+    items: str                        # what a step counts (positions, windows, patches)
     net: nn.Module
     selection, higher_is_better = "loss", False
+    kept_step: int | None = None      # set when the stage ends: the step whose validated state is kept
 
     def optimizer(self, scale: float):
         return torch.optim.SGD(self.net.parameters(), lr=1e-2 * scale, momentum=0.99, nesterov=True)
@@ -272,7 +237,8 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
     rng = np.random.default_rng(stream_seed(seed, stage.name))
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{stage.name}.ckpt"
-    state = {"step": 0, "stream_position": 0, "history": [], "best": None, "stale": 0, "done": False}
+    state: dict[str, Any] = {"step": 0, "stream_position": 0, "history": [], "best": None, "stale": 0,
+                             "done": False}
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)
         net.load_state_dict(saved["model"])
@@ -479,7 +445,7 @@ def discrimination_metrics(net, validation, device, cast) -> dict:
                     prob = torch.softmax(net(x).float(), 1)[:, 1].cpu().numpy()
                 by_kind.setdefault(kind, []).extend(prob.tolist())
     positives = np.array(by_kind.get("positive", []))
-    negatives = np.concatenate([by_kind[k] for k in by_kind if k != "positive"] or [np.zeros(0)])
+    negatives = np.concatenate([np.asarray(by_kind[k]) for k in by_kind if k != "positive"] or [np.zeros(0)])
     eps = 1e-6
     loss = -(dense.CLASS_WEIGHTS[1] * np.log(positives + eps).mean() if len(positives) else 0) \
         - (dense.CLASS_WEIGHTS[0] * np.log(1 - negatives + eps).mean() if len(negatives) else 0)
@@ -570,7 +536,7 @@ def train_streamed(schedule: StreamSchedule, device, work: Path, seed: int, work
     record: dict = {"precision": precision, "schedule": asdict(schedule)}
 
     screening = start("screening", ScreeningFCN())
-    stages = [ScreeningStage(screening, schedule, device, cast)]
+    stages: list[Stage] = [ScreeningStage(screening, schedule, device, cast)]
     record["screening"] = run_stage(stages[0], schedule.screening_steps, schedule, seed, work, device, workers,
                                     spacing, validation, cast)
     record["screening_threshold"] = choose_screening_threshold(screening, validation, device, cast,

@@ -18,8 +18,8 @@ import logging
 import multiprocessing
 import pickle
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,54 +37,9 @@ from ..core.three_stage import WEIGHT_FILES, ThreeStagePipeline
 from ..core.weights import save_weights, torch_save_atomic
 from .dense import CLASS_WEIGHTS
 from .samples import CROP, Crop, case_pool, draw_batch
+from .schedules import Schedule
 
 log = logging.getLogger("valdocmb.train")
-
-
-@dataclass
-class Schedule:
-    """Iterations and samples per iteration of each stage (the paper: 150 x 0.2 M, 80 x 0.1 M, 100 x 8 k)."""
-
-    initial_iterations: int
-    initial_samples: int
-    screening_iterations: int
-    screening_samples: int
-    discrimination_iterations: int
-    discrimination_samples: int
-    segmentation_iterations: int
-    segmentation_samples: int
-    batch_size: int = 64
-    segmentation_batch_size: int = 16     # the U-Net needs more, smaller steps than the classifiers
-    mining_threshold: float = 0.1
-    learning_rate_scale: float = 1.0      # x the stage's base rate (SGD 1e-2, Adam 1e-3); fine-tuning uses less
-
-
-SCHEDULES = {
-    "paper": Schedule(30, 200_000, 150, 200_000, 80, 100_000, 100, 8_000, 128),
-    "gpu": Schedule(10, 20_000, 40, 20_000, 30, 10_000, 40, 2_000, 128),
-    "cpu": Schedule(4, 2_048, 16, 3_072, 10, 3_072, 12, 384, 64),
-    # from given weights (--init): no initial screening model (the given one mines), a tenth of the learning rate
-    "finetune": Schedule(1, 64, 8, 2_048, 10, 2_048, 8, 384, 64, learning_rate_scale=0.1),
-    "smoke": Schedule(1, 64, 1, 64, 1, 64, 1, 16, 16),
-}
-
-
-def schedule_with(schedule, overrides: list[str], may_be_zero: tuple = ()):
-    """The schedule (any schedule dataclass) with NAME=VALUE overrides (e.g. discrimination_iterations=30); a bad
-    one stops with the reason. Values must be positive, or at least zero for the fields in `may_be_zero`."""
-    kinds = {f.name: f.type for f in fields(schedule)}
-    changes = {}
-    for item in overrides:
-        name, sep, value = item.partition("=")
-        if not sep or name not in kinds:
-            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(kinds)}")
-        try:
-            changes[name] = float(value) if kinds[name] in (float, "float") else int(value)
-        except ValueError:
-            raise SystemExit(f"--set {item!r}: {value!r} is not a number") from None
-        if changes[name] < 0 or (changes[name] == 0 and name not in may_be_zero):
-            raise SystemExit(f"--set {item!r}: must be positive")
-    return replace(schedule, **changes)
 
 
 # -- sample pools ---------------------------------------------------------------------------------------------------
@@ -179,7 +134,7 @@ def early_layers(net: nn.Module) -> list[nn.Module]:
 
 def run_stage(name: str, net: nn.Module, pools, proportions, patch_size, iterations: int, samples: int,
               schedule: Schedule, device, work: Path, seed: int, segmentation: bool = False,
-              frozen: list[nn.Module] = ()) -> list[dict]:
+              frozen: Sequence[nn.Module] = ()) -> list[dict]:
     """Train one stage with resumable per-iteration checkpoints; returns the per-iteration history. `frozen`
     modules keep their parameters and batch-norm statistics."""
     net.to(device)
@@ -187,13 +142,17 @@ def run_stage(name: str, net: nn.Module, pools, proportions, patch_size, iterati
         module.requires_grad_(False)
     trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]
     scale = schedule.learning_rate_scale
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if segmentation:
         optimizer = torch.optim.Adam(trainable, lr=1e-3 * scale)
         loss_fn = soft_dice_loss
     else:
         optimizer = torch.optim.SGD(trainable, lr=1e-2 * scale, momentum=0.99, nesterov=True)
         weights = torch.tensor(CLASS_WEIGHTS, device=device)
-        loss_fn = lambda logits, target: nn.functional.cross_entropy(logits, target, weight=weights)  # noqa: E731
+
+        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(logits, target, weight=weights)
     base_lr = optimizer.param_groups[0]["lr"]
     batch_size = schedule.segmentation_batch_size if segmentation else schedule.batch_size
     rng = np.random.default_rng(seed)
@@ -253,7 +212,7 @@ def mine_false_positives(screening: ScreeningFCN, crops: list[Crop], threshold: 
     region = np.array(ScreeningFCN.patch_size) + 4          # scores at a 3x3x3 neighbourhood, stride 2
     start = (np.array(CROP) - region) // 2
     sl = tuple(slice(s, s + n) for s, n in zip(start, region))
-    mined = []
+    mined: list[Crop] = []
     for b in range(0, len(crops), 128):
         batch = crops[b:b + 128]
         x = torch.from_numpy(np.stack([c.volume[sl].astype(np.float32) for c in batch]))[:, None].to(device)

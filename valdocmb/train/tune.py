@@ -28,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..core import manifest
+from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import MANIFEST_KEY, LesionRule
 from ..core.logs import setup_logging
 from ..core.report import Lesion
@@ -86,8 +87,8 @@ def choose_rule(records: list[dict], min_sensitivity: float, rules: list[LesionR
 def cross_fit(records: list[dict], folds: int, min_sensitivity: float) -> tuple[list[CaseScore], list[dict]]:
     """Each case scored with the rule chosen on the other folds; (scores in the records' order, one entry per fold)."""
     folds = max(1, min(folds, len(records)))
-    scores: list[CaseScore | None] = [None] * len(records)
-    chosen = []
+    scores: dict[int, CaseScore] = {}
+    chosen: list[dict] = []
     for fold in range(folds):
         held = [i for i in range(len(records)) if i % folds == fold]
         train = [records[i] for i in range(len(records)) if i % folds != fold] or [records[i] for i in held]
@@ -96,7 +97,7 @@ def cross_fit(records: list[dict], folds: int, min_sensitivity: float) -> tuple[
             scores[i] = score_with(records[i], rule)
         chosen.append({"fold": fold, "scored": [records[i]["subject"] for i in held], "rule": asdict(rule)})
         log.info("fold %d: rule %s chosen on %d case(s), scored on %d", fold, asdict(rule), len(train), len(held))
-    return scores, chosen
+    return [scores[i] for i in range(len(records))], chosen
 
 
 def summaries_by_grid(records: list[dict], scores: list[CaseScore]) -> dict:
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     crossfitted, folds = cross_fit(records, args.folds, args.min_sensitivity)
     rule = choose_rule(records, args.min_sensitivity)
     in_sample = [score_with(r, rule) for r in records]
-    result = {
+    result: dict = {
         "rule": asdict(rule), "cases": len(records), "subjects": [r["subject"] for r in records],
         "objective": f"highest pooled F1 with pooled sensitivity >= {args.min_sensitivity}",
         "folds": folds,
@@ -143,8 +144,8 @@ def main(argv=None) -> int:
         print(format_table(scores, summarize(scores)).split("\n\n", 1)[1])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json.loads(json.dumps(result, default=float).replace("NaN", "null")),
-                                        indent=1))
+        write_text_atomic(json.dumps(json.loads(json.dumps(result, default=float).replace("NaN", "null")),
+                                     indent=1), args.json)
     if args.record:
         weights = args.weights or default_weights_dir()
         from ..core.three_stage import weights_version  # torch: imported once --help is past

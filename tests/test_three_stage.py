@@ -361,3 +361,56 @@ def test_benchmark_times_variants_in_their_own_processes(tmp_path, capsys):
     assert "three-stage:bfloat16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--variants", "nnunet:float16"])
+
+
+def test_openvino_runtime_computes_what_torch_computes():
+    """The stacks rebuilt on OpenVINO (batch norm folded in) give torch's scores and probabilities in float32."""
+    screening, discrimination = randomised(ScreeningFCN(), seed=7), randomised(DiscriminationCNN(), seed=8)
+    volume = np.random.default_rng(9).normal(size=(21, 30, 27)).astype(np.float32)
+    brain = np.zeros(volume.shape, bool)
+    brain[3:18, 4:26, 2:25] = True
+    centres = np.array([(0, 0, 0), (20, 29, 26), (10, 15, 13), (3, 4, 5)])
+    results = {}
+    for runtime in ("torch", "openvino"):
+        config = ThreeStageConfig(screening_block=5, batch_size=7, runtime=runtime)
+        pipeline = ThreeStagePipeline(screening, discrimination, SegmentationUNet(), "cpu", config)
+        assert pipeline.config.runtime == runtime
+        results[runtime] = pipeline.screen(volume, brain), pipeline.discriminate(volume, centres)
+    np.testing.assert_allclose(results["openvino"][0], results["torch"][0], atol=1e-5)
+    np.testing.assert_allclose(results["openvino"][1], results["torch"][1], atol=1e-5)
+
+
+def test_openvino_bfloat16_finds_the_same_blob():
+    scan = dark_blob_scan()
+    exact = fixed_pipeline().segment(scan, {})
+    fast = fixed_pipeline(precision="bfloat16", runtime="openvino").segment(scan, {})
+    assert np.array_equal(sitk.GetArrayFromImage(fast.mask), sitk.GetArrayFromImage(exact.mask))
+
+
+def test_runtime_auto_is_openvino_on_a_cpu_where_it_can_run(monkeypatch, caplog):
+    config = ThreeStageConfig(runtime="auto")
+    pipeline = ThreeStagePipeline(dark_spot_screening(), dark_spot_discrimination(), dark_spot_segmentation(), "cpu",
+                                  config)
+    assert pipeline.config.runtime == "openvino" and config.runtime == "auto"   # the caller's config is left alone
+    assert pipeline.describe()["config"]["runtime"] == "openvino"              # run.json says what ran
+    monkeypatch.setattr(three_stage.openvino_runtime, "available", lambda: False)
+    assert fixed_pipeline(runtime="auto").config.runtime == "torch"
+    with pytest.raises(CaseError, match="openvino package is not installed"):
+        fixed_pipeline(runtime="openvino")
+    with pytest.raises(CaseError, match="unknown runtime"):
+        fixed_pipeline(runtime="onnx")
+
+
+def test_command_line_runtime_defaults_to_auto(monkeypatch):
+    assert run.parse_arguments([]).runtime == "auto"
+    monkeypatch.setenv("CMB_RUNTIME", "torch")
+    assert run.parse_arguments([]).runtime == "torch"
+
+
+def test_openvino_stacks_refuse_layers_they_do_not_rebuild():
+    from valdocmb.core.openvino_runtime import compile_stack
+
+    with pytest.raises(ValueError, match="Sigmoid"):
+        compile_stack([torch.nn.Sigmoid()], 1, "float32", 1)
+    with pytest.raises(ValueError, match="padded"):
+        compile_stack([torch.nn.MaxPool3d(2, padding=1)], 1, "float32", 1)

@@ -4,12 +4,13 @@
                        [--weights weights] [--json FILE]
 
 Scans: the example scan and a simulated 512x512x192 case (0.49x0.49x0.8 mm, the `rss` grid; needs `.[sim]`)
-unless --scan / --simulate say otherwise. Variants (default: three-stage, three-stage:bfloat16, nnunet,
-nnunet:mirroring): a method, optionally with a three-stage precision (float32, bfloat16, float16, tf32) or nnU-Net's
-test-time mirroring. Each variant runs in its own process (so its peak memory is its own and no variant warms
-another's caches), loads the weights (timed apart), segments the scan through the same path as `process.py`, and
-reports seconds per stage, peak memory and how many mask voxels differ from the first variant of the same method.
-Ratios are to the first variant. This is a benchmark, not a test: run it on an otherwise idle machine.
+unless --scan / --simulate say otherwise. Variants (default: three-stage, three-stage:bfloat16,
+three-stage:openvino-bfloat16, nnunet, nnunet:mirroring): a method, optionally with a three-stage precision on torch
+(float32, bfloat16, float16, tf32) or on OpenVINO (openvino-float32, openvino-bfloat16), or nnU-Net's test-time
+mirroring. Each variant runs in its own process (so its peak memory is its own and no variant warms another's
+caches), loads the weights (timed apart), segments the scan through the same path as `process.py`, and reports
+seconds per stage, peak memory and how many mask voxels differ from the first variant of the same method. Ratios
+are to the first variant. This is a benchmark, not a test: run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ from ..core.logs import setup_logging
 from ..core.weights import default_weights_dir
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "tests/data/example/input/sub-001_space-T2S_desc-masked_T2S.nii.gz"
-DEFAULT_VARIANTS = ("three-stage", "three-stage:bfloat16", "nnunet", "nnunet:mirroring")
+DEFAULT_VARIANTS = ("three-stage", "three-stage:bfloat16", "three-stage:openvino-bfloat16", "nnunet",
+                    "nnunet:mirroring")
 SIMULATION_SEED = 918_273                        # a fixed case, never part of a training or hold-out set
 
 
-# a variant names what ran: every precision but auto, which would depend on the machine
-VARIANT_OPTIONS = {"three-stage": tuple(p for p in PRECISIONS if p != "auto"), "nnunet": ("mirroring",)}
+# a variant names what ran: every precision but auto, which would depend on the machine, on torch, and the two
+# precisions OpenVINO runs (openvino-float32, openvino-bfloat16)
+VARIANT_OPTIONS = {"three-stage": (*(p for p in PRECISIONS if p != "auto"),
+                                   *(f"openvino-{p}" for p in ("float32", "bfloat16"))),
+                   "nnunet": ("mirroring",)}
 
 
 def parse_variant(text: str) -> tuple[str, str | None]:
@@ -62,7 +67,9 @@ def run_variant(scan: str, variant: str, weights: str, device: str, threads: int
     method_name, option = parse_variant(variant)
     start = time.perf_counter()
     if method_name == "three-stage":
-        method = load("three-stage", Path(weights), MethodOptions(device=device, precision=option or "float32"))
+        runtime, _, precision = (option or "float32").rpartition("-")
+        method = load("three-stage", Path(weights), MethodOptions(device=device, precision=precision,
+                                                                  runtime=runtime or "torch"))
     else:
         options = MethodOptions(device=device, nnunet={"mirroring": option == "mirroring"})
         method = load("nnunet", Path(weights), options)

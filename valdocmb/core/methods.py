@@ -32,6 +32,7 @@ class MethodOptions:
 
     device: str = "auto"
     precision: str = "float32"   # the three-stage networks' arithmetic (nnU-Net's predictor chooses its own)
+    runtime: str = "torch"       # the three-stage convolutions' runtime (defaults.RUNTIMES)
     lesion_rule: bool = True     # three-stage: apply the rule stored with the weights
     nnunet: dict = field(default_factory=dict)  # nnU-Net: tile_step, mirroring
 

@@ -33,7 +33,8 @@ from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
-from .defaults import CUDA_ONLY_PRECISIONS, PRECISIONS
+from . import openvino_runtime
+from .defaults import CUDA_ONLY_PRECISIONS, PRECISIONS, RUNTIMES
 from .device import CPU_ITEMS_PER_CALL, activation_bytes, cpu_has_bfloat16, cuda_items_per_call, resolve_device
 from .errors import CaseError
 from .lesion_rule import LesionRule, apply_rule, rule_from_manifest
@@ -78,6 +79,7 @@ class ThreeStageConfig:
     batch_size: int | None = None          # items per network call; None: chosen from the device (device.py)
     lesion_rule: LesionRule = field(default_factory=LesionRule)
     precision: str = "float32"             # see PRECISIONS; auto is resolved when the pipeline is built
+    runtime: str = "torch"                 # see RUNTIMES; auto is resolved when the pipeline is built
 
 
 @dataclass
@@ -138,12 +140,63 @@ class ThreeStagePipeline:
             log.warning("precision %s needs a CUDA device; running float32 on %s", self.config.precision,
                         self.device)
             self.config.precision = "float32"
+        self._compiled = self._compile(self._resolve_runtime())
         self.weights_info: dict = {}
         self._item_bytes: dict[str, int] = {}
 
+    def _resolve_runtime(self) -> str:
+        """The runtime that will run (`config.runtime` with auto resolved; a request it cannot meet falls back to
+        torch with a warning, or fails when OpenVINO is missing)."""
+        asked = self.config.runtime
+        if asked not in RUNTIMES:
+            raise CaseError(f"unknown runtime {asked!r}; one of {', '.join(RUNTIMES)}")
+        possible = self.device.type == "cpu" and self.config.precision in openvino_runtime.PRECISION_HINTS
+        if asked == "openvino" and not openvino_runtime.available():
+            raise CaseError("runtime openvino: the openvino package is not installed (pip install -r requirements.txt)")
+        if asked == "openvino" and not possible:
+            log.warning("runtime openvino runs float32 or bfloat16 on a CPU; torch runs %s on %s",
+                        self.config.precision, self.device)
+        runtime = "openvino" if asked != "torch" and possible and openvino_runtime.available() else "torch"
+        if asked == "auto":
+            log.info("runtime auto: %s", runtime)
+        self.config.runtime = runtime
+        return runtime
+
+    def _compile(self, runtime: str) -> dict:
+        """The screening and discrimination pieces as OpenVINO functions (empty for torch). Built from the
+        networks' parameters now: a pipeline whose networks change afterwards (training) must use torch."""
+        if runtime != "openvino":
+            return {}
+        threads, precision = torch.get_num_threads(), self.config.precision
+        screening, discrimination = self.screening.features, self.discrimination
+        local, tail = ScreeningFCN.LOCAL_LAYERS, DiscriminationCNN.LOCAL_LAYERS
+        with torch.inference_mode():                                   # the C2 output the tail classifies
+            z, y, x = discrimination.local_features(torch.zeros((1, 1, *DiscriminationCNN.patch_size))).shape[2:]
+        return {
+            "screening_local": openvino_runtime.compile_stack(list(screening[:local]), 1, precision, threads),
+            "screening_head": openvino_runtime.compile_stack(list(screening[local:]), 64, precision, threads),
+            "discrimination_local": openvino_runtime.compile_stack(list(discrimination.features[:tail]), 1,
+                                                                   precision, threads),
+            "discrimination_tail": openvino_runtime.compile_stack(
+                [*discrimination.features[tail:], discrimination.classifier], 64, precision, threads, (z, y, x)),
+        }
+
+    def run_piece(self, piece: str, x: torch.Tensor) -> torch.Tensor:
+        """One convolution stack of screening or discrimination (`_compile`'s names) on the configured runtime."""
+        if piece in self._compiled:
+            return self._compiled[piece](x)
+        with self.precision():
+            if piece == "screening_local":
+                return self.screening.local_features(x)
+            if piece == "screening_head":
+                return self.screening.head(x)
+            if piece == "discrimination_local":
+                return self.discrimination.local_features(x)
+            return self.discrimination.classify_local(x)
+
     @classmethod
     def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None,
-                     lesion_rule: bool = True, precision: str = "float32"):
+                     lesion_rule: bool = True, precision: str = "float32", runtime: str = "torch"):
         """lesion_rule: apply the rule stored with the weights (when no config is given), else keep everything."""
         nets = {"screening": ScreeningFCN(), "discrimination": DiscriminationCNN(),
                 "segmentation": SegmentationUNet()}
@@ -152,7 +205,7 @@ class ThreeStagePipeline:
         digests = {name: sha for name, (_, sha) in loaded.items()}
         if config is None:
             config = ThreeStageConfig(lesion_rule=rule_from_manifest(weights_dir) if lesion_rule else LesionRule(),
-                                      precision=precision)
+                                      precision=precision, runtime=runtime)
             # weights trained with another loss score on another scale: they carry the threshold chosen for them
             config.screening_threshold = metas["screening"].get("screening_threshold", config.screening_threshold)
         spacing = metas["screening"].get("target_spacing")
@@ -216,7 +269,6 @@ class ThreeStagePipeline:
         score rows on the box around that slab's brain. Tiles of the whole FCN would recompute C1-C2 on every
         tile's margin (about 1.6x for 48x96x96-voxel tiles) on top of the non-brain corners of their boxes.
         """
-        net = self.screening
         stride = ScreeningFCN.stride
         reach = ScreeningFCN.pooled_window - 1            # pooled voxels a score reads beyond its own index
         block = self.config.screening_block
@@ -256,8 +308,7 @@ class ThreeStagePipeline:
             for old in [r for r in rows if r < k + 1]:
                 del rows[old]
             region = pooled[:, :z1 - z0 + reach, y0:y1 + reach, x0:x1 + reach]
-            with self.precision():
-                logits = net.head(region[None])[0]
+            logits = self.run_piece("screening_head", region[None])[0]
             scores[z0:z1, y0:y1, x0:x1] = torch.softmax(logits.float(), 0)[1].cpu().numpy()
         return scores * centre_in_brain
 
@@ -273,8 +324,7 @@ class ThreeStagePipeline:
             inputs = np.stack([padded[stride * block * k:stride * block * k + span[0],
                                       stride * block * j:stride * block * j + span[1],
                                       stride * block * i:stride * block * i + span[2]] for j, i in chosen])
-            with self.precision():
-                features = self.screening.local_features(torch.from_numpy(inputs)[:, None].to(self.device))
+            features = self.run_piece("screening_local", torch.from_numpy(inputs)[:, None].to(self.device))
             if row is None:
                 row = torch.zeros((features.shape[1], block, blocks[1] * block, blocks[2] * block),
                                   dtype=features.dtype, device=self.device)
@@ -326,7 +376,6 @@ class ThreeStagePipeline:
         centres = np.asarray(centres, int).reshape(-1, 3)
         if len(centres) == 0:
             return np.zeros(0, np.float32)
-        net = self.discrimination
         shifts = self.discrimination_shifts()
         reach = self.config.discrimination_shift
         region = np.array(DiscriminationCNN.patch_size) + 2 * reach
@@ -334,12 +383,11 @@ class ThreeStagePipeline:
         out = []
         for start in range(0, len(centres), per_batch):
             batch = extract_patches(volume, centres[start:start + per_batch], region)
-            with self.precision():
-                local = net.local_features(torch.from_numpy(batch)[:, None].to(self.device))
-                size = np.array(local.shape[2:]) - 2 * reach     # C2 output of one patch
-                windows = [local[:, :, reach + dz:reach + dz + size[0], reach + dy:reach + dy + size[1],
-                                 reach + dx:reach + dx + size[2]] for dz, dy, dx in shifts]
-                logits = net.classify_local(torch.stack(windows, 1).flatten(0, 1))
+            local = self.run_piece("discrimination_local", torch.from_numpy(batch)[:, None].to(self.device))
+            size = np.array(local.shape[2:]) - 2 * reach     # C2 output of one patch
+            windows = [local[:, :, reach + dz:reach + dz + size[0], reach + dy:reach + dy + size[1],
+                             reach + dx:reach + dx + size[2]] for dz, dy, dx in shifts]
+            logits = self.run_piece("discrimination_tail", torch.stack(windows, 1).flatten(0, 1))
             probs = torch.softmax(logits, 1)[:, 1].float().cpu().numpy()
             out.append(probs.reshape(-1, len(shifts)).mean(axis=1))
         return np.concatenate(out)
@@ -424,4 +472,4 @@ class ThreeStagePipeline:
 def load_method(weights_dir: Path, options) -> ThreeStagePipeline:
     """The registry's factory (core.methods): the pipeline from `weights_dir` with a run's MethodOptions."""
     return ThreeStagePipeline.from_weights(weights_dir, options.device, lesion_rule=options.lesion_rule,
-                                           precision=options.precision)
+                                           precision=options.precision, runtime=options.runtime)

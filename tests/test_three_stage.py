@@ -363,8 +363,10 @@ def test_benchmark_times_variants_in_their_own_processes(tmp_path, capsys):
         bench.main(["--variants", "nnunet:float16"])
 
 
-def test_openvino_runtime_computes_what_torch_computes():
-    """The stacks rebuilt on OpenVINO (batch norm folded in) give torch's scores and probabilities in float32."""
+@pytest.mark.parametrize("shift", [1, 0, 2])
+def test_openvino_runtime_computes_what_torch_computes(shift):
+    """The stacks rebuilt on OpenVINO (batch norm folded in, the shifted windows cut inside OpenVINO) give torch's
+    scores and probabilities in float32."""
     screening, discrimination = randomised(ScreeningFCN(), seed=7), randomised(DiscriminationCNN(), seed=8)
     volume = np.random.default_rng(9).normal(size=(21, 30, 27)).astype(np.float32)
     brain = np.zeros(volume.shape, bool)
@@ -372,7 +374,7 @@ def test_openvino_runtime_computes_what_torch_computes():
     centres = np.array([(0, 0, 0), (20, 29, 26), (10, 15, 13), (3, 4, 5)])
     results = {}
     for runtime in ("torch", "openvino"):
-        config = ThreeStageConfig(screening_block=5, batch_size=7, runtime=runtime)
+        config = ThreeStageConfig(screening_block=5, batch_size=7, discrimination_shift=shift, runtime=runtime)
         pipeline = ThreeStagePipeline(screening, discrimination, SegmentationUNet(), "cpu", config)
         assert pipeline.config.runtime == runtime
         results[runtime] = pipeline.screen(volume, brain), pipeline.discriminate(volume, centres)

@@ -98,7 +98,33 @@ def compile_stack(modules: list[nn.Module], channels: int, precision: str, threa
 
     shape = [-1, channels, *(spatial if spatial else (-1, -1, -1))]
     parameter = ops.parameter(ov.PartialShape(shape), ov.Type.f32, name="x")
-    model = ov.Model([_graph(modules, parameter)], [parameter], "stack")
+    return _compiled(ov.Model([_graph(modules, parameter)], [parameter], "stack"), precision, threads)
+
+
+def compile_shifted_classifier(local: list[nn.Module], tail: list[nn.Module], region: tuple[int, int, int],
+                               shifts: np.ndarray, reach: int, precision: str,
+                               threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Discrimination in one call: `local` (C1-C2) once over (N, 1, *region) candidate regions, then `tail` on the
+    window of each shift (dz, dy, dx) of every candidate's C2 output (the region less `reach` on every side, moved
+    by the shift). Returns the logits, shift-major: row s * N + n is shift s of candidate n. The windows never leave
+    OpenVINO (in torch they are copied out of the shared C2 output)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    parameter = ops.parameter(ov.PartialShape([-1, 1, *region]), ov.Type.f32, name="x")
+    features = _graph(local, parameter)
+    size = np.array([d.get_length() for d in list(features.get_output_partial_shape(0))[2:]]) - 2 * reach
+    windows = [ops.slice(features, ops.constant(np.array(reach + shift, np.int64)),
+                         ops.constant(np.array(reach + shift + size, np.int64)),
+                         ops.constant(np.ones(3, np.int64)), ops.constant(np.array([2, 3, 4], np.int64)))
+               for shift in np.asarray(shifts)]
+    logits = _graph(tail, ops.concat(windows, 0))
+    return _compiled(ov.Model([logits], [parameter], "shifted_classifier"), precision, threads)
+
+
+def _compiled(model, precision: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    import openvino as ov
+
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
                                                       "INFERENCE_NUM_THREADS": threads,
                                                       "PERFORMANCE_HINT": "LATENCY"})
@@ -106,6 +132,6 @@ def compile_stack(modules: list[nn.Module], channels: int, precision: str, threa
 
     def run(x: torch.Tensor) -> torch.Tensor:
         result = request.infer({0: np.ascontiguousarray(x.detach().float().cpu().numpy())})
-        return torch.from_numpy(np.array(result[0], np.float32, copy=True))
+        return torch.from_numpy(np.array(result[0], np.float32, copy=True))   # the request reuses its memory
 
     return run

@@ -170,29 +170,23 @@ class ThreeStagePipeline:
         threads, precision = torch.get_num_threads(), self.config.precision
         screening, discrimination = self.screening.features, self.discrimination
         local, tail = ScreeningFCN.LOCAL_LAYERS, DiscriminationCNN.LOCAL_LAYERS
-        with torch.inference_mode():                                   # the C2 output the tail classifies
-            z, y, x = discrimination.local_features(torch.zeros((1, 1, *DiscriminationCNN.patch_size))).shape[2:]
+        reach = self.config.discrimination_shift
+        z, y, x = (int(v) for v in np.array(DiscriminationCNN.patch_size) + 2 * reach)
         return {
             "screening_local": openvino_runtime.compile_stack(list(screening[:local]), 1, precision, threads),
             "screening_head": openvino_runtime.compile_stack(list(screening[local:]), 64, precision, threads),
-            "discrimination_local": openvino_runtime.compile_stack(list(discrimination.features[:tail]), 1,
-                                                                   precision, threads),
-            "discrimination_tail": openvino_runtime.compile_stack(
-                [*discrimination.features[tail:], discrimination.classifier], 64, precision, threads, (z, y, x)),
+            "discrimination": openvino_runtime.compile_shifted_classifier(
+                list(discrimination.features[:tail]), [*discrimination.features[tail:], discrimination.classifier],
+                (z, y, x), self.discrimination_shifts(), reach, precision, threads),
         }
 
     def run_piece(self, piece: str, x: torch.Tensor) -> torch.Tensor:
-        """One convolution stack of screening or discrimination (`_compile`'s names) on the configured runtime."""
+        """A screening stack (screening_local: C1-C2 and pooling, screening_head: C3-C6) on the configured
+        runtime."""
         if piece in self._compiled:
             return self._compiled[piece](x)
         with self.precision():
-            if piece == "screening_local":
-                return self.screening.local_features(x)
-            if piece == "screening_head":
-                return self.screening.head(x)
-            if piece == "discrimination_local":
-                return self.discrimination.local_features(x)
-            return self.discrimination.classify_local(x)
+            return self.screening.local_features(x) if piece == "screening_local" else self.screening.head(x)
 
     @classmethod
     def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None,
@@ -382,14 +376,19 @@ class ThreeStagePipeline:
         per_batch = self.items_per_call("discrimination")
         out = []
         for start in range(0, len(centres), per_batch):
-            batch = extract_patches(volume, centres[start:start + per_batch], region)
-            local = self.run_piece("discrimination_local", torch.from_numpy(batch)[:, None].to(self.device))
-            size = np.array(local.shape[2:]) - 2 * reach     # C2 output of one patch
-            windows = [local[:, :, reach + dz:reach + dz + size[0], reach + dy:reach + dy + size[1],
-                             reach + dx:reach + dx + size[2]] for dz, dy, dx in shifts]
-            logits = self.run_piece("discrimination_tail", torch.stack(windows, 1).flatten(0, 1))
-            probs = torch.softmax(logits, 1)[:, 1].float().cpu().numpy()
-            out.append(probs.reshape(-1, len(shifts)).mean(axis=1))
+            batch = torch.from_numpy(extract_patches(volume, centres[start:start + per_batch], region))[:, None]
+            if "discrimination" in self._compiled:        # OpenVINO: logits shift-major (openvino_runtime)
+                logits = self._compiled["discrimination"](batch)
+                probs = torch.softmax(logits, 1)[:, 1].numpy().reshape(len(shifts), -1).T
+            else:
+                with self.precision():
+                    local = self.discrimination.local_features(batch.to(self.device))
+                    size = np.array(local.shape[2:]) - 2 * reach     # C2 output of one patch
+                    windows = [local[:, :, reach + dz:reach + dz + size[0], reach + dy:reach + dy + size[1],
+                                     reach + dx:reach + dx + size[2]] for dz, dy, dx in shifts]
+                    logits = self.discrimination.classify_local(torch.stack(windows, 1).flatten(0, 1))
+                probs = torch.softmax(logits, 1)[:, 1].float().cpu().numpy().reshape(-1, len(shifts))
+            out.append(probs.mean(axis=1))
         return np.concatenate(out)
 
     # -- stage 4 ------------------------------------------------------------------------------------------------

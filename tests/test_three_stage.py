@@ -184,7 +184,7 @@ def test_bfloat16_precision_finds_the_same_blob_and_is_opt_in():
                                atol=0.05)
     assert ThreeStageConfig().precision == "float32"
     with pytest.raises(CaseError, match="unknown precision"):
-        fixed_pipeline(precision="int8").segment(scan, {})
+        fixed_pipeline(precision="int4").segment(scan, {})
 
 
 @pytest.mark.parametrize("mode", ["float16", "tf32"])
@@ -416,3 +416,63 @@ def test_openvino_stacks_refuse_layers_they_do_not_rebuild():
         compile_stack([torch.nn.Sigmoid()], 1, "float32", 1)
     with pytest.raises(ValueError, match="padded"):
         compile_stack([torch.nn.MaxPool3d(2, padding=1)], 1, "float32", 1)
+
+
+def test_input_ranges_are_each_convolutions_input_widened_by_the_margin():
+    from valdocmb.core.openvino_runtime import input_ranges
+
+    first, second = torch.nn.Conv3d(1, 1, 1), torch.nn.Conv3d(1, 1, 1)
+    with torch.no_grad():
+        first.weight.fill_(2.0), first.bias.zero_(), second.weight.fill_(1.0), second.bias.zero_()
+    x = torch.tensor([-1.0, 0.5, 3.0]).reshape(1, 1, 3, 1, 1)
+    found = input_ranges([first, torch.nn.LeakyReLU(0.01), second], [x, x / 2], margin=1.25)
+    np.testing.assert_allclose(found, [[-1.25, 3.75], [-0.025, 7.5]], rtol=1e-6)   # leaky ReLU of 2 x [-1, 3]
+
+
+def test_int8_stacks_stay_close_to_float32():
+    from valdocmb.core.openvino_runtime import compile_stack, input_ranges
+
+    net = randomised(ScreeningFCN(), seed=11)
+    volume = torch.from_numpy(np.random.default_rng(12).normal(size=(3, 1, 24, 40, 40)).astype(np.float32))
+    ranges = input_ranges(list(net.features), [volume])
+    with torch.inference_mode():
+        pooled = net.local_features(volume)
+        exact = torch.softmax(net.head(pooled), 1)[:, 1]
+    local = compile_stack(list(net.features[:3]), 1, "float32", 2, int8=[None, ranges[1]])(volume)
+    scores = torch.softmax(compile_stack(list(net.features[3:]), 64, "float32", 2,
+                                         int8=[ranges[2], ranges[3], None, None])(pooled), 1)[:, 1]
+    assert (local - pooled).abs().max() < 0.05 * pooled.abs().max()
+    assert (scores - exact).abs().max() < 0.05
+
+
+def test_int8_needs_a_calibration_made_for_these_weights(tmp_path):
+    from valdocmb.bench import int8
+
+    weights, scans = tmp_path / "weights", tmp_path / "scans"
+    save_fixed_weights(weights)
+    with pytest.raises(CaseError, match="no int8 calibration"):
+        ThreeStagePipeline.from_weights(weights, "cpu", precision="int8", runtime="auto")
+    scans.mkdir()
+    sitk.WriteImage(dark_blob_scan(), str(scans / "sub-301_space-T2S_desc-masked_T2S.nii.gz"))
+    assert int8.main(["--weights", str(weights), "--data", str(scans), "--crops", "2"]) == 0
+    entry = json.loads((weights / "MANIFEST.json").read_text())[three_stage.INT8_KEY]
+    assert set(entry["ranges"]) == {"screening", "discrimination"} and len(entry["ranges"]["screening"]) == 6
+    pipeline = ThreeStagePipeline.from_weights(weights, "cpu", precision="int8", runtime="auto")
+    assert pipeline.config.runtime == "openvino" and pipeline.describe()["config"]["precision"] == "int8"
+    exact = fixed_pipeline().segment(dark_blob_scan(), {})
+    assert np.array_equal(sitk.GetArrayFromImage(pipeline.segment(dark_blob_scan(), {}).mask),
+                          sitk.GetArrayFromImage(exact.mask))
+    with pytest.raises(CaseError, match="runs on OpenVINO"):
+        ThreeStagePipeline.from_weights(weights, "cpu", precision="int8", runtime="torch")
+    save_weights(dark_spot_screening(), weights / WEIGHT_FILES["screening"], {"changed": True})  # new weights
+    with pytest.raises(CaseError, match="no int8 calibration"):
+        ThreeStagePipeline.from_weights(weights, "cpu", precision="int8", runtime="auto")
+
+
+def test_openvino_unet_computes_what_torch_computes():
+    net = randomised(SegmentationUNet(), seed=13)
+    volume = np.random.default_rng(14).normal(size=(31, 40, 37)).astype(np.float32)
+    centres = np.array([(0, 0, 0), (30, 39, 36), (15, 20, 18)])
+    maps = [ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), net, "cpu", ThreeStageConfig(runtime=runtime))
+            .segment_candidates(volume, centres) for runtime in ("torch", "openvino")]
+    np.testing.assert_allclose(maps[1], maps[0], atol=1e-5)

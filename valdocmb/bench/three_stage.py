@@ -6,11 +6,11 @@
 Scans: the example scan and a simulated 512x512x192 case (0.49x0.49x0.8 mm, the `rss` grid; needs `.[sim]`)
 unless --scan / --simulate say otherwise. Variants (default: three-stage, three-stage:bfloat16,
 three-stage:openvino-bfloat16, nnunet, nnunet:mirroring): a method, optionally with a three-stage precision on torch
-(float32, bfloat16, float16, tf32) or on OpenVINO (openvino-float32, openvino-bfloat16), or nnU-Net's test-time
-mirroring. Each variant runs in its own process (so its peak memory is its own and no variant warms another's
-caches), loads the weights (timed apart), segments the scan through the same path as `process.py`, and reports
-seconds per stage, peak memory and how many mask voxels differ from the first variant of the same method. Ratios
-are to the first variant. This is a benchmark, not a test: run it on an otherwise idle machine.
+(float32, bfloat16, float16, tf32) or on OpenVINO (openvino-float32, openvino-bfloat16, openvino-int8), or
+nnU-Net's test-time mirroring. Each variant runs in its own process (so its peak memory is its own and no variant
+warms another's caches), loads the weights (timed apart), segments the scan through the same path as `process.py`,
+and reports seconds per stage, peak memory and how many mask voxels differ from the first variant of the same
+method. Ratios are to the first variant. This is a benchmark, not a test: run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ DEFAULT_VARIANTS = ("three-stage", "three-stage:bfloat16", "three-stage:openvino
 SIMULATION_SEED = 918_273                        # a fixed case, never part of a training or hold-out set
 
 
-# a variant names what ran: every precision but auto, which would depend on the machine, on torch, and the two
-# precisions OpenVINO runs (openvino-float32, openvino-bfloat16)
-VARIANT_OPTIONS = {"three-stage": (*(p for p in PRECISIONS if p != "auto"),
-                                   *(f"openvino-{p}" for p in ("float32", "bfloat16"))),
+# a variant names what ran: every precision but auto (which would depend on the machine) on torch, and the three
+# OpenVINO runs (openvino-float32, openvino-bfloat16, openvino-int8)
+VARIANT_OPTIONS = {"three-stage": (*(p for p in PRECISIONS if p not in ("auto", "int8")),
+                                   *(f"openvino-{p}" for p in ("float32", "bfloat16", "int8"))),
                    "nnunet": ("mirroring",)}
 
 
@@ -172,8 +172,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="valdocmb-bench-") as scratch_name:
         scratch = Path(scratch_name)
         scans += [simulated_scan(grid, scratch) for grid in grids]
-        for scan in scans:
-            report["scans"][scan.name] = benchmark_scan(scan, args.variants, args, scratch)
+        names = [scan.name for scan in scans]
+        for scan in scans:   # by file name, or by path where two folders hold the same name
+            report["scans"][scan.name if names.count(scan.name) == 1 else str(scan)] = benchmark_scan(
+                scan, args.variants, args, scratch)
     if args.json:
         write_text_atomic(json.dumps(report, indent=1), args.json)
     return 0

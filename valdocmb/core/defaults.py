@@ -11,7 +11,8 @@ NNUNET_MIRRORING = False
 # The three-stage networks' arithmetic (docs/results.md, "Speed"). auto, the command line's default: bfloat16 on a CPU
 # with bfloat16 instructions (the same masks on the simulated hold-out, 1.6x faster), float32 elsewhere (emulated
 # bfloat16 is slower; on GPUs it is unmeasured). float16 and tf32 exist on CUDA only.
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", "tf32")
+# int8 (OpenVINO on a CPU only, opt-in) quantizes the heavy convolutions with ranges calibrated for the weights.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "tf32", "int8")
 CUDA_ONLY_PRECISIONS = ("float16", "tf32")
 
 # Where the three-stage screening and discrimination convolutions run (docs/results.md, "Speed"). auto, the command

@@ -1,11 +1,11 @@
-"""The networks' convolution stacks on OpenVINO's CPU runtime (`--runtime openvino`).
+"""The three networks on OpenVINO's CPU runtime (`--runtime openvino`).
 
 On the development CPUs (AVX-512 with bfloat16) OpenVINO runs the screening and discrimination convolutions about
 1.8x faster than torch's oneDNN path at the same precision (`python -m valdocmb.bench.runtimes`). The stacks are
-rebuilt here from the torch modules' own parameters with OpenVINO's operation API: convolution with its batch norm
-folded in, leaky ReLU, max pooling, flatten and linear layers. No model conversion tool runs (OpenVINO's converter
-sends usage telemetry unless told not to; the container has no network and sends nothing), and nothing is written
-to disk. The U-Net stays on torch: it is a tenth of a case.
+rebuilt here from the torch modules' own parameters with OpenVINO's operation API: convolutions (batch norm folded
+in), transposed convolutions, leaky ReLU, max pooling, flatten and linear layers, and the U-Net's skips. No model
+conversion tool runs (OpenVINO's converter sends usage telemetry unless told not to; the container has no network
+and sends nothing), and nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from valdocmb.models.segmentation import SegmentationUNet
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,24 @@ def _constant(array: np.ndarray):
     return ops.constant(np.ascontiguousarray(array, np.float32))
 
 
-def _graph(modules: list[nn.Module], node):
+Ranges = list[tuple[float, float] | None]   # per convolution in order: its input's int8 range, or None (float)
+
+
+def _fake_quantized(node, low, high, levels: int):
+    import openvino.opset13 as ops
+    return ops.fake_quantize(node, _constant(low), _constant(high), _constant(low), _constant(high), levels)
+
+
+def _graph(modules: list[nn.Module], node, int8: Ranges | None = None):
     """OpenVINO nodes computing `modules` in order from `node` (eval mode: batch norm uses its running
-    statistics, dropout is the identity)."""
+    statistics, dropout is the identity). `int8[k]`, when given, quantizes the k-th convolution: its input to 256
+    levels over that range, its weights (batch norm folded in) per output channel, symmetric, to 255 levels;
+    OpenVINO's CPU plugin then runs it on 8-bit integer instructions."""
     import openvino.opset1 as ops1
     import openvino.opset13 as ops
 
     layers = [m for m in _flatten(modules) if not isinstance(m, nn.Dropout)]
+    convolutions = 0
     i = 0
     while i < len(layers):
         layer = layers[i]
@@ -67,9 +80,22 @@ def _graph(modules: list[nn.Module], node):
                 bias = (bias - _numpy(norm.running_mean)) * scale + _numpy(norm.bias)
                 i += 1
             padding = list(layer.padding)
-            node = ops.convolution(node, _constant(weight), list(layer.stride), padding, padding,
-                                   list(layer.dilation))
+            kernel = _constant(weight)
+            quantized = int8[convolutions] if int8 else None
+            convolutions += 1
+            if quantized is not None:
+                reach = np.abs(weight).reshape(len(weight), -1).max(1).reshape(-1, 1, 1, 1, 1)
+                kernel = _fake_quantized(kernel, -reach, reach, 255)
+                node = _fake_quantized(node, np.float32(quantized[0]), np.float32(quantized[1]), 256)
+            node = ops.convolution(node, kernel, list(layer.stride), padding, padding, list(layer.dilation))
             node = ops.add(node, _constant(bias.reshape(1, -1, 1, 1, 1)))
+        elif isinstance(layer, nn.ConvTranspose3d):
+            if (layer.groups != 1 or layer.padding not in (0, (0, 0, 0)) or layer.dilation not in (1, (1, 1, 1))
+                    or layer.output_padding not in (0, (0, 0, 0))):
+                raise ValueError(f"{layer}: only plain transposed convolutions are rebuilt")
+            node = ops.convolution_backprop_data(node, _constant(_numpy(layer.weight)), list(layer.stride))
+            if layer.bias is not None:
+                node = ops.add(node, _constant(_numpy(layer.bias).reshape(1, -1, 1, 1, 1)))
         elif isinstance(layer, nn.LeakyReLU):
             node = ops.prelu(node, _constant(np.array([layer.negative_slope])))
         elif isinstance(layer, nn.MaxPool3d):
@@ -90,36 +116,54 @@ def _graph(modules: list[nn.Module], node):
 
 
 def compile_stack(modules: list[nn.Module], channels: int, precision: str, threads: int,
-                  spatial: tuple[int, int, int] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                  spatial: tuple[int, int, int] | None = None,
+                  int8: Ranges | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The layers `modules` (eval mode) as a function of a float32 (N, channels, z, y, x) tensor, batch and, unless
-    `spatial` fixes them, spatial sizes free; it returns a float32 tensor. `precision` is float32 or bfloat16."""
+    `spatial` fixes them, spatial sizes free; it returns a float32 tensor. `precision` is float32 or bfloat16 (the
+    layers `int8` does not quantize)."""
     import openvino as ov
     import openvino.opset13 as ops
 
     shape = [-1, channels, *(spatial if spatial else (-1, -1, -1))]
     parameter = ops.parameter(ov.PartialShape(shape), ov.Type.f32, name="x")
-    return _compiled(ov.Model([_graph(modules, parameter)], [parameter], "stack"), precision, threads)
+    return _compiled(ov.Model([_graph(modules, parameter, int8)], [parameter], "stack"), precision, threads)
 
 
 def compile_shifted_classifier(local: list[nn.Module], tail: list[nn.Module], region: tuple[int, int, int],
-                               shifts: np.ndarray, reach: int, precision: str,
-                               threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+                               shifts: np.ndarray, reach: int, precision: str, threads: int,
+                               int8: tuple[Ranges, Ranges] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Discrimination in one call: `local` (C1-C2) once over (N, 1, *region) candidate regions, then `tail` on the
     window of each shift (dz, dy, dx) of every candidate's C2 output (the region less `reach` on every side, moved
     by the shift). Returns the logits, shift-major: row s * N + n is shift s of candidate n. The windows never leave
-    OpenVINO (in torch they are copied out of the shared C2 output)."""
+    OpenVINO (in torch they are copied out of the shared C2 output). `int8`: the ranges of `local` and `tail`."""
     import openvino as ov
     import openvino.opset13 as ops
 
     parameter = ops.parameter(ov.PartialShape([-1, 1, *region]), ov.Type.f32, name="x")
-    features = _graph(local, parameter)
+    features = _graph(local, parameter, int8[0] if int8 else None)
     size = np.array([d.get_length() for d in list(features.get_output_partial_shape(0))[2:]]) - 2 * reach
     windows = [ops.slice(features, ops.constant(np.array(reach + shift, np.int64)),
                          ops.constant(np.array(reach + shift + size, np.int64)),
                          ops.constant(np.ones(3, np.int64)), ops.constant(np.array([2, 3, 4], np.int64)))
                for shift in np.asarray(shifts)]
-    logits = _graph(tail, ops.concat(windows, 0))
+    logits = _graph(tail, ops.concat(windows, 0), int8[1] if int8 else None)
     return _compiled(ov.Model([logits], [parameter], "shifted_classifier"), precision, threads)
+
+
+def compile_unet(net: SegmentationUNet, precision: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`models.segmentation.SegmentationUNet` (its `forward`: encoders with strided down-convolutions, transposed
+    up-convolutions, skips concatenated before each decoder, a 1x1x1 head) as a function of (N, 1, z, y, x)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    parameter = ops.parameter(ov.PartialShape([-1, 1, -1, -1, -1]), ov.Type.f32, name="x")
+    skips = [_graph([net.encoders[0]], parameter)]
+    for down, encoder in zip(net.downs, net.encoders[1:]):
+        skips.append(_graph([encoder], _graph([down], skips[-1])))
+    node = skips.pop()
+    for up, decoder in zip(net.ups, net.decoders):
+        node = _graph([decoder], ops.concat([_graph([up], node), skips.pop()], 1))
+    return _compiled(ov.Model([_graph([net.head], node)], [parameter], "unet"), precision, threads)
 
 
 def _compiled(model, precision: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -135,3 +179,27 @@ def _compiled(model, precision: str, threads: int) -> Callable[[torch.Tensor], t
         return torch.from_numpy(np.array(result[0], np.float32, copy=True))   # the request reuses its memory
 
     return run
+
+
+def input_ranges(modules: list[nn.Module], batches: Iterable[torch.Tensor], margin: float = 1.25) -> list[list[float]]:
+    """[low, high] of every convolution's input over `batches` run through `modules` in float32, widened by
+    `margin`: values beyond the range are clipped by int8, and a clipped outlier costs more than a coarser step
+    (measured: ranges at the 1e-5 quantiles moved pooled features by 0.7 of 9, min-max x 1.25 by 0.09)."""
+    stack = nn.Sequential(*_flatten(modules)).eval()
+    seen: dict[int, list[float]] = {}
+    convolutions = [m for m in stack if isinstance(m, nn.Conv3d)]
+
+    def record(module, inputs):
+        k = convolutions.index(module)
+        low, high = float(inputs[0].min()), float(inputs[0].max())
+        seen[k] = [min(low, seen[k][0]), max(high, seen[k][1])] if k in seen else [low, high]
+
+    hooks = [m.register_forward_pre_hook(record) for m in convolutions]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                stack(batch.float())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [[margin * seen[k][0], margin * seen[k][1]] for k in range(len(convolutions))]

@@ -33,7 +33,7 @@ from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
-from . import openvino_runtime
+from . import manifest, openvino_runtime
 from .defaults import CUDA_ONLY_PRECISIONS, PRECISIONS, RUNTIMES
 from .device import CPU_ITEMS_PER_CALL, activation_bytes, cpu_has_bfloat16, cuda_items_per_call, resolve_device
 from .errors import CaseError
@@ -45,6 +45,10 @@ from .result import SegmentationResult
 from .weights import digest, load_weights
 
 log = logging.getLogger(__name__)
+
+# MANIFEST.json's entry of the int8 calibration: {"weights": version it was made for, "ranges": {network: [[low,
+# high] per convolution]}, how it was made}; written by `python -m valdocmb.bench.int8 calibrate`
+INT8_KEY = "int8_calibration"
 
 WEIGHT_FILES = {
     "screening": "three_stage/screening.pt",
@@ -126,7 +130,8 @@ def version_of(digests: dict[str, str]) -> str:
 
 class ThreeStagePipeline:
     def __init__(self, screening: ScreeningFCN, discrimination: DiscriminationCNN, segmentation: SegmentationUNet,
-                 device: str | torch.device = "cpu", config: ThreeStageConfig | None = None):
+                 device: str | torch.device = "cpu", config: ThreeStageConfig | None = None,
+                 int8_ranges: dict | None = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         # a copy: resolving precision "auto" below must not rewrite the caller's config
         self.config = replace(config) if config is not None else ThreeStageConfig()
@@ -140,6 +145,7 @@ class ThreeStagePipeline:
             log.warning("precision %s needs a CUDA device; running float32 on %s", self.config.precision,
                         self.device)
             self.config.precision = "float32"
+        self._int8_ranges = int8_ranges     # per network, every convolution's input range (INT8_KEY)
         self._compiled = self._compile(self._resolve_runtime())
         self.weights_info: dict = {}
         self._item_bytes: dict[str, int] = {}
@@ -150,7 +156,7 @@ class ThreeStagePipeline:
         asked = self.config.runtime
         if asked not in RUNTIMES:
             raise CaseError(f"unknown runtime {asked!r}; one of {', '.join(RUNTIMES)}")
-        possible = self.device.type == "cpu" and self.config.precision in openvino_runtime.PRECISION_HINTS
+        possible = self.device.type == "cpu" and self.config.precision in (*openvino_runtime.PRECISION_HINTS, "int8")
         if asked == "openvino" and not openvino_runtime.available():
             raise CaseError("runtime openvino: the openvino package is not installed (pip install -r requirements.txt)")
         if asked == "openvino" and not possible:
@@ -159,26 +165,46 @@ class ThreeStagePipeline:
         runtime = "openvino" if asked != "torch" and possible and openvino_runtime.available() else "torch"
         if asked == "auto":
             log.info("runtime auto: %s", runtime)
+        if self.config.precision == "int8" and runtime != "openvino":
+            raise CaseError(f"precision int8 runs on OpenVINO on a CPU, not on {runtime} on {self.device}")
+        if self.config.precision == "int8" and not self._int8_ranges:
+            raise CaseError("precision int8: these weights have no int8 calibration in their MANIFEST.json (make one "
+                            "with `python -m valdocmb.bench.int8 calibrate --weights DIR --data SCANS`)")
         self.config.runtime = runtime
         return runtime
 
     def _compile(self, runtime: str) -> dict:
-        """The screening and discrimination pieces as OpenVINO functions (empty for torch). Built from the
+        """The networks' pieces as OpenVINO functions (empty for torch). Built from the
         networks' parameters now: a pipeline whose networks change afterwards (training) must use torch."""
         if runtime != "openvino":
             return {}
-        threads, precision = torch.get_num_threads(), self.config.precision
+        threads, precision = torch.get_num_threads(), self.float_precision()
         screening, discrimination = self.screening.features, self.discrimination
         local, tail = ScreeningFCN.LOCAL_LAYERS, DiscriminationCNN.LOCAL_LAYERS
         reach = self.config.discrimination_shift
         z, y, x = (int(v) for v in np.array(DiscriminationCNN.patch_size) + 2 * reach)
+        # int8: C2 and the two convolutions after the pooling (most of the arithmetic); C1 reads the scan itself
+        # (one channel, little arithmetic) and the last layers make the scores: those stay in floating point
+        quantized = self._int8_ranges if self.config.precision == "int8" else None
+        s, d = (quantized or {}).get("screening"), (quantized or {}).get("discrimination")
         return {
-            "screening_local": openvino_runtime.compile_stack(list(screening[:local]), 1, precision, threads),
-            "screening_head": openvino_runtime.compile_stack(list(screening[local:]), 64, precision, threads),
+            "screening_local": openvino_runtime.compile_stack(list(screening[:local]), 1, precision, threads,
+                                                              int8=[None, s[1]] if s else None),
+            "screening_head": openvino_runtime.compile_stack(list(screening[local:]), 64, precision, threads,
+                                                             int8=[s[2], s[3], None, None] if s else None),
+            "segmentation": openvino_runtime.compile_unet(self.segmentation, precision, threads),
             "discrimination": openvino_runtime.compile_shifted_classifier(
                 list(discrimination.features[:tail]), [*discrimination.features[tail:], discrimination.classifier],
-                (z, y, x), self.discrimination_shifts(), reach, precision, threads),
+                (z, y, x), self.discrimination_shifts(), reach, precision, threads,
+                int8=([None, d[1]], [d[2], d[3]]) if d else None),
         }
+
+    def float_precision(self) -> str:
+        """The floating-point arithmetic of what int8 leaves unquantized (the U-Net among it): bfloat16 on a CPU
+        that has it, else float32; for the other precisions, the precision itself."""
+        if self.config.precision == "int8":
+            return "bfloat16" if cpu_has_bfloat16() else "float32"
+        return self.config.precision
 
     def run_piece(self, piece: str, x: torch.Tensor) -> torch.Tensor:
         """A screening stack (screening_local: C1-C2 and pooling, screening_head: C3-C6) on the configured
@@ -205,9 +231,11 @@ class ThreeStagePipeline:
         spacing = metas["screening"].get("target_spacing")
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on
-        pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config)
-        pipeline.weights_info = {"folder": str(weights_dir), "version": version_of(digests),
-                                 "sha256": digests}
+        version = version_of(digests)
+        calibration = manifest.read(weights_dir).get(INT8_KEY) or {}
+        ranges = calibration.get("ranges") if calibration.get("weights") == version else None   # for these only
+        pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config, ranges)
+        pipeline.weights_info = {"folder": str(weights_dir), "version": version, "sha256": digests}
         log.info("three-stage weights from %s on %s", weights_dir, pipeline.device)
         return pipeline
 
@@ -215,7 +243,7 @@ class ThreeStagePipeline:
         """The networks' arithmetic (`PRECISIONS`): float32 (on CUDA without TF32, so GPU and CPU compute the
         same), bfloat16 under torch's autocast (about 2x on CPUs with bf16 instructions; probabilities move by
         about 1e-3), or on CUDA only TF32 convolutions or float16 autocast."""
-        mode = self.config.precision
+        mode = self.float_precision()
         if mode not in PRECISIONS:
             raise CaseError(f"unknown precision {mode!r}; one of {', '.join(PRECISIONS)}")
         if mode in ("bfloat16", "float16"):
@@ -401,9 +429,12 @@ class ThreeStagePipeline:
         per_call = self.items_per_call("segmentation")
         for start in range(0, len(centres), per_call):
             batch_centres = centres[start:start + per_call]
-            batch = extract_patches(volume, batch_centres, SegmentationUNet.patch_size)
-            with self.precision():
-                logits = self.segmentation(torch.from_numpy(batch)[:, None].to(self.device))
+            batch = torch.from_numpy(extract_patches(volume, batch_centres, SegmentationUNet.patch_size))[:, None]
+            if "segmentation" in self._compiled:
+                logits = self._compiled["segmentation"](batch)
+            else:
+                with self.precision():
+                    logits = self.segmentation(batch.to(self.device))
             probs = torch.softmax(logits, 1)[:, 1].float().cpu().numpy()
             add_patches(total, counts, probs, batch_centres)
         return np.divide(total, counts, out=np.zeros_like(total), where=counts > 0)

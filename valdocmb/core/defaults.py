@@ -15,9 +15,9 @@ NNUNET_MIRRORING = False
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "tf32", "int8")
 CUDA_ONLY_PRECISIONS = ("float16", "tf32")
 
-# Where the three-stage screening and discrimination convolutions run (docs/results.md, "Speed"). auto, the command
-# line's default: OpenVINO on a CPU when it is installed (about 1.8x faster there, same arithmetic; float32 and
-# bfloat16 only), torch everywhere else (CUDA, float16, tf32).
+# Where the three-stage networks run (docs/results.md, "Speed"). auto, the command line's default: OpenVINO on a CPU
+# when it is installed (about 1.5x faster end to end there, same masks; float32, bfloat16 and int8), torch
+# everywhere else (CUDA, float16, tf32).
 RUNTIMES = ("auto", "torch", "openvino")
 
 # grand-challenge's invoke mode: the port its platform calls /health and /invoke on

@@ -1,7 +1,7 @@
 """The three networks on OpenVINO's CPU runtime (`--runtime openvino`).
 
 On the development CPUs (AVX-512 with bfloat16) OpenVINO runs the screening and discrimination convolutions about
-1.8x faster than torch's oneDNN path at the same precision (`python -m valdocmb.bench.runtimes`). The stacks are
+1.6x faster than torch's oneDNN path at the same precision (docs/results.md, "Speed"). The networks are
 rebuilt here from the torch modules' own parameters with OpenVINO's operation API: convolutions (batch norm folded
 in), transposed convolutions, leaky ReLU, max pooling, flatten and linear layers, and the U-Net's skips. No model
 conversion tool runs (OpenVINO's converter sends usage telemetry unless told not to; the container has no network

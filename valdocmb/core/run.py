@@ -166,12 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "outputs are written; about 2-5 s per scan), or skip that (off)")
     parser.add_argument("--precision", choices=PRECISIONS, default=env("CMB_PRECISION", "auto"),
                         help="three-stage networks' arithmetic: auto (default: bfloat16 on a CPU with bfloat16 "
-                        "instructions, else float32), float32 (on CUDA without TF32), bfloat16 under autocast, or on "
-                        "CUDA float16 autocast or TF32 convolutions; see docs/results.md for what each changes")
+                        "instructions, else float32), float32 (on CUDA without TF32), bfloat16 under autocast, on "
+                        "CUDA float16 autocast or TF32 convolutions, or on a CPU with OpenVINO int8 (opt-in, needs "
+                        "the weights' int8 calibration); see docs/results.md for what each changes")
     parser.add_argument("--runtime", choices=RUNTIMES, default=env("CMB_RUNTIME", "auto"),
-                        help="where the three-stage screening and discrimination convolutions run: auto (default: "
-                        "OpenVINO on a CPU, about 1.8x faster at the same precision; torch on CUDA and for float16 "
-                        "or tf32), torch, or openvino")
+                        help="where the three-stage networks run: auto (default: OpenVINO on a CPU, about 1.5x "
+                        "faster at the same precision; torch on CUDA and for float16 or tf32), torch, or openvino")
     parser.add_argument("--nnunet-tile-step", type=tile_step, default=NNUNET_TILE_STEP,
                         help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,

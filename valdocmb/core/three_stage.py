@@ -47,7 +47,7 @@ from .weights import digest, load_weights
 log = logging.getLogger(__name__)
 
 # MANIFEST.json's entry of the int8 calibration: {"weights": version it was made for, "ranges": {network: [[low,
-# high] per convolution]}, how it was made}; written by `python -m valdocmb.bench.int8 calibrate`
+# high] per convolution]}, how it was made}; written by `python -m valdocmb.bench.int8`
 INT8_KEY = "int8_calibration"
 
 WEIGHT_FILES = {
@@ -160,7 +160,7 @@ class ThreeStagePipeline:
         if asked == "openvino" and not openvino_runtime.available():
             raise CaseError("runtime openvino: the openvino package is not installed (pip install -r requirements.txt)")
         if asked == "openvino" and not possible:
-            log.warning("runtime openvino runs float32 or bfloat16 on a CPU; torch runs %s on %s",
+            log.warning("runtime openvino runs float32, bfloat16 or int8 on a CPU; torch runs %s on %s",
                         self.config.precision, self.device)
         runtime = "openvino" if asked != "torch" and possible and openvino_runtime.available() else "torch"
         if asked == "auto":
@@ -169,7 +169,7 @@ class ThreeStagePipeline:
             raise CaseError(f"precision int8 runs on OpenVINO on a CPU, not on {runtime} on {self.device}")
         if self.config.precision == "int8" and not self._int8_ranges:
             raise CaseError("precision int8: these weights have no int8 calibration in their MANIFEST.json (make one "
-                            "with `python -m valdocmb.bench.int8 calibrate --weights DIR --data SCANS`)")
+                            "with `python -m valdocmb.bench.int8 --weights DIR --data SCANS`)")
         self.config.runtime = runtime
         return runtime
 

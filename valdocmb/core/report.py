@@ -9,6 +9,7 @@ the lesion.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
 import json
 import platform
@@ -157,6 +158,13 @@ def summary_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def run_record(args, method_info: dict, cases: list[dict], started: str, seconds: float) -> dict:
     """Everything needed to trace a result: versions, parameters, device, per-case stage timings."""
     import torch
@@ -166,7 +174,8 @@ def run_record(args, method_info: dict, cases: list[dict], started: str, seconds
     return {
         "valdocmb": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "nvidia_driver": nvidia_driver(),
-        "simpleitk": sitk.Version_VersionString(), "numpy": np.__version__, "platform": platform.platform(),
+        "simpleitk": sitk.Version_VersionString(), "numpy": np.__version__, "openvino": _version("openvino"),
+        "platform": platform.platform(),
         "started": started, "seconds": round(seconds, 2),
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "method": method_info, "cases": cases,

@@ -230,3 +230,13 @@ def test_region_labels_lie_on_the_dark_blobs_they_label():
             assert region.volume[blob].mean() < region.volume[shell].mean() - 0.5
             blobs += 1
     assert blobs >= 2
+
+
+def test_a_stage_is_kept_by_its_recent_validations_not_one_lucky_check():
+    history = [{"step": 1, "loss": 0.3}]   # training entries carry no validation
+    kept = []
+    for step, loss in enumerate([0.5, 0.1, 0.45, 0.3, 0.28, 0.2], 1):
+        history.append({"step": step, "validation": {"loss": loss}})
+        kept.append(round(streamed.selection_score(history, "loss"), 4))
+    assert streamed.SELECTION_WINDOW == 3
+    assert kept == [0.5, 0.3, 0.35, 0.2833, 0.3433, 0.26]   # the lone 0.1 no longer wins for good

@@ -223,3 +223,10 @@ def test_a_dangling_symbolic_link_is_named_as_such(tmp_path):
     (tmp_path / "scan.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
     with pytest.raises(CaseError, match="symbolic link to a missing file"):
         read_scan(tmp_path / "scan.nii.gz")
+
+
+def test_peak_memory_is_the_processs_own_not_its_parents():
+    parent = np.ones(40_000_000)          # 320 MB here; Linux's ru_maxrss would hand it to the child
+    code = "from valdocmb.core.logs import peak_memory_mb; print(peak_memory_mb())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert 0 < int(done.stdout) < 250 and parent.sum() > 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -35,7 +34,7 @@ import SimpleITK as sitk
 from ..core.imageio import image_like, read_scan, write_text_atomic
 from ..core.layouts import VALDO_T2S
 from ..core.location import MARS_CLASSES, UNKNOWN, Atlas, candidates, census, load_atlas, region_at, register
-from ..core.logs import setup_logging
+from ..core.logs import peak_memory_mb, setup_logging
 
 WRONG_MM = 10.0
 
@@ -241,7 +240,7 @@ def print_summary(summary: dict) -> None:
         print(" " * 15 + " ".join(f"{c:>15}" for c in labels))
         for t in labels[:-1]:
             print(f"{t:14} " + " ".join(f"{confusion.get(f'{t} -> {f}', 0):15d}" for f in labels))
-    print(f"\npeak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"\npeak memory {peak_memory_mb()} MB")
 
 
 def candidate_measures(folders: list[Path], headers: list[str], refine: int) -> list[dict]:

@@ -19,7 +19,6 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
-import resource
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import numpy as np
 
 from ..core.defaults import PRECISIONS
 from ..core.imageio import write_bytes_checked, write_image_atomic, write_text_atomic
-from ..core.logs import setup_logging
+from ..core.logs import peak_memory_mb, setup_logging
 from ..core.weights import default_weights_dir
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "tests/data/example/input/sub-001_space-T2S_desc-masked_T2S.nii.gz"
@@ -89,22 +88,10 @@ def run_variant(scan: str, variant: str, weights: str, device: str, threads: int
     write_bytes_checked(lambda tmp: np.save(tmp, mask), Path(mask_out))
     return {"variant": variant, "threads": threads, "load_seconds": round(load_seconds, 2),
             "seconds": round(seconds, 2), "stages": {k: round(v, 2) for k, v in timings.items()},
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": peak_memory_mb(),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if on_cuda else None,
             "mask_voxels": int(mask.sum()), "info": {k: v for k, v in result.info.items()
                                                      if k in ("candidates", "confirmed", "components", "kept")}}
-
-
-def peak_rss_mb() -> int:
-    """This process's peak resident memory. Linux's ru_maxrss would carry over the parent's peak across the fork
-    and exec that start a variant's process; VmHWM belongs to this process's own memory map."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def simulated_scan(grid: str, folder: Path) -> Path:

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.logs import setup_logging
+from ..core.logs import peak_memory_mb, setup_logging
 
 log = logging.getLogger("valdocmb.synth")
 
@@ -102,7 +101,7 @@ def generate_one(out_dir: str, subject: str, seed: int, grid: str, threads: int 
     case.meta["subject"] = subject
     case.meta["profile"] = profile
     case.meta["overrides"] = json.loads(json.dumps(overrides or {}))  # every parameter not at its default
-    case.meta["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    case.meta["peak_rss_mb"] = peak_memory_mb()
     write_text_atomic(json.dumps(case.meta, indent=1), out / f"{subject}_space-T2S_sim.json")
     return case.meta
 

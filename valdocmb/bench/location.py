@@ -123,11 +123,11 @@ def header_rotation(image: sitk.Image, header: str) -> tuple[sitk.Image, np.ndar
     return moved, rotation, centre
 
 
-
 def with_header(scan: sitk.Image, centres: list, header: str) -> tuple[sitk.Image, list[np.ndarray]]:
     """The scan under `header` and where the points `centres` (scan LPS mm) then are."""
     image, rotation, centre = header_rotation(scan, header)
     return image, [rotation @ (np.array(p) - centre) + centre for p in centres]
+
 
 def lps(ras) -> tuple[float, float, float]:
     return (-float(ras[0]), -float(ras[1]), float(ras[2]))

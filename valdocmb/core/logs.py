@@ -10,6 +10,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 
@@ -50,7 +51,7 @@ def peak_memory_mb() -> int:
     fork and exec that start a process (a 10 MB child of a 1.5 GB parent reports 1.5 GB); VmHWM belongs to this
     process's own memory map."""
     try:
-        for line in open("/proc/self/status"):
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return round(int(line.split()[1]) / 1024)
     except OSError:

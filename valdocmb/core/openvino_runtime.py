@@ -10,6 +10,7 @@ and sends nothing), and nothing is written to disk.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable, Iterable
@@ -166,10 +167,15 @@ def compile_unet(net: SegmentationUNet, precision: str, threads: int) -> Callabl
     return _compiled(ov.Model([_graph([net.head], node)], [parameter], "unet"), precision, threads)
 
 
-def _compiled(model, precision: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+@functools.cache
+def _core():
+    """One OpenVINO runtime per process for every network compiled in it."""
     import openvino as ov
+    return ov.Core()
 
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+
+def _compiled(model, precision: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    compiled = _core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
                                                       "INFERENCE_NUM_THREADS": threads,
                                                       "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()

@@ -207,12 +207,14 @@ class ThreeStagePipeline:
         return self.config.precision
 
     def run_piece(self, piece: str, x: torch.Tensor) -> torch.Tensor:
-        """A screening stack (screening_local: C1-C2 and pooling, screening_head: C3-C6) on the configured
-        runtime."""
+        """screening_local (C1-C2 and pooling), screening_head (C3-C6) or segmentation (the U-Net) on the
+        configured runtime. Discrimination has its own two paths (`discriminate`): OpenVINO's returns every shift."""
         if piece in self._compiled:
             return self._compiled[piece](x)
+        torch_pieces = {"screening_local": self.screening.local_features, "screening_head": self.screening.head,
+                        "segmentation": self.segmentation}
         with self.precision():
-            return self.screening.local_features(x) if piece == "screening_local" else self.screening.head(x)
+            return torch_pieces[piece](x)
 
     @classmethod
     def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None,
@@ -429,12 +431,8 @@ class ThreeStagePipeline:
         per_call = self.items_per_call("segmentation")
         for start in range(0, len(centres), per_call):
             batch_centres = centres[start:start + per_call]
-            batch = torch.from_numpy(extract_patches(volume, batch_centres, SegmentationUNet.patch_size))[:, None]
-            if "segmentation" in self._compiled:
-                logits = self._compiled["segmentation"](batch)
-            else:
-                with self.precision():
-                    logits = self.segmentation(batch.to(self.device))
+            batch = extract_patches(volume, batch_centres, SegmentationUNet.patch_size)
+            logits = self.run_piece("segmentation", torch.from_numpy(batch)[:, None].to(self.device))
             probs = torch.softmax(logits, 1)[:, 1].float().cpu().numpy()
             add_patches(total, counts, probs, batch_centres)
         return np.divide(total, counts, out=np.zeros_like(total), where=counts > 0)

@@ -84,6 +84,7 @@ def test_shared_discrimination_equals_classifying_every_shifted_patch(shift):
     np.testing.assert_allclose(shared, per_patch.reshape(len(centres), len(shifts)).mean(1), atol=1e-6)
 
 
+
 def test_screening_cut_to_the_brain_equals_the_whole_volume_fcn_inside_it():
     net = randomised(ScreeningFCN(), seed=5)
     volume = np.random.default_rng(6).normal(size=(26, 34, 30)).astype(np.float32)
@@ -136,6 +137,18 @@ def test_add_patches_inverts_extract_patches_at_borders():
     np.testing.assert_array_equal(total[covered] / counts[covered], volume[covered])
     assert extract_patches(volume, [(0, 0, 0)], (4, 6, 6))[0, 0, 0, 0] == 0   # outside reads as zero
 
+
+
+@pytest.mark.parametrize("size", [(4, 6, 6), (5, 7, 3), (20, 24, 24)])
+def test_extract_patches_equals_cutting_from_the_zero_padded_volume(size):
+    """Centres inside, on every edge and wholly outside (the patch misses the volume): zeros beyond the edges."""
+    volume = np.random.default_rng(0).normal(size=(7, 8, 9)).astype(np.float32)
+    centres = [(0, 0, 0), (6, 7, 8), (3, 4, 4), (-30, 4, 4), (3, 40, 4), (7, 0, 9), (-1, -2, 10)]
+    pad = 64
+    padded = np.pad(volume, pad)
+    expected = [padded[tuple(slice(c + pad - n // 2, c + pad - n // 2 + n) for c, n in zip(centre, size))]
+                for centre in centres]
+    np.testing.assert_array_equal(extract_patches(volume, centres, size), np.stack(expected))
 
 def dark_blob_scan(spacing=(0.98, 0.98, 1.6), direction=None, blob=(9, 20, 14), seed=3):
     """A head filling the grid (no brain edge), noise around 100, one dark blob darkest at its centre."""
@@ -344,6 +357,14 @@ def test_items_per_call_from_free_cuda_memory(monkeypatch):
     pipeline.config.batch_size = 14                                   # a configured size wins
     assert pipeline.items_per_call("segmentation") == 14 and pipeline.items_per_call("discrimination") == 2
 
+
+
+def test_openvino_discrimination_takes_more_candidates_per_call_unless_told():
+    config = ThreeStageConfig(runtime="openvino")
+    pipeline = ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), SegmentationUNet(), "cpu", config)
+    assert pipeline.items_per_call("discrimination") == 32 and pipeline.items_per_call("screening") == 64
+    pipeline.config.batch_size = 14
+    assert pipeline.items_per_call("discrimination") == 2
 
 def test_benchmark_times_variants_in_their_own_processes(tmp_path, capsys):
     from valdocmb.bench import three_stage as bench

@@ -14,14 +14,20 @@ def patch_start(centre, size) -> np.ndarray:
 
 
 def extract_patches(volume: np.ndarray, centres, size) -> np.ndarray:
-    """(N, *size) float32 patches of a (z, y, x) volume around each centre; outside the volume reads as 0."""
+    """(N, *size) float32 patches of a (z, y, x) volume around each centre; outside the volume reads as 0.
+
+    Each patch copies only its part inside the volume (no padded copy of the whole volume: a 512x512x192 scan
+    would be copied once per batch of candidates)."""
     size = np.asarray(size, int)
     centres = np.asarray(centres, int).reshape(-1, 3)
-    pad = int(size.max())
-    padded = np.pad(volume.astype(np.float32, copy=False), pad)
-    out = np.empty((len(centres), *size), np.float32)
-    for n, start in enumerate(patch_start(centres, size) + pad):
-        out[n] = padded[start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
+    shape = np.asarray(volume.shape)
+    out = np.zeros((len(centres), *size), np.float32)
+    for n, start in enumerate(patch_start(centres, size)):
+        lo, hi = np.maximum(start, 0), np.minimum(start + size, shape)
+        if np.any(hi <= lo):
+            continue
+        out[(n, *(slice(a - s, b - s) for a, b, s in zip(lo, hi, start)))] = volume[
+            tuple(slice(a, b) for a, b in zip(lo, hi))]
     return out
 
 

@@ -35,7 +35,14 @@ from valdocmb.models.segmentation import SegmentationUNet
 
 from . import manifest, openvino_runtime
 from .defaults import CUDA_ONLY_PRECISIONS, PRECISIONS, RUNTIMES
-from .device import CPU_ITEMS_PER_CALL, activation_bytes, cpu_has_bfloat16, cuda_items_per_call, resolve_device
+from .device import (
+    CPU_ITEMS_PER_CALL,
+    OPENVINO_CANDIDATES_PER_CALL,
+    activation_bytes,
+    cpu_has_bfloat16,
+    cuda_items_per_call,
+    resolve_device,
+)
 from .errors import CaseError
 from .lesion_rule import LesionRule, apply_rule, rule_from_manifest
 from .logs import timed
@@ -258,6 +265,8 @@ class ThreeStagePipeline:
         """Blocks, candidates or patches per network call for `stage`. On CUDA with no configured batch size, what
         the free memory holds when the stage runs; otherwise the configured (or CPU default) number of network
         inputs, so a discrimination call takes that many patches, a seventh as many candidates."""
+        if stage == "discrimination" and "discrimination" in self._compiled and not self.config.batch_size:
+            return OPENVINO_CANDIDATES_PER_CALL
         if self.config.batch_size or self.device.type != "cuda":
             patches = self.config.batch_size or CPU_ITEMS_PER_CALL
             return max(1, patches // len(self.discrimination_shifts())) if stage == "discrimination" else patches

@@ -130,24 +130,44 @@ def compile_stack(modules: list[nn.Module], channels: int, precision: str, threa
     return _compiled(ov.Model([_graph(modules, parameter, int8)], [parameter], "stack"), precision, threads)
 
 
-def compile_shifted_classifier(local: list[nn.Module], tail: list[nn.Module], region: tuple[int, int, int],
-                               shifts: np.ndarray, reach: int, precision: str, threads: int,
+def compile_shifted_classifier(local: list[nn.Module], convolutions: list[nn.Module], classifier: list[nn.Module],
+                               region: tuple[int, int, int], shift: int, precision: str, threads: int,
                                int8: tuple[Ranges, Ranges] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Discrimination in one call: `local` (C1-C2) once over (N, 1, *region) candidate regions, then `tail` on the
-    window of each shift (dz, dy, dx) of every candidate's C2 output (the region less `reach` on every side, moved
-    by the shift). Returns the logits, shift-major: row s * N + n is shift s of candidate n. The windows never leave
-    OpenVINO (in torch they are copied out of the shared C2 output). `int8`: the ranges of `local` and `tail`."""
+    """Discrimination in one call: `local` (C1-C2) once over (N, 1, *region) candidate regions, then pooling and
+    `convolutions` (C3-C4) and `classifier` on the window of each shift of every candidate's C2 output (the region
+    less `shift` on every side; the shifts of `ThreeStagePipeline.discrimination_shifts`: none, then -shift and
+    +shift along z, y and x). Returns the logits, shift-major: row s * N + n is shift s of candidate n. The windows
+    never leave OpenVINO (in torch they are copied out of the shared C2 output). `int8`: the ranges of `local` and
+    `convolutions`.
+
+    The two shifts along an axis pool with the same parity, so their pooled windows are one pooled block longer
+    along that axis by `shift` rows, offset by `shift` rows: pooling and the valid convolutions run once on that
+    longer block, and each shift's output is a slice of it (about a third less arithmetic after C2; the same
+    values, since every output reads the same inputs)."""
     import openvino as ov
     import openvino.opset13 as ops
 
+    def cut(node, lo, hi):
+        return ops.slice(node, ops.constant(np.array(lo, np.int64)), ops.constant(np.array(hi, np.int64)),
+                         ops.constant(np.ones(3, np.int64)), ops.constant(np.array([2, 3, 4], np.int64)))
+
     parameter = ops.parameter(ov.PartialShape([-1, 1, *region]), ov.Type.f32, name="x")
     features = _graph(local, parameter, int8[0] if int8 else None)
-    size = np.array([d.get_length() for d in list(features.get_output_partial_shape(0))[2:]]) - 2 * reach
-    windows = [ops.slice(features, ops.constant(np.array(reach + shift, np.int64)),
-                         ops.constant(np.array(reach + shift + size, np.int64)),
-                         ops.constant(np.ones(3, np.int64)), ops.constant(np.array([2, 3, 4], np.int64)))
-               for shift in np.asarray(shifts)]
-    logits = _graph(tail, ops.concat(windows, 0), int8[1] if int8 else None)
+    size = np.array([d.get_length() for d in list(features.get_output_partial_shape(0))[2:]]) - 2 * shift
+    ranges = int8[1] if int8 else None
+    centre = _graph(convolutions, cut(features, [shift] * 3, shift + size), ranges)
+    out = [centre]
+    if shift:
+        final = np.array([d.get_length() for d in list(centre.get_output_partial_shape(0))[2:]])
+        for axis in range(3):
+            lo, hi = np.full(3, shift), shift + size
+            lo[axis], hi[axis] = 0, 2 * shift + size[axis]              # both shifts' windows along this axis
+            both = _graph(convolutions, cut(features, lo, hi), ranges)   # `shift` pooled rows longer there
+            for start in (0, shift):                                     # -shift, then +shift
+                begin = np.zeros(3, int)
+                begin[axis] = start
+                out.append(cut(both, begin, begin + final))
+    logits = _graph(classifier, ops.concat(out, 0))
     return _compiled(ov.Model([logits], [parameter], "shifted_classifier"), precision, threads)
 
 

@@ -201,8 +201,8 @@ class ThreeStagePipeline:
                                                              int8=[s[2], s[3], None, None] if s else None),
             "segmentation": openvino_runtime.compile_unet(self.segmentation, precision, threads),
             "discrimination": openvino_runtime.compile_shifted_classifier(
-                list(discrimination.features[:tail]), [*discrimination.features[tail:], discrimination.classifier],
-                (z, y, x), self.discrimination_shifts(), reach, precision, threads,
+                list(discrimination.features[:tail]), list(discrimination.features[tail:]),
+                [discrimination.classifier], (z, y, x), reach, precision, threads,
                 int8=([None, d[1]], [d[2], d[3]]) if d else None),
         }
 

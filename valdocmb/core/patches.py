@@ -26,8 +26,8 @@ def extract_patches(volume: np.ndarray, centres, size) -> np.ndarray:
         lo, hi = np.maximum(start, 0), np.minimum(start + size, shape)
         if np.any(hi <= lo):
             continue
-        out[(n, *(slice(a - s, b - s) for a, b, s in zip(lo, hi, start)))] = volume[
-            tuple(slice(a, b) for a, b in zip(lo, hi))]
+        inside = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+        out[n][inside] = volume[tuple(slice(a, b) for a, b in zip(lo, hi))]
     return out
 
 

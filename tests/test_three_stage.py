@@ -497,3 +497,17 @@ def test_openvino_unet_computes_what_torch_computes():
     maps = [ThreeStagePipeline(ScreeningFCN(), DiscriminationCNN(), net, "cpu", ThreeStageConfig(runtime=runtime))
             .segment_candidates(volume, centres) for runtime in ("torch", "openvino")]
     np.testing.assert_allclose(maps[1], maps[0], atol=1e-5)
+
+
+def test_screening_skip_measurement_keeps_every_position_above_threshold(tmp_path):
+    """The darkness tests' thresholds are the loosest that keep every position at or above the screening threshold,
+    so they can never keep fewer blocks than a perfect pre-test."""
+    from valdocmb.bench.screening_skip import measure
+
+    path = tmp_path / "blob_T2S.nii.gz"
+    sitk.WriteImage(dark_blob_scan(), str(path))
+    row = measure(fixed_pipeline(), path)
+    assert row["above_threshold"] >= 1 and 0 < row["oracle_block_share"] <= 1
+    for test in row["darkness"]:
+        assert row["oracle_block_share"] <= test["block_share"] <= 1
+        assert sum(band["above"] for band in test["by_edge_distance"].values()) == row["above_threshold"]

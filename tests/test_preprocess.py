@@ -110,6 +110,23 @@ def test_crop_keeps_all_foreground_and_margin():
     assert full.shape == (20, 40, 40) and full.sum() == 5 * 20 * 8
 
 
+
+@pytest.mark.parametrize("spacing,direction", [((1.0, 1.0, 3.0), np.eye(3)), ((1.0, 1.0, 4.0), rotation(20, -10, 35)),
+                                               ((0.8, 1.1, 0.49), PERMUTED)])
+def test_resampling_only_the_brains_box_equals_cropping_the_whole_resampled_grid(spacing, direction):
+    """The B-spline runs on the foreground's box of the processing grid only: the same voxel centres, so the
+    same values as resampling the whole grid and cropping."""
+    array = np.zeros((14, 40, 44), np.float32)
+    array[3:11, 8:30, 10:40] = brain_like((8, 22, 30))
+    image = make_image(array, spacing, (3.0, -20.0, 7.0), direction)
+    pre = preprocess(image)
+    oriented = sitk.DICOMOrient(sitk.Cast(image, sitk.sitkFloat32), "LPS")
+    whole = sitk.GetArrayFromImage(pre.grid.resample(oriented, "bspline"))[pre.crop]
+    fg = whole[pre.foreground].astype(np.float64)
+    expected = np.where(pre.foreground, (whole - fg.mean()) / fg.std(), 0)
+    assert pre.resampled and pre.array.shape == whole.shape and pre.array.size < 0.9 * np.prod(pre.grid.shape)
+    np.testing.assert_allclose(pre.array, expected, atol=1e-5)
+
 def test_to_original_refuses_wrong_shape():
     pre = preprocess(make_image(brain_like((10, 20, 20)), DEFAULT_TARGET_SPACING))
     with pytest.raises(ValueError, match="shape"):

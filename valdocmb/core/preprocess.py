@@ -56,6 +56,15 @@ class Geometry:
         image.SetDirection(self.direction)
         return image
 
+    def box(self, crop: tuple[slice, slice, slice]) -> "Geometry":
+        """The part of this grid that `crop` (array slices z, y, x) cuts out: the same voxel centres."""
+        start = [int(crop[2].start), int(crop[1].start), int(crop[0].start)]
+        size = (crop[2].stop - crop[2].start, crop[1].stop - crop[1].start, crop[0].stop - crop[0].start)
+        reference = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        self.apply_to(reference)                         # ITK's own index-to-point arithmetic
+        return Geometry((int(size[0]), int(size[1]), int(size[2])), self.spacing,
+                        reference.TransformIndexToPhysicalPoint(start), self.direction)
+
     def resample(self, image: sitk.Image, interpolation: str, pixel_type=sitk.sitkFloat32) -> sitk.Image:
         """Sample `image` on this grid in physical space; points just outside its extent take the nearest value."""
         return sitk.Resample(
@@ -156,22 +165,27 @@ def preprocess(
     )
     if needs_resampling:
         grid = resampled_grid(oriented, target_spacing)
-        values_image = oriented.apply_to(sitk.GetImageFromArray(values))
         fg_image = oriented.apply_to(sitk.GetImageFromArray(foreground.astype(np.uint8)))
-        values = sitk.GetArrayFromImage(grid.resample(values_image, "bspline"))
         foreground = sitk.GetArrayFromImage(grid.resample(fg_image, "nearest", sitk.sitkUInt8)) > 0
     else:
         grid = oriented
-
     if not foreground.any():
         raise CaseError(f"no brain voxel left after resampling to {tuple(target_spacing)} mm (the scan's non-zero "
                         "region is smaller than one processing voxel)")
+    crop = _bounding_box(foreground, crop_margin)
+    foreground = foreground[crop]
+    if needs_resampling:
+        # the B-spline only on the brain's box: a coarse scan's processing grid is 2-3x larger than that box, and
+        # its voxels inside the box are the same physical points
+        values_image = oriented.apply_to(sitk.GetImageFromArray(values))
+        values = sitk.GetArrayFromImage(grid.box(crop).resample(values_image, "bspline"))
+    else:
+        values = values[crop]
+
     fg_values = values[foreground].astype(np.float64)
     mean, std = fg_values.mean(), fg_values.std()
     values = np.where(foreground, (values - mean) / (std if std > 0 else 1.0), 0.0).astype(np.float32)
-
-    crop = _bounding_box(foreground, crop_margin)
-    return Preprocessed(values[crop], foreground[crop], original, oriented, grid, crop, needs_resampling)
+    return Preprocessed(values, foreground, original, oriented, grid, crop, needs_resampling)
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:

@@ -190,20 +190,20 @@ class ThreeStagePipeline:
         local, tail = ScreeningFCN.LOCAL_LAYERS, DiscriminationCNN.LOCAL_LAYERS
         reach = self.config.discrimination_shift
         z, y, x = (int(v) for v in np.array(DiscriminationCNN.patch_size) + 2 * reach)
-        # int8: C2 and the two convolutions after the pooling (most of the arithmetic); C1 reads the scan itself
-        # (one channel, little arithmetic) and the last layers make the scores: those stay in floating point
+        # int8: C2 of screening and of discrimination, about 70 % of their arithmetic. C1 reads the scan itself (one
+        # channel, little arithmetic) and stays in floating point, and so do the layers after the pooling: quantized
+        # too (C3-C4), they moved the scores enough to change 7 of 10 hold-out masks (docs/results.md, "Speed")
         quantized = self._int8_ranges if self.config.precision == "int8" else None
         s, d = (quantized or {}).get("screening"), (quantized or {}).get("discrimination")
         return {
             "screening_local": openvino_runtime.compile_stack(list(screening[:local]), 1, precision, threads,
                                                               int8=[None, s[1]] if s else None),
-            "screening_head": openvino_runtime.compile_stack(list(screening[local:]), 64, precision, threads,
-                                                             int8=[s[2], s[3], None, None] if s else None),
+            "screening_head": openvino_runtime.compile_stack(list(screening[local:]), 64, precision, threads),
             "segmentation": openvino_runtime.compile_unet(self.segmentation, precision, threads),
             "discrimination": openvino_runtime.compile_shifted_classifier(
                 list(discrimination.features[:tail]), list(discrimination.features[tail:]),
                 [discrimination.classifier], (z, y, x), reach, precision, threads,
-                int8=([None, d[1]], [d[2], d[3]]) if d else None),
+                int8=([None, d[1]], []) if d else None),
         }
 
     def float_precision(self) -> str:

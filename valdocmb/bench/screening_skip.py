@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import numpy as np
 from ..core.imageio import write_text_atomic
 from ..core.logs import setup_logging
 
-log = logging.getLogger("valdocmb.screening_skip")
 WINDOWS = ((3, 5, 5), (5, 7, 7), (7, 11, 11), (9, 15, 15))    # (z, y, x) processing voxels around a score position
 EDGE_BANDS_MM = ((0, 2), (2, 4), (4, 8), (8, 1000))
 

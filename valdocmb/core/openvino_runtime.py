@@ -140,9 +140,9 @@ def compile_shifted_classifier(local: list[nn.Module], convolutions: list[nn.Mod
     never leave OpenVINO (in torch they are copied out of the shared C2 output). `int8`: the ranges of `local` and
     `convolutions`.
 
-    The two shifts along an axis pool with the same parity, so their pooled windows are one pooled block longer
-    along that axis by `shift` rows, offset by `shift` rows: pooling and the valid convolutions run once on that
-    longer block, and each shift's output is a slice of it (about a third less arithmetic after C2; the same
+    The -shift and +shift windows along an axis pool with the same parity, and their pooled windows lie `shift`
+    pooled rows apart: pooling and the valid convolutions run once on the block covering both (`shift` rows longer
+    along that axis), and each shift's output is a slice of it (about a third less arithmetic after C2; the same
     values, since every output reads the same inputs)."""
     import openvino as ov
     import openvino.opset13 as ops

@@ -264,7 +264,8 @@ class ThreeStagePipeline:
     def items_per_call(self, stage: str) -> int:
         """Blocks, candidates or patches per network call for `stage`. On CUDA with no configured batch size, what
         the free memory holds when the stage runs; otherwise the configured (or CPU default) number of network
-        inputs, so a discrimination call takes that many patches, a seventh as many candidates."""
+        inputs, so a discrimination call takes that many patches, a seventh as many candidates. OpenVINO's one-call
+        discrimination takes OPENVINO_CANDIDATES_PER_CALL candidates unless a batch size is configured."""
         if stage == "discrimination" and "discrimination" in self._compiled and not self.config.batch_size:
             return OPENVINO_CANDIDATES_PER_CALL
         if self.config.batch_size or self.device.type != "cuda":

@@ -466,6 +466,27 @@ def test_int8_stacks_stay_close_to_float32():
     assert (scores - exact).abs().max() < 0.05
 
 
+
+def test_int8_quantizes_c2_only_the_layers_after_pooling_stay_floating_point(monkeypatch):
+    """With int8, screening's head and discrimination's layers after the pooling compute what the floating-point
+    pipeline computes from the same C2 output; only C1-C2 (C2 quantized) differ."""
+    from valdocmb.core.openvino_runtime import input_ranges
+
+    screening, discrimination = randomised(ScreeningFCN(), seed=13), randomised(DiscriminationCNN(), seed=14)
+    volume = torch.from_numpy(np.random.default_rng(15).normal(size=(2, 1, 22, 26, 26)).astype(np.float32))
+    ranges = {"screening": input_ranges(list(screening.features), [volume]),
+              "discrimination": input_ranges(list(discrimination.features), [volume])}
+    monkeypatch.setattr(three_stage, "cpu_has_bfloat16", lambda: False)    # int8 leaves float32 then
+    pipelines = {}
+    for precision in ("int8", "float32"):
+        config = ThreeStageConfig(precision=precision, runtime="openvino")
+        pipelines[precision] = ThreeStagePipeline(screening, discrimination, SegmentationUNet(), "cpu", config, ranges)
+    quantized, exact = pipelines["int8"], pipelines["float32"]
+    pooled = exact.run_piece("screening_local", volume)
+    assert (quantized.run_piece("screening_local", volume) - pooled).abs().max() > 0       # C2 is quantized
+    np.testing.assert_allclose(quantized.run_piece("screening_head", pooled), exact.run_piece("screening_head", pooled),
+                               atol=1e-5)
+
 def test_int8_needs_a_calibration_made_for_these_weights(tmp_path):
     from valdocmb.bench import int8
 

@@ -63,21 +63,24 @@ def synthesis(sets: dict[str, list[str]], data: Path, jobs: int, *extra: str) ->
             for name, a in sets.items() if not any((data / name).glob("sub-*_CMB.nii.gz"))}
 
 
-def scoring(weights: Path, data: Path, cache: Path, device: str, processes: int, tag: str) -> dict[str, list[str]]:
-    """`valdocmb-stagewise` commands that share the scans of `data` between `processes` processes."""
+def scoring(weights: Path, data: Path, cache: Path, device: str, processes: int, tag: str,
+            extra: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """`valdocmb-stagewise` commands (with `extra` options) that share the scans of `data` between `processes`
+    processes."""
     subjects = [subject for subject, _, _ in find_training_cases(data)]
     shares = [subjects[i::processes] for i in range(processes) if subjects[i::processes]]
     return {f"{tag}-{i}": python("valdocmb.train.stagewise", "--data", str(data), "--weights", str(weights),
-                                 "--device", device, "--cache", str(cache), "--subjects", *share)
+                                 "--device", device, "--cache", str(cache), *extra, "--subjects", *share)
             for i, share in enumerate(shares)}
 
 
 def scoring_sets(weights: Path, names, data: Path, scores: Path, tag: str, device: str,
-                 processes: int) -> dict[str, list[str]]:
+                 processes: int, extra: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """`scoring` of each set data/<name> into scores/<tag>-<name>."""
     commands = {}
     for name in names:
-        commands.update(scoring(weights, data / name, scores / f"{tag}-{name}", device, processes, f"{tag}-{name}"))
+        commands.update(scoring(weights, data / name, scores / f"{tag}-{name}", device, processes, f"{tag}-{name}",
+                                extra))
     return commands
 
 

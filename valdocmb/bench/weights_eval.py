@@ -3,6 +3,7 @@
     python -m valdocmb.bench.weights_eval --out runs/weights-eval \\
         --weights shipped=weights --weights randomised=weights/randomised \\
         --weights new=~/.cache/valdocmb/weights-stream --candidate new [--device auto] [--jobs 2]
+        [--batch-norm-scan NAME]
         [--holdout-cases 50] [--ood-cases 40] [--tuning-cases 20]
     python -m valdocmb.bench.weights_eval --out runs/weights-eval --weights ... --report-only
 
@@ -120,6 +121,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--weights", action="append", default=[], metavar="NAME=FOLDER",
                         help="a weight set to score (repeatable; one must be named shipped)")
+    parser.add_argument("--batch-norm-scan", action="append", default=[], metavar="NAME",
+                        help="score the weight set NAME with batch-norm statistics recomputed on each scan "
+                        "(`--batch-norm scan`; name the same folder twice to compare, e.g. --weights shipped=weights "
+                        "--weights shipped-scan=weights --batch-norm-scan shipped-scan)")
     parser.add_argument("--candidate", default=None, help="the weight set the decision rule is about")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="processes at a time")
@@ -132,6 +137,8 @@ def main(argv=None) -> int:
     weights = named_folders(args.weights) or {"shipped": Path("weights"), "randomised": Path("weights/randomised")}
     if "shipped" not in weights:
         parser.error("name one weight set shipped (the current default), e.g. --weights shipped=weights")
+    if unknown := set(args.batch_norm_scan) - set(weights):
+        parser.error(f"--batch-norm-scan {', '.join(sorted(unknown))}: not a named weight set")
     if args.report_only:
         report(args.out, weights, args.candidate)
         return 0
@@ -144,8 +151,9 @@ def main(argv=None) -> int:
     seconds["synth"] = time.perf_counter() - started
     for name, folder in weights.items():  # one weight set at a time: its processes share the CPUs or the GPU
         started = time.perf_counter()
-        run_all(scoring_sets(folder, (*REPORTED, TUNING), data, scores, name, args.device, max(1, args.jobs)), logs,
-                args.jobs)
+        extra = ("--batch-norm", "scan") if name in args.batch_norm_scan else ()
+        run_all(scoring_sets(folder, (*REPORTED, TUNING), data, scores, name, args.device, max(1, args.jobs), extra),
+                logs, args.jobs)
         seconds[f"scoring_{name}"] = time.perf_counter() - started
     summary = {"sets": {k: " ".join(v) for k, v in made.items()}, "weights": {k: str(v) for k, v in weights.items()},
                "seconds": {k: round(v) for k, v in seconds.items()}, "hardware": hardware(),

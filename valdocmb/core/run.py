@@ -34,7 +34,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from . import location, methods, report
-from .defaults import INVOKE_PORT, NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS, RUNTIMES
+from .defaults import BATCH_NORM, INVOKE_PORT, NNUNET_MIRRORING, NNUNET_TILE_STEP, PRECISIONS, RUNTIMES
 from .dicom import DEFAULT_ECHO_TIME_MS, read_series
 from .errors import CaseError, RunError
 from .imageio import (
@@ -69,7 +69,8 @@ def env_choices() -> tuple:
     return (("layout", "CMB_LAYOUT", layout_names()), ("method", "CMB_METHOD", methods.names()),
             ("device", "CMB_DEVICE", ("auto", "cpu", "cuda")), ("reports", "CMB_REPORTS", ("auto", "on", "off")),
             ("lesion_rule", "CMB_LESION_RULE", ("weights", "off")), ("location", "CMB_LOCATION", ("on", "off")),
-            ("precision", "CMB_PRECISION", PRECISIONS), ("runtime", "CMB_RUNTIME", RUNTIMES))
+            ("precision", "CMB_PRECISION", PRECISIONS), ("runtime", "CMB_RUNTIME", RUNTIMES),
+            ("batch_norm", "CMB_BATCH_NORM", BATCH_NORM))
 
 
 def tile_step(text: str) -> float:
@@ -172,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime", choices=RUNTIMES, default=env("CMB_RUNTIME", "auto"),
                         help="where the three-stage networks run: auto (default: OpenVINO on a CPU, about 1.5x "
                         "faster at the same precision; torch on CUDA and for float16 or tf32), torch, or openvino")
+    parser.add_argument("--batch-norm", choices=BATCH_NORM, default=env("CMB_BATCH_NORM", "trained"),
+                        help="three-stage batch-norm statistics: trained (default), or scan: recomputed on each scan "
+                        "for screening and discrimination, a label-free adaptation to another scanner (opt-in; "
+                        "about 2 s per scan; see docs/results.md)")
     parser.add_argument("--nnunet-tile-step", type=tile_step, default=NNUNET_TILE_STEP,
                         help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,
@@ -239,7 +244,7 @@ def method_from(args: argparse.Namespace):
     log.info("loading %s from %s; torch uses %d CPU thread(s)", args.method, args.weights, args.threads)
     options = methods.MethodOptions(
         device=args.device, precision=args.precision, runtime=args.runtime,
-        lesion_rule=args.lesion_rule == "weights",
+        lesion_rule=args.lesion_rule == "weights", batch_norm=args.batch_norm,
         nnunet={"tile_step": args.nnunet_tile_step, "mirroring": args.nnunet_mirroring})
     return methods.load(args.method, args.weights, options)
 

@@ -33,7 +33,7 @@ from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
 
-from . import manifest, openvino_runtime
+from . import adaptation, manifest, openvino_runtime
 from .defaults import CUDA_ONLY_PRECISIONS, PRECISIONS, RUNTIMES
 from .device import (
     CPU_ITEMS_PER_CALL,
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 # MANIFEST.json's entry of the int8 calibration: {"weights": version it was made for, "ranges": {network: [[low,
 # high] per convolution]}, how it was made}; written by `python -m valdocmb.bench.int8`
 INT8_KEY = "int8_calibration"
+# its entry of the batch-norm reference (adaptation.py): {"weights": version, "moments": {network: [per batch norm
+# (3, channels) count, sum, sum of squares]}, how it was made}; written by `python -m valdocmb.bench.batch_norm`
+BATCH_NORM_KEY = "batch_norm_reference"
 
 WEIGHT_FILES = {
     "screening": "three_stage/screening.pt",
@@ -91,6 +94,7 @@ class ThreeStageConfig:
     lesion_rule: LesionRule = field(default_factory=LesionRule)
     precision: str = "float32"             # see PRECISIONS; auto is resolved when the pipeline is built
     runtime: str = "torch"                 # see RUNTIMES; auto is resolved when the pipeline is built
+    adapt_batch_norm: bool = False         # screening's and discrimination's statistics from each scan (adaptation.py)
 
 
 @dataclass
@@ -138,7 +142,7 @@ def version_of(digests: dict[str, str]) -> str:
 class ThreeStagePipeline:
     def __init__(self, screening: ScreeningFCN, discrimination: DiscriminationCNN, segmentation: SegmentationUNet,
                  device: str | torch.device = "cpu", config: ThreeStageConfig | None = None,
-                 int8_ranges: dict | None = None):
+                 int8_ranges: dict | None = None, batch_norm_reference: dict | None = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         # a copy: resolving precision "auto" below must not rewrite the caller's config
         self.config = replace(config) if config is not None else ThreeStageConfig()
@@ -153,7 +157,18 @@ class ThreeStagePipeline:
                         self.device)
             self.config.precision = "float32"
         self._int8_ranges = int8_ranges     # per network, every convolution's input range (INT8_KEY)
+        if self.config.adapt_batch_norm and self.config.precision == "int8":
+            raise CaseError("batch-norm adaptation changes the activations int8 was calibrated on: use it with a "
+                            "floating-point precision")
         self._compiled = self._compile(self._resolve_runtime())
+        self._batch_norm_reference = batch_norm_reference   # per network, each batch norm's reference moments
+        if self.config.adapt_batch_norm and not batch_norm_reference:
+            raise CaseError("batch norm scan: these weights have no batch-norm reference in their MANIFEST.json (make "
+                            "one with `python -m valdocmb.bench.batch_norm --weights DIR --data SCANS`)")
+        # the trained batch-norm statistics, restored before each case that adapts them (adaptation.py)
+        self._stored_statistics = {name: adaptation.snapshot(getattr(self, name))
+                                   for name in ("screening", "discrimination")}
+        self._adapted: set[str] = set()
         self.weights_info: dict = {}
         self._item_bytes: dict[str, int] = {}
 
@@ -180,9 +195,10 @@ class ThreeStagePipeline:
         self.config.runtime = runtime
         return runtime
 
-    def _compile(self, runtime: str) -> dict:
-        """The networks' pieces as OpenVINO functions (empty for torch). Built from the
-        networks' parameters now: a pipeline whose networks change afterwards (training) must use torch."""
+    def _compile(self, runtime: str, networks=("screening", "discrimination", "segmentation")) -> dict:
+        """The pieces of `networks` as OpenVINO functions (empty for torch). Built from the networks' parameters
+        now: a pipeline whose networks change afterwards must compile again (batch-norm adaptation does) or use
+        torch (training)."""
         if runtime != "openvino":
             return {}
         threads, precision = torch.get_num_threads(), self.float_precision()
@@ -195,16 +211,39 @@ class ThreeStagePipeline:
         # too (C3-C4), they moved the scores enough to change 7 of 10 hold-out masks (docs/results.md, "Speed")
         quantized = self._int8_ranges if self.config.precision == "int8" else None
         s, d = (quantized or {}).get("screening"), (quantized or {}).get("discrimination")
-        return {
-            "screening_local": openvino_runtime.compile_stack(list(screening[:local]), 1, precision, threads,
-                                                              int8=[None, s[1]] if s else None),
-            "screening_head": openvino_runtime.compile_stack(list(screening[local:]), 64, precision, threads),
-            "segmentation": openvino_runtime.compile_unet(self.segmentation, precision, threads),
-            "discrimination": openvino_runtime.compile_shifted_classifier(
+        pieces = {}
+        if "screening" in networks:
+            pieces["screening_local"] = openvino_runtime.compile_stack(list(screening[:local]), 1, precision, threads,
+                                                                       int8=[None, s[1]] if s else None)
+            pieces["screening_head"] = openvino_runtime.compile_stack(list(screening[local:]), 64, precision, threads)
+        if "segmentation" in networks:
+            pieces["segmentation"] = openvino_runtime.compile_unet(self.segmentation, precision, threads)
+        if "discrimination" in networks:
+            pieces["discrimination"] = openvino_runtime.compile_shifted_classifier(
                 list(discrimination.features[:tail]), list(discrimination.features[tail:]),
                 [discrimination.classifier], (z, y, x), reach, precision, threads,
-                int8=([None, d[1]], []) if d else None),
-        }
+                int8=([None, d[1]], []) if d else None)
+        return pieces
+
+    def _adapt(self, network: str, inputs: torch.Tensor | None) -> None:
+        """Correct `network`'s batch norms towards the weights' reference on this scan's `inputs` (None: too few,
+        the trained statistics stay), then compile it again."""
+        if inputs is None:
+            log.info("  batch-norm adaptation: too few items for %s, its trained statistics stay", network)
+            return
+        assert self._batch_norm_reference is not None   # checked when the pipeline was built
+        adaptation.adapt_to_reference(getattr(self, network), inputs.to(self.device),
+                                      self._batch_norm_reference[network])
+        self._adapted.add(network)
+        self._compiled.update(self._compile(self.config.runtime, (network,)))
+        log.info("  batch-norm adaptation: %s corrected on %d item(s) of this scan", network, len(inputs))
+
+    def _restore_statistics(self) -> None:
+        """The trained statistics back in every network the previous case adapted."""
+        for network in sorted(self._adapted):
+            adaptation.restore(getattr(self, network), self._stored_statistics[network])
+            self._compiled.update(self._compile(self.config.runtime, (network,)))
+        self._adapted.clear()
 
     def float_precision(self) -> str:
         """The floating-point arithmetic of what int8 leaves unquantized (the U-Net among it): bfloat16 on a CPU
@@ -225,8 +264,10 @@ class ThreeStagePipeline:
 
     @classmethod
     def from_weights(cls, weights_dir: Path, device: str = "auto", config: ThreeStageConfig | None = None,
-                     lesion_rule: bool = True, precision: str = "float32", runtime: str = "torch"):
-        """lesion_rule: apply the rule stored with the weights (when no config is given), else keep everything."""
+                     lesion_rule: bool = True, precision: str = "float32", runtime: str = "torch",
+                     batch_norm: str = "trained"):
+        """lesion_rule: apply the rule stored with the weights (when no config is given), else keep everything;
+        batch_norm: "scan" recomputes screening's and discrimination's statistics on each scan (adaptation.py)."""
         nets = {"screening": ScreeningFCN(), "discrimination": DiscriminationCNN(),
                 "segmentation": SegmentationUNet()}
         loaded = {name: load_weights(net, weights_dir, WEIGHT_FILES[name]) for name, net in nets.items()}
@@ -234,7 +275,8 @@ class ThreeStagePipeline:
         digests = {name: sha for name, (_, sha) in loaded.items()}
         if config is None:
             config = ThreeStageConfig(lesion_rule=rule_from_manifest(weights_dir) if lesion_rule else LesionRule(),
-                                      precision=precision, runtime=runtime)
+                                      precision=precision, runtime=runtime,
+                                      adapt_batch_norm=batch_norm == "scan")
             # weights trained with another loss score on another scale: they carry the threshold chosen for them
             config.screening_threshold = metas["screening"].get("screening_threshold", config.screening_threshold)
         spacing = metas["screening"].get("target_spacing")
@@ -243,7 +285,11 @@ class ThreeStagePipeline:
         version = version_of(digests)
         calibration = manifest.read(weights_dir).get(INT8_KEY) or {}
         ranges = calibration.get("ranges") if calibration.get("weights") == version else None   # for these only
-        pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config, ranges)
+        reference = manifest.read(weights_dir).get(BATCH_NORM_KEY) or {}
+        moments = ({name: [np.asarray(m, np.float64) for m in layers] for name, layers in reference["moments"].items()}
+                   if reference.get("weights") == version else None)
+        pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config, ranges,
+                       moments)
         pipeline.weights_info = {"folder": str(weights_dir), "version": version, "sha256": digests}
         log.info("three-stage weights from %s on %s", weights_dir, pipeline.device)
         return pipeline
@@ -453,11 +499,19 @@ class ThreeStagePipeline:
         with timed(timings, "preprocess", log):
             pre = preprocess(image, cfg.target_spacing)
         log.info("  processing grid %s voxels", "x".join(map(str, pre.array.shape[::-1])))
+        if cfg.adapt_batch_norm:
+            self._restore_statistics()
+            with timed(timings, "adapt_screening", log):
+                self._adapt("screening", adaptation.screening_crops(pre.array, pre.foreground))
         with timed(timings, "screening", log):
             scores = self.screen(pre.array, pre.foreground)
         with timed(timings, "candidates", log):
             candidates = self.find_candidates(scores)
         log.info("  %d candidate(s) at screening threshold %.2f", len(candidates), cfg.screening_threshold)
+        if cfg.adapt_batch_norm:
+            with timed(timings, "adapt_discrimination", log):
+                self._adapt("discrimination", adaptation.discrimination_patches(
+                    pre.array, [c.centre for c in candidates], DiscriminationCNN.patch_size))
         with timed(timings, "discrimination", log):
             probs = self.discriminate(pre.array, [c.centre for c in candidates])
             for candidate, p in zip(candidates, probs):
@@ -510,4 +564,5 @@ class ThreeStagePipeline:
 def load_method(weights_dir: Path, options) -> ThreeStagePipeline:
     """The registry's factory (core.methods): the pipeline from `weights_dir` with a run's MethodOptions."""
     return ThreeStagePipeline.from_weights(weights_dir, options.device, lesion_rule=options.lesion_rule,
-                                           precision=options.precision, runtime=options.runtime)
+                                           precision=options.precision, runtime=options.runtime,
+                                           batch_norm=options.batch_norm)

@@ -1,6 +1,7 @@
 """Score the three-stage pipeline after each stage on labelled cases, per acquisition grid.
 
-    valdocmb-stagewise --data DIR [--weights weights] [--device auto] [--precision auto] [--max-cases N] [--json F]
+    valdocmb-stagewise --data DIR [--weights weights] [--device auto] [--precision auto] [--runtime auto]
+                       [--batch-norm trained|scan] [--max-cases N] [--json F]
                        [--subjects S ...] [--cache DIR] [--record]
 
 Stage outputs scored with the VALDO rules: "screening" = every candidate after non-maximum suppression, drawn as a
@@ -29,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..core import manifest
-from ..core.defaults import PRECISIONS
+from ..core.defaults import BATCH_NORM, PRECISIONS, RUNTIMES
 from ..core.imageio import image_like, read_mask, read_scan, write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
@@ -96,6 +97,10 @@ def grid_of(scan: Path, subject: str) -> str:
     return json.loads(sim.read_text())["acquisition"]["grid"] if sim.is_file() else "all"
 
 
+def batch_norm_of(pipeline) -> str:
+    return "scan" if pipeline.config.adapt_batch_norm else "trained"
+
+
 def evaluate_stages(pipeline, cases, radius_mm: float = 1.5, distance_mm: float = 5.0,
                     cache: Path | None = None) -> list[dict]:
     """One record per case (see `case_record`), read from the cache when it has the case."""
@@ -104,17 +109,18 @@ def evaluate_stages(pipeline, cases, radius_mm: float = 1.5, distance_mm: float 
         cached = cache / f"{subject}.json" if cache else None
         if cached and cached.is_file():
             record = json.loads(cached.read_text())
-            made_with = (record.get("weights"), record.get("evidence", {}).get("version"))
-            if made_with == (pipeline.weights_info.get("version"), EVIDENCE_VERSION):
+            made_with = (record.get("weights"), record.get("evidence", {}).get("version"),
+                         record.get("batch_norm", "trained"))
+            if made_with == (pipeline.weights_info.get("version"), EVIDENCE_VERSION, batch_norm_of(pipeline)):
                 records.append(record)
                 log.info("[%d/%d] %s: from %s", i, len(cases), subject, cached)
                 continue
-            log.warning("[%d/%d] %s: %s was made with other weights or scoring (%s, evidence version %s); running "
-                        "it again", i, len(cases), subject, cached, *made_with)
+            log.warning("[%d/%d] %s: %s was made with other weights, scoring or batch norm (%s, evidence version "
+                        "%s, %s); running it again", i, len(cases), subject, cached, *made_with)
         start = time.perf_counter()
         record = case_record(pipeline, read_scan(scan), read_mask(label, cast=False), radius_mm, distance_mm)
         record.update(subject=subject, grid=grid_of(scan, subject), seconds=time.perf_counter() - start,
-                      weights=pipeline.weights_info.get("version"))
+                      weights=pipeline.weights_info.get("version"), batch_norm=batch_norm_of(pipeline))
         scores = stage_scores(record, pipeline.config.lesion_rule)
         s, r = scores["segmentation"], scores["lesion rule"]
         log.info("[%d/%d] %s %s: ref %d, cand %d, conf %d, seg %d (TP %d FP %d), rule %d (TP %d FP %d)  %.1f s",
@@ -149,6 +155,11 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the networks' arithmetic (default auto, as the container runs them: bfloat16 on a CPU "
                         "that has it); cached records are reused whatever precision made them")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="where the networks run (default auto, as the container runs them: OpenVINO on a CPU)")
+    parser.add_argument("--batch-norm", choices=BATCH_NORM, default="trained",
+                        help="batch-norm statistics as trained (default) or recomputed on each scan (adaptation); "
+                        "records remember which, and a cache made the other way is run again")
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--subjects", nargs="+", help="only these subjects (e.g. to share the work between processes)")
     parser.add_argument("--mark-radius", type=float, default=1.5)
@@ -159,8 +170,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     weights = args.weights or default_weights_dir()
-    pipeline = cast("ThreeStagePipeline", load("three-stage", weights, MethodOptions(device=args.device,
-                                                                                     precision=args.precision)))
+    pipeline = cast("ThreeStagePipeline", load("three-stage", weights, MethodOptions(
+        device=args.device, precision=args.precision, runtime=args.runtime, batch_norm=args.batch_norm)))
     cases = find_training_cases(args.data)
     if args.subjects:
         cases = [case for case in cases if case[0] in set(args.subjects)]

@@ -6,6 +6,7 @@ screening, shared discrimination, bfloat16, simulated regions), measured in one 
     python -m valdocmb.bench.training --precisions 60  # dense screening: float32 vs bfloat16 loss curves
     python -m valdocmb.bench.training --score weights  # given weights on the streamed run's validation regions
     python -m valdocmb.bench.training --curves WORK --figure curves.png   # a streamed run's learning curves
+    python -m valdocmb.bench.training --candidates WORK SCAN ...   # candidates per scan: shipped vs WORK's screening
 
 Per stage: labelled positions (screening) or samples per second, and seconds per step, each path timed on the
 same regions with the same networks. Simulation: training crops per CPU-second, where a whole scan yields the
@@ -236,6 +237,41 @@ def score(weights: Path, device, work: Path, seed: int, count: int) -> dict:
     return result
 
 
+def candidates(work: Path, scans: list[Path], weights: Path, seed: int, count: int) -> dict:
+    """Candidates per scan from the shipped screening at its threshold and from the kept screening state of the
+    streamed run in `work` (finished or not) at the threshold that run chooses (`choose_screening_threshold` on
+    its validation regions, as training does when screening ends): does the new network's candidate count, and so
+    the discrimination stage's time, grow?"""
+    from ..core.imageio import read_scan
+    from ..core.preprocess import preprocess
+    from ..core.three_stage import ThreeStagePipeline
+
+    saved = torch.load(work / "screening.ckpt", map_location="cpu", weights_only=False)
+    state = (saved["best"] or {}).get("model") or saved["model"]
+    shipped = ThreeStagePipeline.from_weights(weights, "cpu", precision="auto", runtime="auto")
+    new = ThreeStagePipeline.from_weights(weights, "cpu", precision="auto", runtime="auto")
+    new.screening.load_state_dict(state)
+    new.screening.eval()
+    new._compiled.update(new._compile(new.config.runtime, ("screening",)))
+    cast, _ = dense.autocast(torch.device("cpu"), "auto")
+    validation = streamed.validation_regions(work, seed, count, 1, tuple(new.config.target_spacing))
+    new.config.screening_threshold = streamed.choose_screening_threshold(new.screening, validation, "cpu", cast,
+                                                                         STREAM_SCHEDULES["full"].false_peaks_per_region)["threshold"]
+    rows = []
+    for scan in scans:
+        pre = preprocess(read_scan(scan), shipped.config.target_spacing)
+        row: dict = {"scan": str(scan)}
+        for name, pipeline in (("shipped", shipped), ("new", new)):
+            started = time.perf_counter()
+            found = pipeline.find_candidates(pipeline.screen(pre.array, pre.foreground))
+            row[name] = {"candidates": len(found), "threshold": pipeline.config.screening_threshold,
+                         "seconds": round(time.perf_counter() - started, 1)}
+        log.info("%s: %s", scan, row)
+        rows.append(row)
+    total = {name: sum(r[name]["candidates"] for r in rows) for name in ("shipped", "new")}
+    return {"work": str(work), "kept_step": (saved["best"] or {}).get("step"), "scans": rows, "total": total}
+
+
 CURVE_METRICS = {"screening": ("froc", "recall@1fp", "fp_per_region@0.5"),
                  "discrimination": ("sensitivity", "mined_kept"), "segmentation": ("dice",)}
 
@@ -305,6 +341,9 @@ def main(argv=None) -> int:
                         help="instead: score these weights on the validation regions of a streamed run (--seed)")
     parser.add_argument("--curves", type=Path, default=None, metavar="WORK",
                         help="instead: draw the learning curves of the streamed run in WORK (with --figure)")
+    parser.add_argument("--candidates", type=Path, nargs="+", default=None, metavar=("WORK", "SCAN"),
+                        help="instead: candidates per scan (the SCANs after WORK) from the shipped screening and from "
+                        "the streamed run in WORK")
     parser.add_argument("--figure", type=Path, default=Path("learning-curves.png"))
     parser.add_argument("--seed", type=int, default=0, help="the streamed run's seed (--score, --losses)")
     parser.add_argument("--validation-regions", type=int, default=48)
@@ -316,6 +355,11 @@ def main(argv=None) -> int:
     report: dict = {"hardware": hardware(), "device": str(device), "threads": torch.get_num_threads()}
     if args.curves:
         report["curves"] = curves(args.curves, args.figure)
+    elif args.candidates:
+        if len(args.candidates) < 2:
+            parser.error("--candidates WORK SCAN [SCAN ...]")
+        report["candidates"] = candidates(args.candidates[0], args.candidates[1:], Path("weights"), args.seed,
+                                          args.validation_regions)
     elif args.score:
         report["score"] = score(args.score, device, args.work, args.seed, args.validation_regions)
     elif args.precisions:
@@ -336,7 +380,8 @@ def main(argv=None) -> int:
         sim = report["simulation"]
         print(f"{'simulation':<15} {'crops per CPU-s':<19} {sim['whole_scans']['crops_per_cpu_s']:>10} {'':>8} "
               f"{sim['regions']['crops_per_cpu_s']:>12} {'':>8} {sim['ratio']:>6}x")
-    print(json.dumps(report, indent=1) if args.losses or args.score or args.curves or args.precisions else "")
+    print(json.dumps(report, indent=1) if args.losses or args.score or args.curves or args.precisions
+          or args.candidates else "")
     if args.out:
         write_text_atomic(json.dumps(report, indent=1), args.out)
     return 0

@@ -184,6 +184,18 @@ def test_valdocmb_train_without_data_writes_loadable_weights(tmp_path):
     assert train_main(["--schedule", "smoke", "--out", str(out), "--work", str(work), "--workers", "0",
                        "--set", "validation_regions=1"]) == 0
     assert json.loads((out / "MANIFEST.json").read_text())["files"]["three_stage/screening.pt"]["sha256"] == digest
+    # candidates per scan from the run's screening state at the threshold it chooses, beside the given weights'
+    import SimpleITK as sitk
+    from test_three_stage import dark_blob_scan
+
+    from valdocmb.bench import training as bench_training
+
+    sitk.WriteImage(dark_blob_scan(), str(tmp_path / "scan.nii.gz"))
+    counted = bench_training.candidates(work, [tmp_path / "scan.nii.gz"], out, 0, 1)
+    row = counted["scans"][0]
+    assert row["shipped"]["threshold"] == pipeline.config.screening_threshold
+    assert row["new"]["threshold"] == pytest.approx(pipeline.config.screening_threshold)   # what training chose
+    assert counted["total"] == {name: row[name]["candidates"] for name in ("shipped", "new")}
 
 
 def test_streamed_options_that_need_scans_are_refused(tmp_path, capsys):

@@ -252,3 +252,45 @@ def test_a_stage_is_kept_by_its_recent_validations_not_one_lucky_check():
         kept.append(round(streamed.selection_score(history, "loss"), 4))
     assert streamed.SELECTION_WINDOW == 3
     assert kept == [0.5, 0.3, 0.35, 0.2833, 0.3433, 0.26]   # the lone 0.1 no longer wins for good
+
+
+def test_ablation_profile_mix_changes_only_the_profile(monkeypatch):
+    """standard_share (issue 31's data-variety ablation) changes which profile a case draws, nothing else; the
+    default schedule draws exactly as PROFILE_MIX, so a run in progress resumes on the same regions."""
+    from types import SimpleNamespace
+
+    from valdocmb.synth import region as synth_region
+    from valdocmb.synth import simulate as synth_simulate
+    from valdocmb.train import stream
+
+    calls = []
+
+    def fake(case_seed, grid, count, target_spacing, **profile):
+        calls.append((case_seed, grid, profile == synth_simulate.PROFILES["standard"]))
+        shape = (2, 2, 2)
+        return [SimpleNamespace(volume=np.zeros(shape), label=np.zeros(shape, np.uint8),
+                                foreground=np.ones(shape, bool), sites=[], meta={}) for _ in range(count)]
+
+    monkeypatch.setattr(synth_region, "simulate_regions", fake)
+    assert schedules.STREAM_SCHEDULES["full"].profile_mix() == stream.PROFILE_MIX
+    draws = {}
+    for share in (None, 1.0, 0.0):
+        calls.clear()
+        mix = None if share is None else schedules.stream_schedule_with(
+            schedules.STREAM_SCHEDULES["full"], [f"standard_share={share}"]).profile_mix()
+        profiles = [stream.make_case(7, case, profile_mix=mix)[0].meta["profile"] for case in range(12)]
+        draws[share] = ([c[:2] for c in calls], profiles)
+    assert draws[None][0] == draws[1.0][0] == draws[0.0][0]            # the same case seeds and grids
+    assert set(draws[1.0][1]) == {"standard"} and set(draws[0.0][1]) == {"randomised"}
+    assert set(draws[None][1]) == {"standard", "randomised"}
+    with pytest.raises(SystemExit, match="standard_share"):
+        schedules.stream_schedule_with(schedules.STREAM_SCHEDULES["full"], ["standard_share=1.5"])
+    assert schedules.stream_schedule_with(schedules.STREAM_SCHEDULES["full"],
+                                          ["hard_negative_sites=0"]).hard_negative_sites == 0
+
+
+def test_without_hard_negative_sites_negatives_are_random_brain_points():
+    sites = {"positive": [(1, 1, 1)], "mined": [(2, 2, 2)], "mimic": [(3, 3, 3)], "random": [(4, 4, 4)]}
+    draws = streamed.draw_sites([("region", sites)], 200, 0.5, np.random.default_rng(0), streamed.RANDOM)
+    assert {centre for _, centre, label in draws if label == 0} == {(4, 4, 4)}
+    assert {centre for _, centre, label in draws if label == 1} == {(1, 1, 1)}

@@ -58,6 +58,15 @@ class StreamSchedule:
     # about what the pool-trained weights leave at their threshold of 0.1 (5.2), so candidates per scan do not grow
     false_peaks_per_region: float = 5.0
     learning_rate_scale: float = 1.0
+    # ablations (issue 31), one factor of the recipe at a time: the share of regions drawn from the standard profile
+    # (stream.PROFILE_MIX's 0.35; 1 = standard only), and whether discrimination and U-Net negatives include the
+    # hard ones (mined false positives and mimic sites: vessel ends, bends, crossings, calcifications; 0 = random
+    # brain points only). The validation regions keep the default mix whatever these say.
+    standard_share: float = 0.35
+    hard_negative_sites: int = 1
+
+    def profile_mix(self) -> dict[str, float]:
+        return {"standard": self.standard_share, "randomised": 1.0 - self.standard_share}
 
 
 STREAM_SCHEDULES = {
@@ -91,5 +100,10 @@ def schedule_with(schedule, overrides: list[str], may_be_zero: tuple = ()):
 
 
 def stream_schedule_with(schedule: StreamSchedule, overrides: list[str]) -> StreamSchedule:
-    """The schedule with NAME=VALUE overrides (`schedule_with`); hard_negatives=0 counts every position."""
-    return schedule_with(schedule, overrides, may_be_zero=("hard_negatives",))
+    """The schedule with NAME=VALUE overrides (`schedule_with`); hard_negatives=0 counts every position,
+    standard_share=0 draws randomised regions only, hard_negative_sites=0 drops the hard negative sites."""
+    changed = schedule_with(schedule, overrides, may_be_zero=("hard_negatives", "standard_share",
+                                                              "hard_negative_sites"))
+    if changed.standard_share > 1 or changed.hard_negative_sites not in (0, 1):
+        raise SystemExit("--set: standard_share lies in [0, 1] and hard_negative_sites is 0 or 1")
+    return changed

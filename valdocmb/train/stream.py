@@ -42,16 +42,21 @@ def region_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def make_case(seed: int, case: int, target_spacing=DEFAULT_TARGET_SPACING) -> list[StreamedRegion]:
+def make_case(seed: int, case: int, target_spacing=DEFAULT_TARGET_SPACING,
+              profile_mix: dict[str, float] | None = None) -> list[StreamedRegion]:
     """Regions case * REGIONS_PER_CASE ... of stream `seed`: one case, its profile and grid drawn from the
-    mixtures, REGIONS_PER_CASE windows of it."""
+    mixtures (`profile_mix`, default PROFILE_MIX: the same draws whatever its shares, so only the profile
+    changes), REGIONS_PER_CASE windows of it."""
+    mix = PROFILE_MIX if profile_mix is None else profile_mix
+    if set(mix) != set(PROFILE_MIX):
+        raise ValueError(f"profile mix {mix}: expected shares of {', '.join(PROFILE_MIX)}")
     from ..synth.region import simulate_regions
     from ..synth.simulate import PROFILES
 
     for attempt in range(5):  # a subject drawn out of the field of view draws again, from a seed of its own
         case_seed = region_seed(seed, case) if attempt == 0 else region_seed(seed * 7919 + attempt, case)
         rng = np.random.default_rng(case_seed)
-        profile = list(PROFILE_MIX)[rng.choice(len(PROFILE_MIX), p=list(PROFILE_MIX.values()))]
+        profile = list(PROFILE_MIX)[rng.choice(len(PROFILE_MIX), p=[mix[name] for name in PROFILE_MIX])]
         grid = list(GRID_MIX)[rng.choice(len(GRID_MIX), p=list(GRID_MIX.values()))]
         try:
             regions = simulate_regions(case_seed, grid, REGIONS_PER_CASE, target_spacing=tuple(target_spacing),
@@ -87,8 +92,9 @@ class RegionStream:
     process), at most `ahead` cases in flight."""
 
     def __init__(self, seed: int, start: int = 0, workers: int = 1, ahead: int = 4,
-                 target_spacing=DEFAULT_TARGET_SPACING):
+                 target_spacing=DEFAULT_TARGET_SPACING, profile_mix: dict[str, float] | None = None):
         self.seed, self.position, self.target_spacing = seed, start, tuple(target_spacing)
+        self.profile_mix = profile_mix
         self.ahead = max(1, ahead)
         self._pending: deque = deque()                 # futures of whole cases, in order
         self._ready: deque = deque()                   # regions of the current case not yet taken
@@ -99,12 +105,13 @@ class RegionStream:
 
     def _fill(self) -> None:
         while self._pool and len(self._pending) < self.ahead:
-            self._pending.append(self._pool.submit(make_case, self.seed, self._next_case, self.target_spacing))
+            self._pending.append(self._pool.submit(make_case, self.seed, self._next_case, self.target_spacing,
+                                                   self.profile_mix))
             self._next_case += 1
 
     def _next_case_regions(self) -> list[StreamedRegion]:
         if self._pool is None:
-            regions = make_case(self.seed, self._next_case, self.target_spacing)
+            regions = make_case(self.seed, self._next_case, self.target_spacing, self.profile_mix)
             self._next_case += 1
         else:
             self._fill()

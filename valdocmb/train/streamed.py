@@ -157,6 +157,7 @@ def screening_batch(regions: list[StreamedRegion], rng, device, augment: bool = 
 
 
 NEGATIVE_MIX = {"mined": 0.5, "mimic": 0.3, "random": 0.2}
+RANDOM = {"random": 1.0}               # the hard-negative ablation's negatives (StreamSchedule.hard_negative_sites=0)
 
 
 def draw_sites(buffer_sites: list[tuple[StreamedRegion, dict]], count: int, positive_share: float, rng,
@@ -256,7 +257,7 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
         return state["history"]
     start = max(0, state["stream_position"] - schedule.buffer)
     with RegionStream(stream_seed(seed, stage.name), start, workers, ahead=2,
-                      target_spacing=spacing) as stream:
+                      target_spacing=spacing, profile_mix=schedule.profile_mix()) as stream:
         buffer = [stage.prepare(r) for r in stream.take(schedule.buffer if start == 0 else
                                                                     state["stream_position"] - start)]
         started = time.perf_counter()
@@ -429,7 +430,7 @@ class DiscriminationStage(Stage):
 
     def step(self, buffer, rng):
         s = self.schedule
-        draws = draw_sites(buffer, s.discrimination_sites, 0.5, rng)
+        draws = draw_sites(buffer, s.discrimination_sites, 0.5, rng, NEGATIVE_MIX if s.hard_negative_sites else RANDOM)
         x, _ = site_patches(draws, dense.DISCRIMINATION_REGION, 4, rng, self.device)
         shifts = dense.random_shifts(rng, len(draws), s.discrimination_shifts)
         logits = dense.shared_discrimination_logits(self.net, x, shifts)
@@ -484,7 +485,8 @@ class SegmentationStage(Stage):
         return region, region_sites(region, region_rng(region), self.screening, self.device, self.cast)
 
     def step(self, buffer, rng):
-        draws = draw_sites(buffer, self.schedule.segmentation_batch, 0.75, rng, {"mined": 0.5, "mimic": 0.5})
+        negatives = {"mined": 0.5, "mimic": 0.5} if self.schedule.hard_negative_sites else RANDOM
+        draws = draw_sites(buffer, self.schedule.segmentation_batch, 0.75, rng, negatives)
         x, label = site_patches(draws, SegmentationUNet.patch_size, 4, rng, self.device, shift=3)
         return soft_dice_loss(self.net(x), label), len(draws)
 

@@ -382,9 +382,10 @@ class ThreeStagePipeline:
                 continue
             (y0, x0), (y1, x1) = inside.min(0), inside.max(0) + 1
             pooled = block_row(k)                         # never None: this slab's brain scores read it
-            if z1 - z0 + reach > block:                   # this slab reads the first rows of the next block row
+            if z1 - z0 + reach > block:                   # this slab reads the first `reach` rows of the next one
                 following = block_row(k + 1)
-                pooled = torch.cat([pooled, torch.zeros_like(pooled) if following is None else following], 1)
+                head = torch.zeros_like(pooled[:, :reach]) if following is None else following[:, :reach]
+                pooled = torch.cat([pooled, head], 1)
             for old in [r for r in rows if r < k + 1]:
                 del rows[old]
             region = pooled[:, :z1 - z0 + reach, y0:y1 + reach, x0:x1 + reach]

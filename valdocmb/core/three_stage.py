@@ -94,7 +94,7 @@ class ThreeStageConfig:
     lesion_rule: LesionRule = field(default_factory=LesionRule)
     precision: str = "float32"             # see PRECISIONS; auto is resolved when the pipeline is built
     runtime: str = "torch"                 # see RUNTIMES; auto is resolved when the pipeline is built
-    adapt_batch_norm: bool = False         # screening's and discrimination's statistics from each scan (adaptation.py)
+    adapt_batch_norm: bool = False         # batch norms corrected on each scan (adaptation.py)
 
 
 @dataclass
@@ -163,8 +163,8 @@ class ThreeStagePipeline:
         self._compiled = self._compile(self._resolve_runtime())
         self._batch_norm_reference = batch_norm_reference   # per network, each batch norm's reference moments
         if self.config.adapt_batch_norm and not batch_norm_reference:
-            raise CaseError("batch norm scan: these weights have no batch-norm reference in their MANIFEST.json (make "
-                            "one with `python -m valdocmb.bench.batch_norm --weights DIR --data SCANS`)")
+            raise CaseError("--batch-norm scan: these weights have no batch-norm reference in their MANIFEST.json "
+                            "(make one with `python -m valdocmb.bench.batch_norm --weights DIR --data SCANS`)")
         # the trained batch-norm statistics, restored before each case that adapts them (adaptation.py)
         self._stored_statistics = {name: adaptation.snapshot(getattr(self, name))
                                    for name in ("screening", "discrimination")}
@@ -267,7 +267,7 @@ class ThreeStagePipeline:
                      lesion_rule: bool = True, precision: str = "float32", runtime: str = "torch",
                      batch_norm: str = "trained"):
         """lesion_rule: apply the rule stored with the weights (when no config is given), else keep everything;
-        batch_norm: "scan" recomputes screening's and discrimination's statistics on each scan (adaptation.py)."""
+        batch_norm: "scan" corrects screening's and discrimination's batch norms on each scan (adaptation.py)."""
         nets = {"screening": ScreeningFCN(), "discrimination": DiscriminationCNN(),
                 "segmentation": SegmentationUNet()}
         loaded = {name: load_weights(net, weights_dir, WEIGHT_FILES[name]) for name, net in nets.items()}

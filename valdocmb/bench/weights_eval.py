@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", action="append", default=[], metavar="NAME=FOLDER",
                         help="a weight set to score (repeatable; one must be named shipped)")
     parser.add_argument("--batch-norm-scan", action="append", default=[], metavar="NAME",
-                        help="score the weight set NAME with batch-norm statistics recomputed on each scan "
+                        help="score the weight set NAME with its batch norms corrected on each scan "
                         "(`--batch-norm scan`; name the same folder twice to compare, e.g. --weights shipped=weights "
                         "--weights shipped-scan=weights --batch-norm-scan shipped-scan)")
     parser.add_argument("--candidate", default=None, help="the weight set the decision rule is about")

@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the three-stage networks run: auto (default: OpenVINO on a CPU, about 1.5x "
                         "faster at the same precision; torch on CUDA and for float16 or tf32), torch, or openvino")
     parser.add_argument("--batch-norm", choices=BATCH_NORM, default=env("CMB_BATCH_NORM", "trained"),
-                        help="three-stage batch-norm statistics: trained (default), or scan: recomputed on each scan "
-                        "for screening and discrimination, a label-free adaptation to another scanner (opt-in; "
-                        "about 2 s per scan; see docs/results.md)")
+                        help="three-stage batch norms: as trained (default), or scan: screening's and discrimination's "
+                        "corrected on each scan towards the weights' reference, a label-free adaptation to another "
+                        "scanner (opt-in; needs the weights' batch-norm reference; see docs/training.md)")
     parser.add_argument("--nnunet-tile-step", type=tile_step, default=NNUNET_TILE_STEP,
                         help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default %(default)s)")
     parser.add_argument("--nnunet-mirroring", action=argparse.BooleanOptionalAction, default=NNUNET_MIRRORING,

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="where the networks run (default auto, as the container runs them: OpenVINO on a CPU)")
     parser.add_argument("--batch-norm", choices=BATCH_NORM, default="trained",
-                        help="batch-norm statistics as trained (default) or recomputed on each scan (adaptation); "
+                        help="batch norms as trained (default) or corrected on each scan (core/adaptation.py); "
                         "records remember which, and a cache made the other way is run again")
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--subjects", nargs="+", help="only these subjects (e.g. to share the work between processes)")

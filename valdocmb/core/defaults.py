@@ -20,7 +20,7 @@ CUDA_ONLY_PRECISIONS = ("float16", "tf32")
 # everywhere else (CUDA, float16, tf32).
 RUNTIMES = ("auto", "torch", "openvino")
 
-# The three-stage networks' batch-norm statistics: as trained (default), or recomputed on each scan for screening
+# The three-stage networks' batch norms: as trained (default), or corrected on each scan for screening
 # and discrimination (test-time adaptation, core/adaptation.py; opt-in until measured to help, docs/results.md).
 BATCH_NORM = ("trained", "scan")
 

@@ -34,7 +34,7 @@ class MethodOptions:
     precision: str = "float32"   # the three-stage networks' arithmetic (nnU-Net's predictor chooses its own)
     runtime: str = "torch"       # the three-stage convolutions' runtime (defaults.RUNTIMES)
     lesion_rule: bool = True     # three-stage: apply the rule stored with the weights
-    batch_norm: str = "trained"  # three-stage: "trained" statistics, or recomputed on each "scan" (adaptation.py)
+    batch_norm: str = "trained"  # three-stage: as "trained", or corrected on each "scan" (adaptation.py)
     nnunet: dict = field(default_factory=dict)  # nnU-Net: tile_step, mirroring
 
 

@@ -21,7 +21,7 @@ CUDA_ONLY_PRECISIONS = ("float16", "tf32")
 RUNTIMES = ("auto", "torch", "openvino")
 
 # The three-stage networks' batch norms: as trained (default), or corrected on each scan for screening
-# and discrimination (test-time adaptation, core/adaptation.py; opt-in until measured to help, docs/results.md).
+# and discrimination (test-time adaptation, core/adaptation.py; opt-in: no gain in its pilot, docs/training.md).
 BATCH_NORM = ("trained", "scan")
 
 # grand-challenge's invoke mode: the port its platform calls /health and /invoke on

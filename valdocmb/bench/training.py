@@ -252,7 +252,7 @@ def candidates(work: Path, scans: list[Path], weights: Path, seed: int, count: i
     new = ThreeStagePipeline.from_weights(weights, "cpu", precision="auto", runtime="auto")
     new.screening.load_state_dict(state)
     new.screening.eval()
-    new._compiled.update(new._compile(new.config.runtime, ("screening",)))
+    new.networks_changed("screening")
     cast, _ = dense.autocast(torch.device("cpu"), "auto")
     validation = streamed.validation_regions(work, seed, count, 1, tuple(new.config.target_spacing))
     new.config.screening_threshold = streamed.choose_screening_threshold(new.screening, validation, "cpu", cast,

@@ -225,6 +225,10 @@ class ThreeStagePipeline:
                 int8=([None, d[1]], []) if d else None)
         return pieces
 
+    def networks_changed(self, *networks: str) -> None:
+        """After the parameters or statistics of `networks` changed in place: their OpenVINO pieces again."""
+        self._compiled.update(self._compile(self.config.runtime, networks))
+
     def _adapt(self, network: str, inputs: torch.Tensor | None) -> None:
         """Correct `network`'s batch norms towards the weights' reference on this scan's `inputs` (None: too few,
         the trained statistics stay), then compile it again."""
@@ -235,14 +239,14 @@ class ThreeStagePipeline:
         adaptation.adapt_to_reference(getattr(self, network), inputs.to(self.device),
                                       self._batch_norm_reference[network])
         self._adapted.add(network)
-        self._compiled.update(self._compile(self.config.runtime, (network,)))
+        self.networks_changed(network)
         log.info("  batch-norm adaptation: %s corrected on %d item(s) of this scan", network, len(inputs))
 
     def _restore_statistics(self) -> None:
         """The trained statistics back in every network the previous case adapted."""
         for network in sorted(self._adapted):
             adaptation.restore(getattr(self, network), self._stored_statistics[network])
-            self._compiled.update(self._compile(self.config.runtime, (network,)))
+            self.networks_changed(network)
         self._adapted.clear()
 
     def float_precision(self) -> str:

@@ -68,7 +68,7 @@ def test_too_few_candidates_keep_the_trained_discrimination_statistics():
     assert adaptation.screening_crops(volume, volume > 0) is None
 
 
-def test_scan_batch_norm_needs_a_reference_made_for_these_weights_and_restores_between_cases(tmp_path):
+def test_scan_batch_norm_needs_a_reference_and_enough_candidates_to_make_one(tmp_path):
     from valdocmb.bench import batch_norm
 
     weights, scans = tmp_path / "weights", tmp_path / "scans"
@@ -113,6 +113,14 @@ def test_scan_batch_norm_on_a_reference_scan_gives_the_trained_result(tmp_path, 
         adapted._restore_statistics()
         for a, b in zip(adaptation.snapshot(adapted.screening), stored):
             torch.testing.assert_close(a, b)
+    # new weights: the reference was made for the old ones
+    from valdocmb.core.weights import save_weights
+
+    from fixed_weights import dark_spot_screening
+
+    save_weights(dark_spot_screening(), weights / three_stage.WEIGHT_FILES["screening"], {"changed": True})
+    with pytest.raises(CaseError, match="no batch-norm reference"):
+        ThreeStagePipeline.from_weights(weights, "cpu", batch_norm="scan")
     with pytest.raises(CaseError, match="floating-point precision"):
         ThreeStagePipeline(randomised(ScreeningFCN()), DiscriminationCNN(), three_stage.SegmentationUNet(), "cpu",
                            ThreeStageConfig(precision="int8", runtime="openvino", adapt_batch_norm=True),

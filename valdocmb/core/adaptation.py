@@ -5,7 +5,7 @@ noise or texture moves the activations, and recomputing the statistics on the sc
 adaptation (Schneider et al., NeurIPS 2020). Recomputed plainly, though, the statistics of a whole scan replace
 those of training's crops, which sit on microbleeds, veins and other dark spots far more often than a scan's brain
 does: on the in-distribution example that raised the candidates from 1,166 to the 2,000 cap and the confirmed ones
-from 202 to 1,040 (docs/results.md).
+from 202 to 1,040 (docs/training.md).
 
 So the correction is relative. For each batch norm, the same measurement (the per-channel mean and standard
 deviation of its input over brain crops drawn the same way) is made once on simulated reference scans through the

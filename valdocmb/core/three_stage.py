@@ -232,8 +232,12 @@ class ThreeStagePipeline:
     def _adapt(self, network: str, inputs: torch.Tensor | None) -> None:
         """Correct `network`'s batch norms towards the weights' reference on this scan's `inputs` (None: too few,
         the trained statistics stay), then compile it again."""
+        restored = network in self._adapted           # _restore_statistics put the trained ones back
         if inputs is None:
             log.info("  batch-norm adaptation: too few items for %s, its trained statistics stay", network)
+            self._adapted.discard(network)
+            if restored:
+                self.networks_changed(network)
             return
         assert self._batch_norm_reference is not None   # checked when the pipeline was built
         adaptation.adapt_to_reference(getattr(self, network), inputs.to(self.device),
@@ -243,11 +247,10 @@ class ThreeStagePipeline:
         log.info("  batch-norm adaptation: %s corrected on %d item(s) of this scan", network, len(inputs))
 
     def _restore_statistics(self) -> None:
-        """The trained statistics back in every network the previous case adapted."""
+        """The trained statistics back in every network the previous case adapted. Their OpenVINO pieces are compiled
+        again by this case's `_adapt`, once, whether it adapts them or not."""
         for network in sorted(self._adapted):
             adaptation.restore(getattr(self, network), self._stored_statistics[network])
-            self.networks_changed(network)
-        self._adapted.clear()
 
     def float_precision(self) -> str:
         """The floating-point arithmetic of what int8 leaves unquantized (the U-Net among it): bfloat16 on a CPU
@@ -287,9 +290,10 @@ class ThreeStagePipeline:
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on
         version = version_of(digests)
-        calibration = manifest.read(weights_dir).get(INT8_KEY) or {}
+        stored = manifest.read(weights_dir)
+        calibration = stored.get(INT8_KEY) or {}
         ranges = calibration.get("ranges") if calibration.get("weights") == version else None   # for these only
-        reference = manifest.read(weights_dir).get(BATCH_NORM_KEY) or {}
+        reference = stored.get(BATCH_NORM_KEY) or {}
         moments = ({name: [np.asarray(m, np.float64) for m in layers] for name, layers in reference["moments"].items()}
                    if reference.get("weights") == version else None)
         pipeline = cls(nets["screening"], nets["discrimination"], nets["segmentation"], device, config, ranges,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from valdocmb.core import openvino_runtime
 from valdocmb.core.three_stage import ThreeStagePipeline
 from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
@@ -294,3 +295,16 @@ def test_without_hard_negative_sites_negatives_are_random_brain_points():
     draws = streamed.draw_sites([("region", sites)], 200, 0.5, np.random.default_rng(0), streamed.RANDOM)
     assert {centre for _, centre, label in draws if label == 0} == {(4, 4, 4)}
     assert {centre for _, centre, label in draws if label == 1} == {(1, 1, 1)}
+
+
+@pytest.mark.skipif(not openvino_runtime.available(), reason="OpenVINO is not installed")
+def test_mining_on_openvino_equals_torch():
+    torch.manual_seed(0)
+    net = ScreeningFCN().eval()
+    volume = np.random.default_rng(0).normal(size=(28, 36, 36)).astype(np.float16)
+    exact = streamed.screening_probabilities(net, volume, "cpu", dense.autocast(torch.device("cpu"), "float32")[0])
+    fast = streamed.ScreeningScorer(net, "cpu", None, "float32")
+    np.testing.assert_allclose(fast(volume), exact, atol=1e-5)
+    assert fast(volume).shape == exact.shape == (14, 18, 18)
+    cast, _ = dense.autocast(torch.device("cpu"), "bfloat16")
+    np.testing.assert_allclose(streamed.ScreeningScorer(net, "cpu", cast, "bfloat16")(volume), exact, atol=2e-2)

@@ -17,6 +17,7 @@ region the sites the streamed path uses (microbleeds, mimics, 4 random) plus its
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import tempfile
@@ -128,16 +129,17 @@ def throughput(regions, device, steps: int) -> list[dict]:
                              256, 64, device), steps),
         time_steps(stream_step(streamed.ScreeningStage(ScreeningFCN().to(device), schedule, device, cast),
                                regions, cast), steps))
-    sited = [(r, streamed.region_sites(r, streamed.region_rng(r), screening, device, cast)) for r in regions]
+    mining = functools.partial(streamed.screening_probabilities, screening, device=device, cast=cast)
+    sited = [(r, streamed.region_sites(r, streamed.region_rng(r), mining)) for r in regions]
     row("discrimination", "samples",
         time_steps(pool_step(DiscriminationCNN().to(device), pools, {"positive": 1, "mined": 1},
                              DiscriminationCNN.patch_size, 256, 64, device), steps),
-        time_steps(stream_step(streamed.DiscriminationStage(DiscriminationCNN().to(device), screening, schedule,
+        time_steps(stream_step(streamed.DiscriminationStage(DiscriminationCNN().to(device), mining, schedule,
                                                             device, cast), sited, cast), steps))
     row("segmentation", "samples",
         time_steps(pool_step(SegmentationUNet().to(device), pools, {"positive": 3, "mined": 1},
                              SegmentationUNet.patch_size, 64, 16, device, segmentation=True), steps),
-        time_steps(stream_step(streamed.SegmentationStage(SegmentationUNet().to(device), screening, schedule,
+        time_steps(stream_step(streamed.SegmentationStage(SegmentationUNet().to(device), mining, schedule,
                                                           device, cast), sited, cast), steps))
     return rows
 
@@ -227,8 +229,8 @@ def score(weights: Path, device, work: Path, seed: int, count: int) -> dict:
     pipeline = ThreeStagePipeline.from_weights(weights, str(device))
     cast, precision = dense.autocast(device, "auto")
     validation = streamed.validation_regions(work, seed, count, 1, tuple(pipeline.config.target_spacing))
-    sited = [(r, streamed.region_sites(r, streamed.region_rng(r), pipeline.screening, device, cast))
-             for r in validation]
+    mining = functools.partial(streamed.screening_probabilities, pipeline.screening, device=device, cast=cast)
+    sited = [(r, streamed.region_sites(r, streamed.region_rng(r), mining)) for r in validation]
     result = {"weights": str(weights), "version": pipeline.weights_info["version"], "precision": precision,
               "screening": streamed.screening_metrics(pipeline.screening, validation, device, cast),
               "discrimination": streamed.discrimination_metrics(pipeline.discrimination, sited, device, cast),

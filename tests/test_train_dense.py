@@ -212,7 +212,25 @@ def test_the_screening_threshold_leaves_the_asked_false_peaks(monkeypatch):
     assert chosen["false_peaks_per_region"] == 1.5 and chosen["recall"] == pytest.approx(2 / 3)
 
 
-def test_weights_carry_their_screening_threshold(tmp_path):
+def test_discrimination_figures_by_hand(monkeypatch):
+    positives = np.array([0.9, 0.8, 0.7, 0.6, 0.2])     # 5 microbleeds
+    assert streamed.threshold_at_recall(positives, 0.8) == 0.6     # 4 of 5 kept
+    assert streamed.threshold_at_recall(positives, 0.81) == 0.2    # 5 needed
+    assert streamed.threshold_at_recall(positives, 0.2) == 0.9
+    by_kind = {"positive": positives.tolist(), "mined": [0.95, 0.65, 0.1], "mimic": [0.3], "random": [0.0]}
+    monkeypatch.setattr(streamed, "discrimination_probabilities", lambda *args: by_kind)
+    monkeypatch.setattr(streamed, "KEPT_AT_RECALLS", (0.8, 1.0))
+    figures = streamed.discrimination_metrics(None, None, "cpu", None)
+    # at 0.6 (recall 0.8) 2 of 5 negatives kept, at 0.2 (recall 1) 3 of 5
+    assert figures["kept_at_recall"] == pytest.approx((2 / 5 + 3 / 5) / 2)
+    assert figures["sensitivity"] == 0.8 and figures["mined_kept"] == pytest.approx(2 / 3)
+    chosen = streamed.choose_discrimination_threshold(None, None, "cpu", None, recall=0.8)
+    assert chosen["threshold"] == 0.5 and chosen["recall"] == 0.8 and chosen["negatives_kept"] == 0.4  # capped
+    chosen = streamed.choose_discrimination_threshold(None, None, "cpu", None, recall=1.0)
+    assert chosen["threshold"] == 0.2 and chosen["recall"] == 1.0 and chosen["negatives_kept"] == 0.6
+
+
+def test_weights_carry_their_thresholds(tmp_path):
     from valdocmb.core.three_stage import WEIGHT_FILES
     from valdocmb.core.weights import default_weights_dir, save_weights
     from valdocmb.models.segmentation import SegmentationUNet
@@ -222,10 +240,14 @@ def test_weights_carry_their_screening_threshold(tmp_path):
         meta = {"target_spacing": [0.49, 0.49, 0.8]}
         if name == "screening":
             meta["screening_threshold"] = 0.37
+        if name == "discrimination":
+            meta["discrimination_threshold"] = 0.21
         save_weights(net, tmp_path / WEIGHT_FILES[name], meta)
-    assert ThreeStagePipeline.from_weights(tmp_path, "cpu", lesion_rule=False).config.screening_threshold == 0.37
-    # the shipped weights carry none: the default stays
-    assert ThreeStagePipeline.from_weights(default_weights_dir(), "cpu").config.screening_threshold == 0.1
+    config = ThreeStagePipeline.from_weights(tmp_path, "cpu", lesion_rule=False).config
+    assert (config.screening_threshold, config.discrimination_threshold) == (0.37, 0.21)
+    # the shipped weights carry none: the defaults stay
+    config = ThreeStagePipeline.from_weights(default_weights_dir(), "cpu").config
+    assert (config.screening_threshold, config.discrimination_threshold) == (0.1, 0.5)
 
 
 def test_region_labels_lie_on_the_dark_blobs_they_label():

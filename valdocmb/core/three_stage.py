@@ -286,6 +286,8 @@ class ThreeStagePipeline:
                                       adapt_batch_norm=batch_norm == "scan")
             # weights trained with another loss score on another scale: they carry the threshold chosen for them
             config.screening_threshold = metas["screening"].get("screening_threshold", config.screening_threshold)
+            config.discrimination_threshold = metas["discrimination"].get("discrimination_threshold",
+                                                                          config.discrimination_threshold)
         spacing = metas["screening"].get("target_spacing")
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on

@@ -285,8 +285,9 @@ def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
     for name, net in nets.items():
         relative = WEIGHT_FILES[name]
         stored = {"target_spacing": list(meta["target_spacing"])}
-        if name == "screening" and "screening_threshold" in record:  # streamed training chose one for these weights
-            stored["screening_threshold"] = record["screening_threshold"]["threshold"]
+        threshold = f"{name}_threshold"
+        if threshold in record:  # streamed training chose one for these weights (screening, discrimination)
+            stored[threshold] = record[threshold]["threshold"]
         digest = save_weights(net, out / relative, stored)
         entries[relative] = {
             "sha256": digest, "bytes": (out / relative).stat().st_size, "architecture": type(net).__name__,
@@ -303,7 +304,8 @@ def write_weights(nets: dict, out: Path, record: dict, meta: dict) -> dict:
         previous = {relative: dict(entry) for relative, entry in content["files"].items()}
         content["files"].update(entries)
         content["three_stage_training"] = {key: record[key] for key in ("pool", "mined_false_positives", "stream",
-                                                                        "screening_threshold") if key in record}
+                                                                        "screening_threshold",
+                                                                        "discrimination_threshold") if key in record}
         stale = manifest.drop_stale(content, previous, WEIGHT_FILES.values())
         if stale:
             log.warning("%s: dropped %s, measured on the previous weights; measure and choose again with "

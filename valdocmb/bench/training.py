@@ -275,12 +275,14 @@ def candidates(work: Path, scans: list[Path], weights: Path, seed: int, count: i
 
 
 CURVE_METRICS = {"screening": ("froc", "recall@1fp", "fp_per_region@0.5"),
-                 "discrimination": ("sensitivity", "mined_kept"), "segmentation": ("dice",)}
+                 "discrimination": ("sensitivity", "mined_kept", "mimic_kept", "kept_at_recall"),
+                 "segmentation": ("dice",)}
 
 
 def curves(work: Path, figure: Path) -> dict:
     """The learning curves of the streamed run in `work` (its checkpoints, finished or not) as a figure: per stage,
-    the training loss (mean of 50 steps) and the validation loss and figures, against wall time in hours."""
+    the training loss (mean of 50 steps) and the validation loss and figures, against wall time in hours; a dotted
+    line marks the kept state."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -306,7 +308,7 @@ def curves(work: Path, figure: Path) -> dict:
                     label="validation")
         row[0].set_title(f"{name}: loss")
         row[0].set_xlabel("hours of training")
-        row[0].legend()
+        row[0].legend(fontsize=8)
         for metric in CURVE_METRICS[name]:
             # counts (false peaks per region) on their own axis, shares (recall, sensitivity, Dice) on the left
             axis = row[1].twinx() if metric.startswith("fp_") else row[1]
@@ -315,10 +317,13 @@ def curves(work: Path, figure: Path) -> dict:
                       label=metric)
             if axis is not row[1]:
                 axis.set_ylabel(metric)
-                axis.legend(loc="center right")
+                axis.legend(loc="lower right", fontsize=8)
         row[1].set_title(f"{name}: validation ({len(checks)} checks)")
         row[1].set_xlabel("hours of training")
-        row[1].legend()
+        row[1].legend(loc="lower left", fontsize=8)
+        if curve["kept_step"] in hours:
+            for axis in row:
+                axis.axvline(hours[curve["kept_step"]], color="grey", lw=0.8, ls=":")
         summary[name] = {"steps": max(e["step"] for e in history), "hours": round(clock / 3600, 2),
                          "kept_step": curve["kept_step"],
                          "last_validation": checks[-1]["validation"] if checks else None}

@@ -176,3 +176,27 @@ def test_stagewise_cache_then_tune_records_a_rule_the_pipeline_applies(tmp_path,
                          "--lesion-rule", choice])
         mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "images" / "sub-201_space-T2S_prediction.nii.gz")))
         assert code == 0 and int(mask[9, 20, 14]) == voxels
+
+
+def test_reference_ranks_and_the_candidate_budget_they_give():
+    from valdocmb.core.three_stage import Candidate
+
+    reference = np.zeros((12, 30, 30), np.uint8)              # z, y, x; 1 mm voxels, origin 0
+    reference[5, 10, 10] = reference[5, 10, 11] = 1            # centre (x 10.5, y 10, z 5) mm
+    reference[8, 25, 25] = 1                                   # no candidate near it
+    image = sitk.GetImageFromArray(reference)
+
+    class Identity:   # the cropped processing grid is the reference grid
+        @staticmethod
+        def voxel_to_world(zyx):
+            return np.asarray(zyx, float)[..., ::-1]
+
+    candidates = [Candidate((5, 20, 20), 0.9), Candidate((6, 11, 12), 0.8), Candidate((5, 10, 10), 0.7)]
+    ranks = stagewise.reference_ranks(image, Identity, candidates)
+    # the first candidate within 3 mm of the first microbleed is the second one (1.0, 1.0, 1.5 mm away)
+    assert ranks == [{"rank": 2, "screening_score": 0.8}, {"rank": None, "screening_score": None}]
+    records = [{"candidates": 3, "reference_ranks": ranks}, {"candidates": 1, "reference_ranks": [{"rank": 1}]}]
+    rows = {row["budget"]: row for row in stagewise.candidate_budget(records, budgets=(1, 2))}
+    assert (rows[1]["held"], rows[1]["microbleeds"], rows[1]["candidates_per_scan"], rows[1]["scans_capped"]) \
+        == (1, 3, 1.0, 1)
+    assert (rows[2]["held"], rows[2]["candidates_per_scan"], rows[2]["scans_capped"]) == (2, 1.5, 1)

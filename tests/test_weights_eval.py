@@ -2,6 +2,7 @@
 
 import pytest
 
+from valdocmb.bench import weights_eval
 from valdocmb.bench.weights_eval import decide, named_folders
 
 
@@ -32,3 +33,14 @@ def test_weight_sets_are_named():
     assert named_folders(["shipped=weights", "new=/tmp/w"])["new"].as_posix() == "/tmp/w"
     with pytest.raises(SystemExit):
         named_folders(["weights"])
+
+
+def test_budget_table_lists_the_sets_with_microbleeds():
+    rows = [{"budget": 500, "cases": 2, "microbleeds": 3, "held": 2, "candidates_per_scan": 420.0, "scans_capped": 1},
+            {"budget": 1000, "cases": 2, "microbleeds": 3, "held": 3, "candidates_per_scan": 600.0, "scans_capped": 0}]
+    empty = [{**row, "cases": 1, "microbleeds": 0, "held": 0} for row in rows]
+    lines = weights_eval.budget_table({"new_ood": rows, "new_tuning": empty})
+    assert lines[1] == "| weights, set | cases | microbleeds | K=500 | K=1000 |"
+    assert lines[3:] == ["| new_ood | 2 | 3 | 2 (420) | 3 (600) |"]
+    assert weights_eval.budget_table({"new_tuning": empty}) == [
+        "Candidate budget: no scored case records screening ranks."]

@@ -33,6 +33,7 @@ import numpy as np
 from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
+from ..train.stagewise import candidate_budget
 from ..train.tune import choose_rule, load_records
 from .jobs import hardware, run_all, scoring_sets, synthesis
 from .randomisation import TABLE_HEAD, common_subjects, hold_out_figures, table_rows
@@ -87,6 +88,27 @@ def decide(result: dict, candidate: str | None) -> str:
             f" vs shipped {ind['shipped']['sensitivity']:.3f} ({'within' if keeps else 'more than'} 0.02 lower)")
 
 
+def budget_rows(scores: Path, weights: dict[str, Path]) -> dict[str, list[dict]]:
+    """`stagewise.candidate_budget` of every weight set on every scored set (issue 36: a candidate budget)."""
+    return {f"{name}_{held}": candidate_budget(load_records(scores / f"{name}-{held}"))
+            for name in weights for held in (*REPORTED, TUNING) if (scores / f"{name}-{held}").is_dir()}
+
+
+def budget_table(budgets: dict[str, list[dict]]) -> list[str]:
+    if not any(rows and rows[0]["microbleeds"] for rows in budgets.values()):
+        return ["Candidate budget: no scored case records screening ranks."]
+    caps = [row["budget"] for row in next(iter(budgets.values()))]
+    lines = ["Candidate budget: microbleeds screening holds (a candidate within 3 mm) under a cap of K candidates "
+             "per scan, and candidates per scan then",
+             "| weights, set | cases | microbleeds | " + " | ".join(f"K={k}" for k in caps) + " |",
+             "|" + "---|" * (3 + len(caps))]
+    for name, rows in budgets.items():
+        if rows and rows[0]["microbleeds"]:
+            cells = " | ".join(f"{r['held']} ({r['candidates_per_scan']:.0f})" for r in rows)
+            lines.append(f"| {name} | {rows[0]['cases']} | {rows[0]['microbleeds']} | {cells} |")
+    return lines
+
+
 def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
     """Every weight set on the cases all of them have scored, per hold-out and grid."""
     scores, data = out / "scores", out / "data"
@@ -107,10 +129,12 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
         tuned = f"{t['sensitivity']:.2f}, {t['fp_per_scan']:.2f}, {t['f1']:.2f}" if t else "n/a"
         count = c["candidates_per_scan"]
         lines.append(f"{cells} {tuned} | {c['seconds_per_case']:.0f} | {'n/a' if count is None else f'{count:.0f}'} |")
+    budgets = budget_rows(scores, weights)
     decision = decide(result, candidate)
-    text = "\n".join(lines) + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
+    text = ("\n".join(lines) + "\n\n" + "\n".join(budget_table(budgets))
+            + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n")
     write_text_atomic(text, out / "report.md")
-    record = {"decision_rule": DECISION_RULE, "decision": decision, "figures": result}
+    record = {"decision_rule": DECISION_RULE, "decision": decision, "figures": result, "candidate_budget": budgets}
     write_text_atomic(json.dumps(record, indent=1, default=float).replace("NaN", "null"), out / "report.json")
     print(text)
     return result

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from ..core import manifest
 from ..core.defaults import BATCH_NORM, PRECISIONS, RUNTIMES
@@ -38,7 +40,16 @@ from ..core.methods import MethodOptions, load
 from ..core.report import Lesion
 from ..core.weights import default_weights_dir
 from ..evaluate.folders import format_table
-from ..evaluate.scoring import EVIDENCE_VERSION, CaseScore, component_evidence, score_case, score_components, summarize
+from ..evaluate.scoring import (
+    EVIDENCE_VERSION,
+    CaseScore,
+    component_evidence,
+    label_components,
+    score_case,
+    score_components,
+    summarize,
+    xyz,
+)
 from .samples import find_training_cases
 
 if TYPE_CHECKING:  # torch is imported by the method's loader, once --help is past
@@ -79,7 +90,46 @@ def case_record(pipeline: ThreeStagePipeline, image: sitk.Image, reference: sitk
     record["evidence"] = component_evidence(reference, mask, components.transpose(2, 1, 0), len(detection.lesions),
                                             distance_mm)
     record["lesions"] = [asdict(lesion) for lesion in detection.lesions]
+    record["reference_ranks"] = reference_ranks(reference, pre, detection.candidates)
     return record
+
+
+RANK_DISTANCE_MM = 3.0   # a candidate this close to a microbleed's centre holds it in its patches
+
+
+def reference_ranks(reference: sitk.Image, pre, candidates) -> list[dict]:
+    """Per reference microbleed (26-connected component): the rank (1 = highest screening score) of the first
+    candidate within RANK_DISTANCE_MM of its centre and that candidate's score; None where no candidate is. A
+    candidate budget of K keeps exactly the microbleeds ranked K or better (`candidate_budget`)."""
+    labels, n = label_components(xyz(reference) > 0)
+    if n == 0:
+        return []
+    index_centres = ndimage.center_of_mass(np.ones(labels.shape), labels, range(1, n + 1))
+    world = np.array([reference.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in c))
+                      for c in index_centres])
+    found = pre.voxel_to_world(np.array([c.centre for c in candidates], float).reshape(-1, 3))
+    ranks = []
+    for point in world:
+        near = np.flatnonzero(np.linalg.norm(found - point, axis=1) <= RANK_DISTANCE_MM)
+        ranks.append({"rank": int(near[0]) + 1, "screening_score": candidates[near[0]].screening_score}
+                     if len(near) else {"rank": None, "screening_score": None})
+    return ranks
+
+
+def candidate_budget(records: list[dict], budgets=(250, 500, 750, 1000, 1500, 2000)) -> list[dict]:
+    """What a cap of K candidates per scan would cost on scored cases (records with `reference_ranks`): the
+    microbleeds screening holds (a candidate near them) within the cap, and the candidates per scan the later stages
+    would see. An upper bound on what the cap loses: a microbleed held may still be lost after screening."""
+    cases = [r for r in records if "reference_ranks" in r]
+    ranks = [entry["rank"] for r in cases for entry in r["reference_ranks"]]
+    rows = []
+    for budget in budgets:
+        rows.append({"budget": budget, "cases": len(cases), "microbleeds": len(ranks),
+                     "held": sum(rank is not None and rank <= budget for rank in ranks),
+                     "candidates_per_scan": float(np.mean([min(r["candidates"], budget) for r in cases]))
+                     if cases else math.nan,
+                     "scans_capped": sum(r["candidates"] > budget for r in cases)})
+    return rows
 
 
 def stage_scores(record: dict, rule: LesionRule) -> dict:

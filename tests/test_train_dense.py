@@ -330,3 +330,23 @@ def test_mining_on_openvino_equals_torch():
     assert fast(volume).shape == exact.shape == (14, 18, 18)
     cast, _ = dense.autocast(torch.device("cpu"), "bfloat16")
     np.testing.assert_allclose(streamed.ScreeningScorer(net, "cpu", cast, "bfloat16")(volume), exact, atol=2e-2)
+
+
+def test_segmentation_validation_counts_what_the_unet_draws_on_hard_negatives():
+    from types import SimpleNamespace
+
+    class Threshold(torch.nn.Module):   # CMB wherever the input is 1
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x), 40 * (x - 0.5)], 1)
+
+    volume = np.zeros((40, 60, 60), np.float32)
+    label = np.zeros(volume.shape, np.uint8)
+    volume[10:12, 10:12, 10:12] = label[10:12, 10:12, 10:12] = 1    # a microbleed of 8 voxels, drawn exactly
+    volume[30:33, 40:43, 40:43] = 1                                  # a mimic the U-Net draws: 27 voxels
+    region = SimpleNamespace(volume=volume, label=label)
+    sites = {"positive": [(10, 10, 10)], "mimic": [(31, 41, 41)], "mined": [], "random": [(20, 50, 50)]}
+    figures = streamed.segmentation_metrics(Threshold(), [(region, sites)], "cpu", dense.autocast(
+        torch.device("cpu"), "float32")[0])
+    assert figures["dice"] == pytest.approx(1.0)
+    assert figures["negative_voxels"] == pytest.approx(27.0)
+    assert figures["loss"] == pytest.approx(1 - (2 * 8 + 1) / (8 + 27 + 8 + 1), abs=1e-4)

@@ -276,7 +276,7 @@ def candidates(work: Path, scans: list[Path], weights: Path, seed: int, count: i
 
 CURVE_METRICS = {"screening": ("froc", "recall@1fp", "fp_per_region@0.5"),
                  "discrimination": ("sensitivity", "mined_kept", "mimic_kept", "kept_at_recall"),
-                 "segmentation": ("dice",)}
+                 "segmentation": ("dice", "negative_voxels")}
 
 
 def curves(work: Path, figure: Path) -> dict:
@@ -311,9 +311,10 @@ def curves(work: Path, figure: Path) -> dict:
         row[0].legend(fontsize=8)
         for metric in CURVE_METRICS[name]:
             # counts (false peaks per region) on their own axis, shares (recall, sensitivity, Dice) on the left
-            axis = row[1].twinx() if metric.startswith("fp_") else row[1]
+            counted = metric.startswith("fp_") or metric == "negative_voxels"
+            axis = row[1].twinx() if counted else row[1]
             axis.plot([hours[e["step"]] for e in checks], [e["validation"].get(metric, np.nan) for e in checks],
-                      "s--" if metric.startswith("fp_") else "o-", ms=3, color="C3" if axis is not row[1] else None,
+                      "s--" if counted else "o-", ms=3, color="C3" if axis is not row[1] else None,
                       label=metric)
             if axis is not row[1]:
                 axis.set_ylabel(metric)

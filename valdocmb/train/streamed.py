@@ -306,7 +306,7 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
                       target_spacing=spacing, profile_mix=schedule.profile_mix()) as stream:
         buffer = [stage.prepare(r) for r in stream.take(schedule.buffer if start == 0 else
                                                                     state["stream_position"] - start)]
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), state["step"]
         while state["step"] < steps:
             t0 = time.perf_counter()
             if state["step"] > 0 or start > 0:
@@ -329,9 +329,13 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
                      "regions_seen": stream.position}
             state["history"].append(entry)
             if state["step"] % 10 == 0 or state["step"] == 1:
-                log.info("%s %5d/%d  loss %.4f  %.0f %s/s  %.2f s/step (%.2f waiting)  %d regions  %.0f min",
-                         stage.name, state["step"], steps, entry["loss"], entry["items_per_s"], stage.items,
-                         seconds, t_data, stream.position, (time.perf_counter() - started) / 60)
+                elapsed = time.perf_counter() - started
+                per_step = elapsed / (state["step"] - first_step)
+                earliest = max(0.0, schedule.stop_after * steps - state["step"]) * per_step / 3600
+                log.info("%s %5d/%d  loss %.4f  %.0f %s/s  %.2f s/step (%.2f waiting)  %d regions  %.0f min  "
+                         "(ends in %.1f-%.1f h)", stage.name, state["step"], steps, entry["loss"],
+                         entry["items_per_s"], stage.items, seconds, t_data, stream.position, elapsed / 60,
+                         earliest, (steps - state["step"]) * per_step / 3600)
             last = state["step"] == steps
             if state["step"] % schedule.validate_every == 0 or last:
                 result = {"step": state["step"], "validation": stage.validate(validation)}

@@ -12,7 +12,7 @@ from valdocmb.core.device import activation_bytes, cpu_has_bfloat16
 from valdocmb.core.errors import CaseError
 from valdocmb.core.patches import add_patches, extract_patches
 from valdocmb.core.three_stage import WEIGHT_FILES, ThreeStageConfig, ThreeStagePipeline, cuda_fp32_precision
-from valdocmb.core.weights import load_weights, save_weights, sha256
+from valdocmb.core.weights import default_weights_dir, load_weights, save_weights, sha256
 from valdocmb.models.discrimination import DiscriminationCNN
 from valdocmb.models.screening import ScreeningFCN
 from valdocmb.models.segmentation import SegmentationUNet
@@ -373,15 +373,19 @@ def test_benchmark_times_variants_in_their_own_processes(tmp_path, capsys):
     scan = tmp_path / "small_T2S.nii.gz"
     sitk.WriteImage(example[40:72, 40:72, 10:22], str(scan))
     report = tmp_path / "bench.json"
+    same_weights = f"three-stage@{default_weights_dir()}"   # a variant may name its own weights folder
     assert bench.main(["--scan", str(scan), "--simulate", "--variants", "three-stage", "three-stage:bfloat16",
-                       "--threads", "1", "--json", str(report)]) == 0
+                       same_weights, "--threads", "1", "--json", str(report)]) == 0
     rows = json.loads(report.read_text())["scans"]["small_T2S.nii.gz"]
-    assert [r["variant"] for r in rows] == ["three-stage", "three-stage:bfloat16"]
+    assert [r["variant"] for r in rows] == ["three-stage", "three-stage:bfloat16", same_weights]
     assert rows[0]["ratio_to_first"] == 1.0 and rows[0]["voxels_differing_from_first_of_method"] == 0
+    assert rows[2]["voxels_differing_from_first_of_method"] == 0
     assert set(rows[0]["stages"]) >= {"screening", "discrimination", "segmentation"}
     assert "three-stage:bfloat16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--variants", "nnunet:float16"])
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", f"three-stage@{tmp_path / 'absent'}"])
 
 
 @pytest.mark.parametrize("shift", [1, 0, 2])

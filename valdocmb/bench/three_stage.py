@@ -2,15 +2,18 @@
 
     valdocmb-benchmark [--scan FILE ...] [--simulate GRID ...] [--variants V ...] [--device cpu] [--threads N]
                        [--weights weights] [--json FILE]
+    valdocmb-benchmark --scan A B ... --variants three-stage:openvino-bfloat16 three-stage:openvino-bfloat16@NEW
 
 Scans: the example scan and a simulated 512x512x192 case (0.49x0.49x0.8 mm, the `rss` grid; needs `.[sim]`)
 unless --scan / --simulate say otherwise. Variants (default: three-stage, three-stage:bfloat16,
 three-stage:openvino-bfloat16, nnunet, nnunet:mirroring): a method, optionally with a three-stage precision on torch
 (float32, bfloat16, float16, tf32) or on OpenVINO (openvino-float32, openvino-bfloat16, openvino-int8), or
-nnU-Net's test-time mirroring. Each variant runs in its own process (so its peak memory is its own and no variant
-warms another's caches), loads the weights (timed apart), segments the scan through the same path as `process.py`,
-and reports seconds per stage, peak memory and how many mask voxels differ from the first variant of the same
-method. Ratios are to the first variant. This is a benchmark, not a test: run it on an otherwise idle machine.
+nnU-Net's test-time mirroring; `@FOLDER` after a variant runs it with the weights in FOLDER instead of --weights
+(old and new weights side by side in one run). Each variant runs in its own process (so its peak memory is its
+own and no variant warms another's caches), loads the weights (timed apart), segments the scan through the same
+path as `process.py`, and reports seconds per stage, peak memory and how many mask voxels differ from the first
+variant of the same method. Ratios are to the first variant. This is a benchmark, not a test: run it on an
+otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -45,11 +48,18 @@ VARIANT_OPTIONS = {"three-stage": (*(p for p in PRECISIONS if p not in ("auto", 
 
 
 def parse_variant(text: str) -> tuple[str, str | None]:
-    method, _, option = text.partition(":")
+    """(method, option) of METHOD[:OPTION][@WEIGHTS]."""
+    method, _, option = text.partition("@")[0].partition(":")
     if method not in VARIANT_OPTIONS or (option and option not in VARIANT_OPTIONS[method]):
         usage = " or ".join(f"{name}[:{'|'.join(options)}]" for name, options in VARIANT_OPTIONS.items())
-        raise argparse.ArgumentTypeError(f"{text!r}: use {usage}")
+        raise argparse.ArgumentTypeError(f"{text!r}: use {usage}, optionally followed by @WEIGHTS_FOLDER")
     return method, option or None
+
+
+def variant_weights(text: str, default: Path) -> Path:
+    """The weights folder a variant names after `@`, else `default`."""
+    folder = text.partition("@")[2]
+    return Path(folder).expanduser() if folder else default
 
 
 def run_variant(scan: str, variant: str, weights: str, device: str, threads: int | None, mask_out: str) -> dict:
@@ -120,8 +130,8 @@ def benchmark_scan(scan: Path, variants: list[str], args, scratch: Path) -> list
         mask_out = scratch / f"{scan.name}-{index}.npy"
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-            row = pool.submit(run_variant, str(scan), variant, str(args.weights), args.device, args.threads,
-                              str(mask_out)).result()
+            row = pool.submit(run_variant, str(scan), variant, str(variant_weights(variant, args.weights)),
+                              args.device, args.threads, str(mask_out)).result()
         mask = np.load(mask_out)
         method = parse_variant(variant)[0]
         first_mask.setdefault(method, mask)
@@ -129,7 +139,7 @@ def benchmark_scan(scan: Path, variants: list[str], args, scratch: Path) -> list
         row["ratio_to_first"] = round(row["seconds"] / rows[0]["seconds"], 3) if rows else 1.0
         rows.append(row)
         stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items())
-        print(f"  {variant:<22} {row['seconds']:7.1f} s  x{row['ratio_to_first']:<6.2f} peak {row['peak_rss_mb']} MB"
+        print(f"  {variant:<40} {row['seconds']:7.1f} s  x{row['ratio_to_first']:<6.2f} peak {row['peak_rss_mb']} MB"
               f"{'' if row['peak_gpu_mb'] is None else ' (GPU ' + str(row['peak_gpu_mb']) + ' MB)'}  "
               f"mask {row['mask_voxels']} voxels ({row['voxels_differing_from_first_of_method']} differ)  "
               f"[{stages}] {row['info'] or ''}", flush=True)
@@ -152,6 +162,8 @@ def main(argv=None) -> int:
             parse_variant(variant)
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
+        if not variant_weights(variant, args.weights).is_dir():
+            parser.error(f"{variant!r}: no weights folder {variant_weights(variant, args.weights)}")
     setup_logging()
     scans = list(args.scan) if args.scan is not None else [EXAMPLE]
     grids = args.simulate if args.simulate is not None else (["rss"] if args.scan is None else [])

@@ -33,7 +33,7 @@ import numpy as np
 from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
-from ..train.stagewise import candidate_budget
+from ..train.stagewise import RANK_DISTANCE_MM, candidate_budget
 from ..train.tune import choose_rule, load_records
 from .jobs import hardware, run_all, scoring_sets, synthesis
 from .randomisation import TABLE_HEAD, common_subjects, hold_out_figures, table_rows
@@ -98,8 +98,8 @@ def budget_table(budgets: dict[str, list[dict]]) -> list[str]:
     if not any(rows and rows[0]["microbleeds"] for rows in budgets.values()):
         return ["Candidate budget: no scored case records screening ranks."]
     caps = [row["budget"] for row in next(iter(budgets.values()))]
-    lines = ["Candidate budget: microbleeds screening holds (a candidate within 3 mm) under a cap of K candidates "
-             "per scan, and candidates per scan then",
+    lines = [f"Candidate budget: microbleeds screening holds (a candidate within {RANK_DISTANCE_MM:g} mm) under a "
+             "cap of K candidates per scan, and candidates per scan then",
              "| weights, set | cases | microbleeds | " + " | ".join(f"K={k}" for k in caps) + " |",
              "|" + "---|" * (3 + len(caps))]
     for name, rows in budgets.items():

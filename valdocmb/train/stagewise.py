@@ -101,7 +101,7 @@ def reference_ranks(reference: sitk.Image, pre, candidates) -> list[dict]:
     """Per reference microbleed (26-connected component): the rank (1 = highest screening score) of the first
     candidate within RANK_DISTANCE_MM of its centre and that candidate's score; None where no candidate is. A
     candidate budget of K keeps exactly the microbleeds ranked K or better (`candidate_budget`)."""
-    labels, n = label_components(xyz(reference) > 0)
+    labels, n = label_components(np.around(xyz(reference), 1) != 0)   # the reference lesions as scoring counts them
     if n == 0:
         return []
     index_centres = ndimage.center_of_mass(np.ones(labels.shape), labels, range(1, n + 1))

@@ -285,3 +285,49 @@ def test_component_evidence_scores_every_subset_as_score_case_does():
         expected = score_case(reference, make_image(filtered, spacing), "sub-001")
         got = score_components(evidence, keep, "sub-001")
         assert got == expected, keep             # bit for bit, every field
+
+
+def test_evidence_measured_in_the_occupied_box_equals_the_whole_grid_bit_for_bit():
+    """Components are labelled and measured in the box that holds them: the same labels, centres and sums as
+    scipy gives on the whole grid (the official code's way), to the last bit."""
+    from scipy import ndimage
+
+    from valdocmb.evaluate.scoring import centres_index, occupied_box
+
+    rng = np.random.default_rng(4)
+    shape = (40, 50, 60)
+    ref = np.zeros(shape, np.float32)
+    pred = np.zeros(shape, np.float32)
+    for _ in range(25):
+        z, y, x = (int(rng.integers(0, n - 3)) for n in shape)
+        ref[z:z + rng.integers(1, 4), y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = rng.choice([0.5, 1.0])
+        z, y, x = z + int(rng.integers(-2, 3)), y + int(rng.integers(-2, 3)), x + int(rng.integers(-2, 3))
+        pred[max(z, 0):z + 3, max(y, 0):y + 2, max(x, 0):x + 3] = rng.uniform(0.4, 1.0)
+    pred[:, :, :5] = 0                             # nothing near one face: the box is smaller than the grid
+    labels, n = label_components(pred.transpose(2, 1, 0) >= 0.5)
+    box = occupied_box(labels > 0)
+    assert n > 10 and box[0].start >= 5           # (x, y, z) order: x < 5 is empty
+    whole = np.array(ndimage.center_of_mass(np.ones(labels.shape, np.uint8), labels, range(1, n + 1)))
+    boxed = centres_index(labels[box], n, [b.start for b in box])
+    assert np.array_equal(whole, boxed)            # bit for bit
+
+    spacing = (0.45, 0.45, 4.0)
+    evidence = component_evidence(make_image(ref, spacing), make_image(pred, spacing))
+    # the whole-grid computation, as scoring did it before the box
+    ref_xyz = np.around(ref.transpose(2, 1, 0), 1)
+    ref_labels, n_ref = label_components(ref_xyz != 0)
+    assert len(evidence["ref_weights"]) == n_ref and len(evidence["components"]) == n
+    assert evidence["ref_sums"] == [float(v) for v in ndimage.sum(ref_xyz, ref_labels, range(1, n_ref + 1))]
+    native = np.ascontiguousarray(pred.transpose(2, 1, 0))
+    for p, component in enumerate(evidence["components"]):
+        inside = labels == p + 1
+        assert component["voxels"] == int(inside.sum())
+        assert component["value_sum"] == float(native[inside].sum(dtype=np.float64))
+    assert evidence["ref_total"] == float(np.sum(ref_xyz))
+    ref_centres = np.array(ndimage.center_of_mass(np.ones(shape[::-1], np.uint8), ref_labels, range(1, n_ref + 1)))
+    claimed = [c for c in evidence["components"] if c["claim"] is not None]
+    assert claimed
+    for p, component in enumerate(evidence["components"]):
+        if component["claim"] is not None:
+            expected = np.linalg.norm((whole[p] - ref_centres[component["claim"]]) * np.array(spacing, np.float32))
+            assert component["distance"] == pytest.approx(expected, rel=1e-12)

@@ -77,12 +77,39 @@ def xyz(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
 
 
-def centres_mm(labels_xyz: np.ndarray, n: int, spacing) -> np.ndarray:
+def centres_index(labels_xyz: np.ndarray, n: int, offset=(0, 0, 0)) -> np.ndarray:
+    """(n, 3) centres of mass of components 1..n in index units, of labels cut from a larger array at `offset`
+    (the centres are the larger array's). Bit for bit `ndimage.center_of_mass` of the whole array with unit
+    weights: each component's coordinate sums and voxel count are exact integers, divided once, as scipy's float64
+    sums of integer coordinates are; this needs only each component's own box instead of whole-array index grids
+    (9 s on a 512x512x192 grid, the slowest part of scoring one)."""
+    centres = np.zeros((n, 3))
+    for p, box in enumerate(ndimage.find_objects(labels_xyz, n) if n else []):
+        if box is None:
+            continue
+        points = np.nonzero(labels_xyz[box] == p + 1)
+        count = len(points[0])
+        for axis in range(3):
+            start = box[axis].start + int(offset[axis])
+            centres[p, axis] = float(int(points[axis].sum(dtype=np.int64)) + count * start) / count
+    return centres
+
+
+def centres_mm(labels_xyz: np.ndarray, n: int, spacing, offset=(0, 0, 0)) -> np.ndarray:
     """(n, 3) centres of mass of components 1..n, in index units times the voxel size (x, y, z)."""
-    if n == 0:
-        return np.zeros((0, 3))
-    ones = np.ones(labels_xyz.shape, np.uint8)
-    return np.array(ndimage.center_of_mass(ones, labels_xyz, range(1, n + 1))) * np.asarray(spacing, float)
+    return centres_index(labels_xyz, n, offset) * np.asarray(spacing, float)
+
+
+def occupied_box(*masks: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel of the masks (all of one shape); the first voxel when none is.
+    Labelling and measuring inside it gives the whole array's labels and figures: components are numbered by their
+    first voxel in raster order, which a box keeps."""
+    occupied = np.logical_or.reduce(masks) if len(masks) > 1 else masks[0]
+    box = []
+    for axis in range(occupied.ndim):
+        hit = np.flatnonzero(np.any(occupied, axis=tuple(a for a in range(occupied.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 1))
+    return tuple(box)
 
 
 def nifti_spacing(image: sitk.Image) -> np.ndarray:
@@ -116,24 +143,34 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
     """
     spacing = nifti_spacing(prediction)  # the official code takes the voxel size from the prediction's header
     # both arrays stay in the files' own types (no float64 copies of whole volumes); sums are taken in float64
-    ref = np.around(xyz(reference), 1)   # rounded in the file's own type, as the official code does
-    ref_labels, n_ref = label_components(ref != 0, connectivity)
+    ref_whole = np.around(xyz(reference), 1)   # rounded in the file's own type, as the official code does
     native = np.ascontiguousarray(xyz(prediction))  # the official code copies it in C order: same sum order
-    if labels_xyz is None:
-        labels_xyz, n = label_components(native >= 0.5, connectivity)
-    elif n is None:
+    if labels_xyz is not None and n is None:
         raise ValueError("component_evidence: labels_xyz needs their count n")
-    ref_centres = centres_mm(ref_labels, n_ref, spacing)
-    pred_centres = centres_mm(labels_xyz, n, spacing)
+    # components are labelled and measured in the box that holds them all (the same labels, centres and sums as
+    # on the whole grid, seconds less on a 512x512x192 one); the totals stay whole-array sums, in the official order
+    box = occupied_box(ref_whole != 0, native >= 0.5 if labels_xyz is None else labels_xyz > 0)
+    offset = [b.start for b in box]
+    ref, native_box = ref_whole[box], native[box]
+    ref_labels, n_ref = label_components(ref != 0, connectivity)
+    if labels_xyz is None:
+        labels_xyz, n = label_components(native_box >= 0.5, connectivity)
+    else:
+        labels_xyz = labels_xyz[box]
+    assert n is not None
+    ref_centres = centres_mm(ref_labels, n_ref, spacing, offset)
+    pred_centres = centres_mm(labels_xyz, n, spacing, offset)
     index = range(1, n_ref + 1)
     evidence = {
         "version": EVIDENCE_VERSION, "voxel_mm3": voxel_volume_mm3(spacing),
         "ref_weights": [float(v) for v in ndimage.maximum(ref, ref_labels, index)] if n_ref else [],
         "ref_sums": [float(v) for v in ndimage.sum(ref, ref_labels, index)] if n_ref else [],
-        # totals summed as the official code sums them (in the images' own types), for the volume difference
-        "ref_total": float(np.sum(ref)),
+        # totals summed as the official code sums them (in the images' own types, over the whole arrays), for the
+        # volume difference
+        "ref_total": float(np.sum(ref_whole)),
         "pred_total": float(np.sum(np.where(native >= 0.5, native, np.zeros_like(native)))),
     }
+    native = native_box
     components: list[dict] = []
     evidence["components"] = components
     distances = cdist(pred_centres, ref_centres) if n and n_ref else np.zeros((n, 0))

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from ..core import manifest
 from ..core.defaults import BATCH_NORM, PRECISIONS, RUNTIMES
@@ -43,8 +42,10 @@ from ..evaluate.folders import format_table
 from ..evaluate.scoring import (
     EVIDENCE_VERSION,
     CaseScore,
+    centres_index,
     component_evidence,
     label_components,
+    occupied_box,
     score_case,
     score_components,
     summarize,
@@ -101,12 +102,13 @@ def reference_ranks(reference: sitk.Image, pre, candidates) -> list[dict]:
     """Per reference microbleed (26-connected component): the rank (1 = highest screening score) of the first
     candidate within RANK_DISTANCE_MM of its centre and that candidate's score; None where no candidate is. A
     candidate budget of K keeps exactly the microbleeds ranked K or better (`candidate_budget`)."""
-    labels, n = label_components(np.around(xyz(reference), 1) != 0)   # the reference lesions as scoring counts them
+    lesions = np.around(xyz(reference), 1) != 0   # the reference lesions as scoring counts them
+    box = occupied_box(lesions)
+    labels, n = label_components(lesions[box])
     if n == 0:
         return []
-    index_centres = ndimage.center_of_mass(np.ones(labels.shape), labels, range(1, n + 1))
     world = np.array([reference.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in c))
-                      for c in index_centres])
+                      for c in centres_index(labels, n, [b.start for b in box])])
     found = pre.voxel_to_world(np.array([c.centre for c in candidates], float).reshape(-1, 3))
     ranks = []
     for point in world:

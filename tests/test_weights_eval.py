@@ -44,3 +44,27 @@ def test_budget_table_lists_the_sets_with_microbleeds():
     assert lines[3:] == ["| new_ood | 2 | 3 | 2 (420) | 3 (600) |"]
     assert weights_eval.budget_table({"new_tuning": empty}) == [
         "Candidate budget: no scored case records screening ranks."]
+
+
+@pytest.mark.parametrize("int8_ood,verdict", [
+    ((0.50, 0.95), "becomes"),          # the same microbleeds, 0.05 more FP per scan: within the rule
+    ((0.50, 1.00), "does not become"),  # 0.1 more FP per scan
+    ((0.49, 0.90), "does not become"),  # a microbleed fewer
+])
+def test_int8_becomes_the_default_only_as_its_rule_says(int8_ood, verdict):
+    def cell(sensitivity, fp):
+        return {"cross_fitted": {"all": {"sensitivity": sensitivity, "fp_per_scan": fp}}}
+
+    result = {"new_ood": cell(0.50, 0.90), "new_holdout": cell(0.95, 0.30),
+              "new-int8_ood": cell(*int8_ood), "new-int8_holdout": cell(0.95, 0.30)}
+    assert weights_eval.decide_int8(result, "new-int8", "new").startswith(f"int8 {verdict} the default for new")
+    assert "no decision" in weights_eval.decide_int8({"new_ood": cell(0.5, 0.9)}, "new-int8", "new")
+
+
+def test_an_int8_arm_needs_a_plain_arm_on_the_same_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):   # no set scores the folder of new-int8 without int8
+        weights_eval.main(["--out", str(tmp_path), "--weights", "shipped=elsewhere", "--weights", "new-int8=weights",
+                           "--int8", "new-int8", "--report-only"])
+    assert "--int8 new-int8" in capsys.readouterr().err
+    assert weights_eval.main(["--out", str(tmp_path), "--weights", "shipped=weights", "--weights", "new-int8=weights",
+                              "--int8", "new-int8", "--report-only"]) == 0

@@ -3,7 +3,7 @@
     python -m valdocmb.bench.weights_eval --out runs/weights-eval \\
         --weights shipped=weights --weights randomised=weights/randomised \\
         --weights new=~/.cache/valdocmb/weights-stream --candidate new [--device auto] [--jobs 2]
-        [--batch-norm-scan NAME]
+        [--batch-norm-scan NAME] [--int8 NAME]
         [--holdout-cases 50] [--ood-cases 40] [--tuning-cases 20] [--score-sets holdout ood tuning]
     python -m valdocmb.bench.weights_eval --out runs/weights-eval --weights ... --report-only
 
@@ -46,6 +46,11 @@ MIN_SENSITIVITY = 0.9  # the tuning set's rule: highest pooled F1 among rules ke
 DECISION_RULE = ("candidate default iff F1(candidate, ood, all) > F1(shipped, ood, all) and "
                  "sensitivity(candidate, holdout, all) >= sensitivity(shipped, holdout, all) - 0.02 "
                  "(lesion rule cross-fitted)")
+# Written before any int8 arm was scored (issue 36): int8 becomes the default precision for a weight set when, on
+# each hold-out over all grids (lesion rule cross-fitted), it finds at least the microbleeds bfloat16 finds and adds
+# at most 0.05 false positives per scan.
+INT8_RULE = ("int8 default iff, on each hold-out (all grids, lesion rule cross-fitted), sensitivity(int8) >= "
+             "sensitivity(bfloat16) and FP/scan(int8) <= FP/scan(bfloat16) + 0.05")
 
 
 def sets(holdout_cases: int, ood_cases: int, tuning_cases: int) -> dict[str, list[str]]:
@@ -88,6 +93,23 @@ def decide(result: dict, candidate: str | None) -> str:
             f" vs shipped {ind['shipped']['sensitivity']:.3f} ({'within' if keeps else 'more than'} 0.02 lower)")
 
 
+def decide_int8(result: dict, int8: str, base: str) -> str:
+    """INT8_RULE for the weight set `int8` (scored with --precision int8) against `base` (the same folder)."""
+    try:
+        pairs = {held: tuple(result[f"{name}_{held}"]["cross_fitted"]["all"] for name in (int8, base))
+                 for held in REPORTED}
+    except KeyError:
+        return f"{int8}: not scored on both hold-outs yet: no decision"
+    if any(value is None or math.isnan(value) for a, b in pairs.values()
+           for value in (a["sensitivity"], b["sensitivity"], a["fp_per_scan"], b["fp_per_scan"])):
+        return f"{int8}: a figure is undefined: no decision"
+    passes = all(a["sensitivity"] >= b["sensitivity"] and a["fp_per_scan"] <= b["fp_per_scan"] + 0.05
+                 for a, b in pairs.values())
+    figures = "; ".join(f"{held}: sensitivity {a['sensitivity']:.3f} vs {b['sensitivity']:.3f}, FP/scan "
+                        f"{a['fp_per_scan']:.2f} vs {b['fp_per_scan']:.2f}" for held, (a, b) in pairs.items())
+    return f"int8 {'becomes' if passes else 'does not become'} the default for {base} ({figures})"
+
+
 def budget_rows(scores: Path, weights: dict[str, Path]) -> dict[str, list[dict]]:
     """`stagewise.candidate_budget` of every weight set on every scored set (issue 36: a candidate budget)."""
     return {f"{name}_{held}": candidate_budget(load_records(scores / f"{name}-{held}"))
@@ -109,7 +131,7 @@ def budget_table(budgets: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
+def report(out: Path, weights: dict[str, Path], candidate: str | None, int8: dict[str, str] | None = None) -> dict:
     """Every weight set on the cases all of them have scored, per hold-out and grid."""
     scores, data = out / "scores", out / "data"
     result: dict = {}
@@ -131,10 +153,13 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None) -> dict:
         lines.append(f"{cells} {tuned} | {c['seconds_per_case']:.0f} | {'n/a' if count is None else f'{count:.0f}'} |")
     budgets = budget_rows(scores, weights)
     decision = decide(result, candidate)
+    int8_decisions = [decide_int8(result, name, base) for name, base in (int8 or {}).items()]
     text = ("\n".join(lines) + "\n\n" + "\n".join(budget_table(budgets))
-            + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n")
+            + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
+            + "".join(f"\nint8 rule (fixed before scoring): {INT8_RULE}.\nDecision: {d}.\n" for d in int8_decisions))
     write_text_atomic(text, out / "report.md")
-    record = {"decision_rule": DECISION_RULE, "decision": decision, "figures": result, "candidate_budget": budgets}
+    record = {"decision_rule": DECISION_RULE, "decision": decision, "figures": result, "candidate_budget": budgets,
+              "int8_rule": INT8_RULE, "int8_decisions": int8_decisions}
     write_text_atomic(json.dumps(record, indent=1, default=float).replace("NaN", "null"), out / "report.json")
     print(text)
     return result
@@ -149,6 +174,9 @@ def main(argv=None) -> int:
                         help="score the weight set NAME with its batch norms corrected on each scan "
                         "(`--batch-norm scan`; name the same folder twice to compare, e.g. --weights shipped=weights "
                         "--weights shipped-scan=weights --batch-norm-scan shipped-scan)")
+    parser.add_argument("--int8", action="append", default=[], metavar="NAME",
+                        help="score the weight set NAME with --precision int8 (OpenVINO, CPU; the weights need their "
+                        "int8 calibration) and decide by INT8_RULE against the set naming the same folder without it")
     parser.add_argument("--candidate", default=None, help="the weight set the decision rule is about")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="processes at a time")
@@ -166,8 +194,15 @@ def main(argv=None) -> int:
         parser.error("name one weight set shipped (the current default), e.g. --weights shipped=weights")
     if unknown := set(args.batch_norm_scan) - set(weights):
         parser.error(f"--batch-norm-scan {', '.join(sorted(unknown))}: not a named weight set")
+    int8 = {}
+    for name in args.int8:
+        bases = [b for b, folder in weights.items() if folder == weights.get(name) and b != name
+                 and b not in args.int8 and b not in args.batch_norm_scan]
+        if name not in weights or not bases:
+            parser.error(f"--int8 {name}: name a weight set, and another one on the same folder without int8")
+        int8[name] = bases[0]
     if args.report_only:
-        report(args.out, weights, args.candidate)
+        report(args.out, weights, args.candidate, int8)
         return 0
     logs, data, scores = args.out / "logs", args.out / "data", args.out / "scores"
     logs.mkdir(parents=True, exist_ok=True)
@@ -179,7 +214,8 @@ def main(argv=None) -> int:
     seconds["synth"] = time.perf_counter() - started
     for name, folder in weights.items():  # one weight set at a time: its processes share the CPUs or the GPU
         started = time.perf_counter()
-        extra = ("--batch-norm", "scan") if name in args.batch_norm_scan else ()
+        extra = (("--batch-norm", "scan") if name in args.batch_norm_scan else ()) + \
+            (("--precision", "int8") if name in int8 else ())
         run_all(scoring_sets(folder, args.score_sets, data, scores, name, args.device, max(1, args.jobs), extra),
                 logs, args.jobs)
         seconds[f"scoring_{name}"] = time.perf_counter() - started
@@ -189,7 +225,7 @@ def main(argv=None) -> int:
                                                               for r in load_records(scores / f"{name}-{held}")] or [0]))
                                          for name in weights}}
     write_text_atomic(json.dumps(summary, indent=1), args.out / "summary.json")
-    report(args.out, weights, args.candidate)
+    report(args.out, weights, args.candidate, int8)
     return 0
 
 

@@ -85,7 +85,8 @@ def centres_index(labels_xyz: np.ndarray, n: int, offset=(0, 0, 0)) -> np.ndarra
     (9 s on a 512x512x192 grid, the slowest part of scoring one)."""
     centres = np.zeros((n, 3))
     for p, box in enumerate(ndimage.find_objects(labels_xyz, n) if n else []):
-        if box is None:
+        if box is None:   # a number no voxel carries: no centre (scipy gives NaN too), so it claims nothing
+            centres[p] = np.nan
             continue
         points = np.nonzero(labels_xyz[box] == p + 1)
         count = len(points[0])

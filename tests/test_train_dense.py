@@ -350,3 +350,48 @@ def test_segmentation_validation_counts_what_the_unet_draws_on_hard_negatives():
     assert figures["dice"] == pytest.approx(1.0)
     assert figures["negative_voxels"] == pytest.approx(27.0)
     assert figures["loss"] == pytest.approx(1 - (2 * 8 + 1) / (8 + 27 + 8 + 1), abs=1e-4)
+
+
+def test_a_stalled_stage_cools_down_from_its_kept_state_and_resumes_there(tmp_path, monkeypatch):
+    # 12 steps, a check every 2; validation peaks at step 2, so at step 4 (patience 1, after a quarter) the stage
+    # cools down from step 2's state over 6 steps (half the budget), the learning rate going linearly to zero
+    schedule = schedules.StreamSchedule(12, 1, 1, screening_crops=2, buffer=2, validate_every=2, patience=1,
+                                       stop_after=0.25, cooldown=0.5, validation_regions=1)
+    monkeypatch.setattr(streamed, "CHECKPOINT_EVERY", 1)
+    validation = streamed.validation_regions(tmp_path, 0, 1, 0, (0.49, 0.49, 0.8))
+    cast, _ = dense.autocast(torch.device("cpu"), "float32")
+    figures = {2: 0.9, 4: 0.5, 6: 0.9, 8: 0.95, 10: 0.97}   # froc by step: higher is better
+
+    def run(work, kill_at=None):
+        torch.manual_seed(0)
+        stage = streamed.ScreeningStage(ScreeningFCN(), schedule, "cpu", cast)
+        ckpt = work / "screening.ckpt"
+        done = torch.load(ckpt, weights_only=False)["step"] if ckpt.is_file() else 0   # steps before a kill
+        steps = []
+        stage.validate = lambda validation: {"froc": figures.get(steps[-1], 0.3)}
+        step, calls = stage.step, []
+
+        def counted(buffer, rng):
+            calls.append(1)
+            if len(calls) == kill_at:
+                raise KeyboardInterrupt
+            steps.append(done + len(calls))
+            return step(buffer, rng)
+        stage.step = counted
+        return stage, streamed.run_stage(stage, 12, schedule, 0, work, "cpu", 0, (0.49, 0.49, 0.8), validation,
+                                         cast)
+
+    stage, history = run(tmp_path / "whole")
+    rates = {e["step"]: e["lr"] for e in history if "lr" in e}
+    assert max(rates) == 10 and rates[5] > rates[6] > rates[10] > 0          # cooling 4 -> 10
+    assert rates[5] == pytest.approx(rates[10] * 6)                          # linear to zero at step 10
+    saved = torch.load(tmp_path / "whole" / "screening.ckpt", weights_only=False)
+    assert saved["cooldown"]["from_state"] == 2 and saved["cooldown"]["to_step"] == 10
+    # the cool-down's checks compete once they fill the 3-check window, here at its end: step 8's mean of 0.925
+    # beat step 2's 0.9 (the main phase's window then held step 2 alone) but did not count yet; step 10's 0.94 does
+    assert stage.kept_step == 10
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", kill_at=7)
+    resumed, _ = run(tmp_path / "killed")
+    for a, b in zip(stage.net.state_dict().values(), resumed.net.state_dict().values()):
+        torch.testing.assert_close(a, b)

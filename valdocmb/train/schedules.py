@@ -52,6 +52,9 @@ class StreamSchedule:
     validate_every: int = 100
     patience: int = 5                 # validations without improvement that end a stage ...
     stop_after: float = 0.5           # ... once this share of its steps is done
+    # then, from the kept state, this share of the steps with the learning rate going linearly to zero (a stage
+    # stopped at half its budget still has most of its learning rate; 0: stop at once)
+    cooldown: float = 0.1
     validation_regions: int = 48
     hard_negatives: int = 2048        # only this many hardest background positions per screening batch (0: all)
     # the screening threshold stored with the weights leaves this many false-positive peaks per validation region:

@@ -289,13 +289,13 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{stage.name}.ckpt"
     state: dict[str, Any] = {"step": 0, "stream_position": 0, "history": [], "best": None, "stale": 0,
-                             "done": False}
+                             "done": False, "cooldown": None}
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         rng.bit_generator.state = saved["rng"]
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, default) for k, default in state.items()}
         log.info("%s: resuming at step %d/%d (stream position %d)", stage.name, state["step"], steps,
                  state["stream_position"])
     if state["done"] or state["step"] >= steps:
@@ -307,14 +307,17 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
         buffer = [stage.prepare(r) for r in stream.take(schedule.buffer if start == 0 else
                                                                     state["stream_position"] - start)]
         started, first_step = time.perf_counter(), state["step"]
-        while state["step"] < steps:
+        while state["step"] < (state["cooldown"]["to_step"] if state["cooldown"] else steps):
             t0 = time.perf_counter()
             if state["step"] > 0 or start > 0:
                 buffer = buffer[schedule.refresh:] + [stage.prepare(r)
                                                       for r in stream.take(schedule.refresh)]
             t_data = time.perf_counter() - t0
+            cooldown = state["cooldown"]
             for group in optimizer.param_groups:
-                group["lr"] = stage.rate(base_rate, state["step"], steps)
+                group["lr"] = (stage.rate(base_rate, state["step"], steps) if cooldown is None else
+                               cooldown["rate"] * (cooldown["to_step"] - state["step"])
+                               / (cooldown["to_step"] - cooldown["from_step"]))
             net.train()
             with cast():
                 loss, items = stage.step(buffer, rng)
@@ -331,21 +334,28 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
             if state["step"] % 10 == 0 or state["step"] == 1:
                 elapsed = time.perf_counter() - started
                 per_step = elapsed / (state["step"] - first_step)
-                earliest = max(0.0, schedule.stop_after * steps - state["step"]) * per_step / 3600
+                end = cooldown["to_step"] if cooldown else steps
+                earliest = end if cooldown else (schedule.stop_after + schedule.cooldown) * steps
                 log.info("%s %5d/%d  loss %.4f  %.0f %s/s  %.2f s/step (%.2f waiting)  %d regions  %.0f min  "
                          "(ends in %.1f-%.1f h)", stage.name, state["step"], steps, entry["loss"],
                          entry["items_per_s"], stage.items, seconds, t_data, stream.position, elapsed / 60,
-                         earliest, (steps - state["step"]) * per_step / 3600)
-            last = state["step"] == steps
+                         max(0.0, min(earliest, end) - state["step"]) * per_step / 3600,
+                         (end - state["step"]) * per_step / 3600)
+            last = state["step"] == (cooldown["to_step"] if cooldown else steps)
             if state["step"] % schedule.validate_every == 0 or last:
                 result = {"step": state["step"], "validation": stage.validate(validation)}
                 state["history"].append(result)
-                score = selection_score(state["history"], stage.selection)
+                since = cooldown["from_step"] if cooldown else 0
+                score = selection_score([e for e in state["history"] if e["step"] > since], stage.selection)
                 metric = f"{stage.selection}, mean of {SELECTION_WINDOW} checks"
                 best = state["best"]
                 if best is not None and best.get("metric") != metric:
                     best = None  # a checkpoint that chose by another figure: this validation starts afresh
-                if best is None or (score > best["score"] if stage.higher_is_better else score < best["score"]):
+                # a cool-down's state competes once its own checks fill the window (or at its end)
+                settled = (cooldown is None or last
+                           or state["step"] - since >= SELECTION_WINDOW * schedule.validate_every)
+                if best is None or settled and (score > best["score"] if stage.higher_is_better
+                                                else score < best["score"]):
                     state["best"] = {"metric": metric, "score": score, "step": state["step"],
                                      "model": copy.deepcopy(net.state_dict())}
                     state["stale"] = 0
@@ -354,12 +364,27 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
                 log.info("%s validation at step %d: %s%s", stage.name, state["step"],
                          ", ".join(f"{k} {v:.4g}" for k, v in result["validation"].items()),
                          "  (best)" if state["stale"] == 0 else f"  ({state['stale']} without improvement)")
-                if state["stale"] >= schedule.patience and state["step"] >= schedule.stop_after * steps:
-                    log.info("%s: validation has not improved for %d checks; stopping at step %d, keeping "
-                             "step %d", stage.name, state["stale"], state["step"], state["best"]["step"])
-                    state["done"] = True
+                if (cooldown is None and state["stale"] >= schedule.patience
+                        and state["step"] >= schedule.stop_after * steps):
+                    length = min(int(schedule.cooldown * steps), steps - state["step"])
+                    if length >= schedule.validate_every:
+                        # the learning rate is still high where validation stalls: from the kept state, a fresh
+                        # optimizer takes it linearly to zero over `length` steps, still validated and kept by the
+                        # same figure
+                        log.info("%s: validation has not improved for %d checks; cooling down from step %d's state "
+                                 "over %d steps (learning rate %.3g -> 0)", stage.name, state["stale"],
+                                 state["best"]["step"], length, optimizer.param_groups[0]["lr"])
+                        state["cooldown"] = {"from_step": state["step"], "to_step": state["step"] + length,
+                                             "rate": optimizer.param_groups[0]["lr"],
+                                             "from_state": state["best"]["step"]}
+                        net.load_state_dict(state["best"]["model"])
+                        optimizer = stage.optimizer(schedule.learning_rate_scale)
+                    else:
+                        log.info("%s: validation has not improved for %d checks; stopping at step %d, keeping "
+                                 "step %d", stage.name, state["stale"], state["step"], state["best"]["step"])
+                        state["done"] = True
             state["stream_position"] = stream.position
-            if state["done"] or last or state["step"] % CHECKPOINT_EVERY == 0:
+            if state["done"] or last or state["cooldown"] is not cooldown or state["step"] % CHECKPOINT_EVERY == 0:
                 _checkpoint(ckpt, {**state, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                    "rng": rng.bit_generator.state})
             if state["done"]:

@@ -310,6 +310,9 @@ def test_ablation_profile_mix_changes_only_the_profile(monkeypatch):
         schedules.stream_schedule_with(schedules.STREAM_SCHEDULES["full"], ["standard_share=1.5"])
     assert schedules.stream_schedule_with(schedules.STREAM_SCHEDULES["full"],
                                           ["hard_negative_sites=0"]).hard_negative_sites == 0
+    assert schedules.stream_schedule_with(schedules.STREAM_SCHEDULES["full"], ["cooldown=0"]).cooldown == 0
+    with pytest.raises(SystemExit, match="cooldown"):
+        schedules.stream_schedule_with(schedules.STREAM_SCHEDULES["full"], ["cooldown=2"])
 
 
 def test_without_hard_negative_sites_negatives_are_random_brain_points():

@@ -104,9 +104,10 @@ def schedule_with(schedule, overrides: list[str], may_be_zero: tuple = ()):
 
 def stream_schedule_with(schedule: StreamSchedule, overrides: list[str]) -> StreamSchedule:
     """The schedule with NAME=VALUE overrides (`schedule_with`); hard_negatives=0 counts every position,
-    standard_share=0 draws randomised regions only, hard_negative_sites=0 drops the hard negative sites."""
+    standard_share=0 draws randomised regions only, hard_negative_sites=0 drops the hard negative sites, cooldown=0
+    stops a stalled stage at once."""
     changed = schedule_with(schedule, overrides, may_be_zero=("hard_negatives", "standard_share",
-                                                              "hard_negative_sites"))
-    if changed.standard_share > 1 or changed.hard_negative_sites not in (0, 1):
-        raise SystemExit("--set: standard_share lies in [0, 1] and hard_negative_sites is 0 or 1")
+                                                              "hard_negative_sites", "cooldown"))
+    if changed.standard_share > 1 or changed.cooldown > 1 or changed.hard_negative_sites not in (0, 1):
+        raise SystemExit("--set: standard_share and cooldown lie in [0, 1] and hard_negative_sites is 0 or 1")
     return changed

@@ -68,3 +68,28 @@ def test_an_int8_arm_needs_a_plain_arm_on_the_same_folder(tmp_path, capsys):
     assert "--int8 new-int8" in capsys.readouterr().err
     assert weights_eval.main(["--out", str(tmp_path), "--weights", "shipped=weights", "--weights", "new-int8=weights",
                               "--int8", "new-int8", "--report-only"]) == 0
+
+
+def test_the_full_run_lists_its_steps_skips_what_is_made_and_stops_at_a_failure(tmp_path, capsys, monkeypatch):
+    from valdocmb.bench import full_run
+
+    names = [step.name for step in full_run.steps(tmp_path, "full", 1)]
+    assert names[:3] == ["train", "curves", "evaluate"] and names[-1] == "evaluate-ablation"
+    assert names.index("hour-random-negatives-screening") < names.index("hour-random-negatives")
+    ablation = full_run.steps(tmp_path, "full", 1)[-1].command
+    assert "hour-standard-only=" + str(tmp_path / "weights-hour-standard-only") in ablation
+    assert ablation[-3:] == ["--score-sets", "ood", "holdout"]
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "curves").touch()
+    assert full_run.main(["--work", str(tmp_path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("train: ") and "\ncurves:" not in printed and "\nint8-data: (done here)" in printed
+
+    ran = []
+
+    def fake(command, stdout, stderr):
+        ran.append(command)
+        return type("Done", (), {"returncode": 3 if "valdocmb.bench.weights_eval" in command else 0})()
+    monkeypatch.setattr(full_run.subprocess, "run", fake)
+    assert full_run.main(["--work", str(tmp_path)]) == 3           # training "ran", the evaluation failed
+    assert len(ran) == 2 and "failed (exit 3)" in (tmp_path / "logs" / "full_run.log").read_text()

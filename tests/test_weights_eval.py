@@ -90,6 +90,7 @@ def test_the_full_run_lists_its_steps_skips_what_is_made_and_stops_at_a_failure(
     def fake(command, stdout, stderr):
         ran.append(command)
         return type("Done", (), {"returncode": 3 if "valdocmb.bench.weights_eval" in command else 0})()
-    monkeypatch.setattr(full_run.subprocess, "run", fake)
+    from valdocmb.bench import jobs
+    monkeypatch.setattr(jobs.subprocess, "run", fake)
     assert full_run.main(["--work", str(tmp_path)]) == 3           # training "ran", the evaluation failed
     assert len(ran) == 2 and "failed (exit 3)" in (tmp_path / "logs" / "full_run.log").read_text()

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..core.weights import default_weights_dir
-from .jobs import python
+from .jobs import append_line, python, run_logged
 
 ARMS = {  # ablation arm: the `--set` overrides of the `hour` schedule it trains with
     "hour": [],
@@ -100,8 +99,7 @@ def steps(work: Path, schedule: str, jobs: int) -> list[Step]:
 def say(log: Path, text: str) -> None:
     line = f"{datetime.datetime.now().strftime('%F %T')} {text}"
     print(line, flush=True)
-    with open(log, "a") as handle:
-        handle.write(line + "\n")
+    append_line(log, line)
 
 
 def run(work: Path, schedule: str, jobs: int, dry_run: bool = False) -> int:
@@ -118,8 +116,7 @@ def run(work: Path, schedule: str, jobs: int, dry_run: bool = False) -> int:
         if step.action is not None:
             step.action()
         else:
-            with open(logs / f"{step.name}.log", "a") as output:
-                code = subprocess.run(step.command, stdout=output, stderr=subprocess.STDOUT).returncode
+            code = run_logged(step.command, logs / f"{step.name}.log")
             if code:
                 say(logs / "full_run.log", f"{step.name}: failed (exit {code}); see {logs / step.name}.log")
                 return code

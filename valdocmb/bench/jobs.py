@@ -21,6 +21,18 @@ def python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
+def run_logged(command: list[str], log_file: Path) -> int:
+    """Run one command to its end, its output appended to `log_file` (a log written as it runs); its exit code."""
+    with open(log_file, "a") as output:
+        return subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
+
+
+def append_line(log_file: Path, line: str) -> None:
+    """One line added to a progress log."""
+    with open(log_file, "a") as handle:
+        handle.write(line + "\n")
+
+
 def run_all(commands: dict[str, list[str]], logs: Path, at_once: int) -> None:
     """Run the named commands, `at_once` at a time, each logging to logs/<name>.log; stop on the first failure."""
     waiting = list(commands.items())

@@ -54,8 +54,11 @@ def steps(work: Path, schedule: str, jobs: int) -> list[Step]:
     calibration = work / "int8-data"
 
     def link_calibration_scans() -> None:   # the first 6 tuning scans, as the shipped calibration was made
+        scans = sorted((evaluation / "data" / "tuning").glob("sub-*_T2S.nii.gz"))[:6]
+        if len(scans) < 6:
+            raise SystemExit(f"{evaluation / 'data' / 'tuning'}: fewer than 6 tuning scans to calibrate int8 on")
         calibration.mkdir(parents=True, exist_ok=True)
-        for scan in sorted((evaluation / "data" / "tuning").glob("sub-*_T2S.nii.gz"))[:6]:
+        for scan in scans:
             target = calibration / scan.name
             if not target.exists():
                 target.symlink_to(scan)

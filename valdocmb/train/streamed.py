@@ -307,13 +307,13 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
         buffer = [stage.prepare(r) for r in stream.take(schedule.buffer if start == 0 else
                                                                     state["stream_position"] - start)]
         started, first_step = time.perf_counter(), state["step"]
-        while state["step"] < (state["cooldown"]["to_step"] if state["cooldown"] else steps):
+        while state["step"] < _end_step(state, steps):
             t0 = time.perf_counter()
             if state["step"] > 0 or start > 0:
                 buffer = buffer[schedule.refresh:] + [stage.prepare(r)
                                                       for r in stream.take(schedule.refresh)]
             t_data = time.perf_counter() - t0
-            cooldown = state["cooldown"]
+            cooldown, end = state["cooldown"], _end_step(state, steps)
             for group in optimizer.param_groups:
                 group["lr"] = (stage.rate(base_rate, state["step"], steps) if cooldown is None else
                                cooldown["rate"] * (cooldown["to_step"] - state["step"])
@@ -334,14 +334,13 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
             if state["step"] % 10 == 0 or state["step"] == 1:
                 elapsed = time.perf_counter() - started
                 per_step = elapsed / (state["step"] - first_step)
-                end = cooldown["to_step"] if cooldown else steps
                 earliest = end if cooldown else (schedule.stop_after + schedule.cooldown) * steps
                 log.info("%s %5d/%d  loss %.4f  %.0f %s/s  %.2f s/step (%.2f waiting)  %d regions  %.0f min  "
                          "(ends in %.1f-%.1f h)", stage.name, state["step"], steps, entry["loss"],
                          entry["items_per_s"], stage.items, seconds, t_data, stream.position, elapsed / 60,
                          max(0.0, min(earliest, end) - state["step"]) * per_step / 3600,
                          (end - state["step"]) * per_step / 3600)
-            last = state["step"] == (cooldown["to_step"] if cooldown else steps)
+            last = state["step"] == end
             if state["step"] % schedule.validate_every == 0 or last:
                 result = {"step": state["step"], "validation": stage.validate(validation)}
                 state["history"].append(result)
@@ -394,6 +393,11 @@ def run_stage(stage: Stage, steps: int, schedule: StreamSchedule, seed: int, wor
                        "rng": rng.bit_generator.state})
     _finish(stage, state)
     return state["history"]
+
+
+def _end_step(state: dict, steps: int) -> int:
+    """Where a stage's training ends: its budget, or the end of its cool-down once one began."""
+    return state["cooldown"]["to_step"] if state["cooldown"] else steps
 
 
 def selection_score(history: list[dict], selection: str) -> float:
@@ -537,6 +541,12 @@ def discrimination_probabilities(net, validation, device, cast) -> dict[str, lis
     return by_kind
 
 
+def positives_and_negatives(by_kind: dict[str, list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The microbleeds' probabilities, and those of every negative kind pooled."""
+    negatives = [np.asarray(by_kind[kind]) for kind in by_kind if kind != "positive"]
+    return np.array(by_kind.get("positive", [])), np.concatenate(negatives or [np.zeros(0)])
+
+
 def threshold_at_recall(positives: np.ndarray, recall: float) -> float:
     """The highest threshold that keeps at least `recall` of the positives (probability >= threshold)."""
     ranked = np.sort(positives)[::-1]
@@ -548,8 +558,7 @@ def discrimination_metrics(net, validation, device, cast) -> dict:
     negative kind kept at 0.5, and `kept_at_recall`, the share of all negatives kept at the thresholds that keep
     KEPT_AT_RECALLS of the microbleeds, averaged (threshold-free: what a stage's state is kept by)."""
     by_kind = discrimination_probabilities(net, validation, device, cast)
-    positives = np.array(by_kind.get("positive", []))
-    negatives = np.concatenate([np.asarray(by_kind[k]) for k in by_kind if k != "positive"] or [np.zeros(0)])
+    positives, negatives = positives_and_negatives(by_kind)
     eps = 1e-6
     loss = -(dense.CLASS_WEIGHTS[1] * np.log(positives + eps).mean() if len(positives) else 0) \
         - (dense.CLASS_WEIGHTS[0] * np.log(1 - negatives + eps).mean() if len(negatives) else 0)
@@ -568,8 +577,7 @@ def choose_discrimination_threshold(net, validation, device, cast, recall: float
     paper's 0.5 where that is lower (a network scoring its microbleeds low gets a lower threshold, never a stricter
     one: out-of-distribution microbleeds score lower than validation ones)."""
     by_kind = discrimination_probabilities(net, validation, device, cast)
-    positives = np.array(by_kind.get("positive", []))
-    negatives = np.concatenate([np.asarray(by_kind[k]) for k in by_kind if k != "positive"] or [np.zeros(0)])
+    positives, negatives = positives_and_negatives(by_kind)
     threshold = min(0.5, threshold_at_recall(positives, recall)) if len(positives) else 0.5
     return {"threshold": threshold, "recall": float((positives >= threshold).mean()) if len(positives) else 0.0,
             "negatives_kept": float((negatives >= threshold).mean()) if len(negatives) else 0.0,

@@ -145,17 +145,18 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
     spacing = nifti_spacing(prediction)  # the official code takes the voxel size from the prediction's header
     # both arrays stay in the files' own types (no float64 copies of whole volumes); sums are taken in float64
     ref_whole = np.around(xyz(reference), 1)   # rounded in the file's own type, as the official code does
-    native = np.ascontiguousarray(xyz(prediction))  # the official code copies it in C order: same sum order
+    native_whole = np.ascontiguousarray(xyz(prediction))  # the official code copies it in C order: same sum order
+    predicted = native_whole >= 0.5
     if labels_xyz is not None and n is None:
         raise ValueError("component_evidence: labels_xyz needs their count n")
     # components are labelled and measured in the box that holds them all (the same labels, centres and sums as
     # on the whole grid, seconds less on a 512x512x192 one); the totals stay whole-array sums, in the official order
-    box = occupied_box(ref_whole != 0, native >= 0.5 if labels_xyz is None else labels_xyz > 0)
+    box = occupied_box(ref_whole != 0, predicted if labels_xyz is None else labels_xyz > 0)
     offset = [b.start for b in box]
-    ref, native_box = ref_whole[box], native[box]
+    ref, native = ref_whole[box], native_whole[box]
     ref_labels, n_ref = label_components(ref != 0, connectivity)
     if labels_xyz is None:
-        labels_xyz, n = label_components(native_box >= 0.5, connectivity)
+        labels_xyz, n = label_components(predicted[box], connectivity)
     else:
         labels_xyz = labels_xyz[box]
     assert n is not None
@@ -169,9 +170,8 @@ def component_evidence(reference: sitk.Image, prediction: sitk.Image, labels_xyz
         # totals summed as the official code sums them (in the images' own types, over the whole arrays), for the
         # volume difference
         "ref_total": float(np.sum(ref_whole)),
-        "pred_total": float(np.sum(np.where(native >= 0.5, native, np.zeros_like(native)))),
+        "pred_total": float(np.sum(np.where(predicted, native_whole, np.zeros_like(native_whole)))),
     }
-    native = native_box
     components: list[dict] = []
     evidence["components"] = components
     distances = cdist(pred_centres, ref_centres) if n and n_ref else np.zeros((n, 0))

@@ -515,6 +515,23 @@ def test_int8_needs_a_calibration_made_for_these_weights(tmp_path):
         ThreeStagePipeline.from_weights(weights, "cpu", precision="int8", runtime="auto")
 
 
+def test_a_recorded_candidate_budget_caps_candidates_for_these_weights_only(tmp_path):
+    from valdocmb.bench import weights_eval
+
+    weights = tmp_path / "weights"
+    save_fixed_weights(weights)
+    assert ThreeStagePipeline.from_weights(weights, "cpu").config.max_candidates == 2000
+    rows = [{"budget": k, "cases": 1, "microbleeds": 1, "held": 1, "candidates_per_scan": 1.0, "scans_capped": 0}
+            for k in (250, 2000)]
+    budgets = {f"new_{held}": rows for held in ("holdout", "ood", "tuning")}
+    budget = weights_eval.decide_budget(budgets, "new")
+    weights_eval.record_budget(weights, budget, budgets, "new")
+    assert ThreeStagePipeline.from_weights(weights, "cpu").config.max_candidates == 250
+    assert ThreeStagePipeline.from_weights(weights, "cpu", config=ThreeStageConfig()).config.max_candidates == 2000
+    save_weights(dark_spot_screening(), weights / WEIGHT_FILES["screening"], {"changed": True})  # new weights
+    assert ThreeStagePipeline.from_weights(weights, "cpu").config.max_candidates == 2000
+
+
 def test_openvino_unet_computes_what_torch_computes():
     net = randomised(SegmentationUNet(), seed=13)
     volume = np.random.default_rng(14).normal(size=(31, 40, 37)).astype(np.float32)

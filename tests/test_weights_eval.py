@@ -94,3 +94,31 @@ def test_the_full_run_lists_its_steps_skips_what_is_made_and_stops_at_a_failure(
     monkeypatch.setattr(jobs.subprocess, "run", fake)
     assert full_run.main(["--work", str(tmp_path)]) == 3           # training "ran", the evaluation failed
     assert len(ran) == 2 and "failed (exit 3)" in (tmp_path / "logs" / "full_run.log").read_text()
+
+
+def budget_rows(held_at: dict[int, int], microbleeds: int = 10) -> list[dict]:
+    return [{"budget": k, "cases": 5, "microbleeds": microbleeds, "held": held, "candidates_per_scan": float(k),
+             "scans_capped": 1} for k, held in held_at.items()]
+
+
+@pytest.mark.parametrize("holdout,ood,kept", [
+    ({500: 9, 1000: 10, 2000: 10}, {500: 7, 1000: 8, 2000: 8}, 1000),   # the hold-outs lose nothing at 1000
+    ({500: 9, 1000: 10, 2000: 10}, {500: 7, 1000: 7, 2000: 8}, None),   # one OOD microbleed ranked above 1000
+])
+def test_a_candidate_budget_is_chosen_on_tuning_and_kept_only_where_no_hold_out_loses(holdout, ood, kept):
+    # tuning: 500 loses one of the nine the 2,000 cap holds, 1000 none (a microbleed no cap holds does not count)
+    budgets = {"new_tuning": budget_rows({500: 8, 1000: 9, 2000: 9}), "new_holdout": budget_rows(holdout),
+               "new_ood": budget_rows(ood)}
+    budget = weights_eval.decide_budget(budgets, "new")
+    assert budget["max_candidates"] == kept
+    assert budget["verdict"].startswith("K = 1000 on the tuning set")
+    if kept is None:
+        assert "ood loses 1 of 8" in budget["verdict"]
+
+
+def test_no_budget_when_the_tuning_set_needs_every_candidate_or_has_no_ranks():
+    needs_all = {"new_tuning": budget_rows({500: 8, 1000: 8, 2000: 9})}
+    assert weights_eval.decide_budget(needs_all, "new")["max_candidates"] is None
+    assert "no decision" in weights_eval.decide_budget({}, "new")["verdict"]
+    assert "no decision" in weights_eval.decide_budget({"new_tuning": budget_rows({500: 0, 2000: 0}, 0)},
+                                                       "new")["verdict"]

@@ -5,7 +5,7 @@
         --weights new=~/.cache/valdocmb/weights-stream --candidate new [--device auto] [--jobs 2]
         [--batch-norm-scan NAME] [--int8 NAME]
         [--holdout-cases 50] [--ood-cases 40] [--tuning-cases 20] [--score-sets holdout ood tuning]
-    python -m valdocmb.bench.weights_eval --out runs/weights-eval --weights ... --report-only
+    python -m valdocmb.bench.weights_eval --out runs/weights-eval --weights ... --report-only [--record-budget]
 
 Three simulated sets, each made once with the product's own commands and never used in training:
 - `holdout`: the in-distribution hold-out (`valdocmb-synth --seed 2`, the standard profile, all five grids);
@@ -15,7 +15,8 @@ Three simulated sets, each made once with the product's own commands and never u
 Every weight set scores every set (`valdocmb-stagewise --cache`, resumable, one record per case). The report gives,
 per hold-out, grid and weights, the official VALDO figures with the lesion rule cross-fitted on the hold-out's own
 folds (as `valdocmb-tune` does) and with the rule chosen on the tuning set, false positives by what the simulator
-put there, and seconds per case. It ends with the decision, by DECISION_RULE below.
+put there, and seconds per case. It ends with the decisions, by the rules below: DECISION_RULE (which weights),
+BUDGET_RULE (a candidate cap) and INT8_RULE (int8 arms).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
-from ..train.stagewise import RANK_DISTANCE_MM, candidate_budget
+from ..train.stagewise import RANK_DISTANCE_MM, candidate_budget, smallest_lossless_budget
 from ..train.tune import choose_rule, load_records
 from .jobs import hardware, run_all, scoring_sets, synthesis
 from .randomisation import TABLE_HEAD, common_subjects, hold_out_figures, table_rows
@@ -51,6 +52,13 @@ DECISION_RULE = ("candidate default iff F1(candidate, ood, all) > F1(shipped, oo
 # at most 0.05 false positives per scan.
 INT8_RULE = ("int8 default iff, on each hold-out (all grids, lesion rule cross-fitted), sensitivity(int8) >= "
              "sensitivity(bfloat16) and FP/scan(int8) <= FP/scan(bfloat16) + 0.05")
+# Written before the retrained weights were scored (issue 36: a candidate budget). A cap below the default 2,000
+# only drops the lowest-ranked candidates, so it can lose microbleeds and never find new ones: it is chosen on the
+# tuning set and kept only where no hold-out loses a microbleed to it.
+BUDGET_RULE = ("K = the smallest cap of candidates per scan in (250, 500, 750, 1000, 1500, 2000) that holds (a "
+               "candidate within 3 mm) every tuning-set microbleed the 2,000 cap holds; K becomes the candidate's "
+               "max_candidates iff K < 2000 and, on each hold-out (all grids), K holds every microbleed the 2,000 "
+               "cap holds")
 
 
 def sets(holdout_cases: int, ood_cases: int, tuning_cases: int) -> dict[str, list[str]]:
@@ -131,8 +139,43 @@ def budget_table(budgets: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def decide_budget(budgets: dict[str, list[dict]], candidate: str | None) -> dict:
+    """BUDGET_RULE for the candidate weights: {"max_candidates": K or None, "verdict": text}."""
+    tuning = budgets.get(f"{candidate}_{TUNING}") if candidate else None
+    chosen = smallest_lossless_budget(tuning or [])
+    if chosen is None:
+        return {"max_candidates": None, "verdict": "no decision (no tuning-set microbleeds with screening ranks)"}
+    if chosen >= max(row["budget"] for row in tuning or []):
+        return {"max_candidates": None, "verdict": f"the tuning set needs the {chosen} cap: no budget"}
+    losses = []
+    for held in REPORTED:
+        rows = {row["budget"]: row for row in budgets.get(f"{candidate}_{held}", [])}
+        if not rows or not rows[chosen]["microbleeds"]:
+            return {"max_candidates": None, "verdict": f"no decision (no {held} microbleeds with screening ranks)"}
+        lost = rows[max(rows)]["held"] - rows[chosen]["held"]
+        if lost:
+            losses.append(f"{held} loses {lost} of {rows[max(rows)]['held']}")
+    if losses:
+        return {"max_candidates": None, "verdict": f"K = {chosen} on the tuning set, not kept: {', '.join(losses)}"}
+    return {"max_candidates": chosen,
+            "verdict": f"K = {chosen} on the tuning set becomes {candidate}'s max_candidates: no hold-out loses a "
+                       "microbleed to it"}
+
+
+def record_budget(folder: Path, budget: dict, budgets: dict[str, list[dict]], candidate: str) -> None:
+    """Store an adopted budget in the weights' manifest, for these weights only (ThreeStage.from_weights reads it)."""
+    from ..core import manifest
+    from ..core.three_stage import BUDGET_KEY, weights_version  # torch: imported once --help is past
+
+    entry = {"weights": weights_version(folder), "max_candidates": budget["max_candidates"], "rule": BUDGET_RULE,
+             "verdict": budget["verdict"],
+             "evidence": {held: budgets[f"{candidate}_{held}"] for held in (*REPORTED, TUNING)}}
+    manifest.update(folder, lambda content: content.update({BUDGET_KEY: entry}))
+    print(f"candidate budget {budget['max_candidates']} recorded in {manifest.manifest_path(folder)}")
+
+
 def report(out: Path, weights: dict[str, Path], candidate: str | None, int8: dict[str, str] | None = None) -> dict:
-    """Every weight set on the cases all of them have scored, per hold-out and grid."""
+    """Every weight set on the cases all of them have scored, per hold-out and grid; returns report.json's record."""
     scores, data = out / "scores", out / "data"
     result: dict = {}
     rules = {name: tuning_rule(scores, name) for name in weights}
@@ -154,15 +197,18 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None, int8: dic
     budgets = budget_rows(scores, weights)
     decision = decide(result, candidate)
     int8_decisions = [decide_int8(result, name, base) for name, base in (int8 or {}).items()]
+    budget = decide_budget(budgets, candidate)
     text = ("\n".join(lines) + "\n\n" + "\n".join(budget_table(budgets))
+            + f"\n\nBudget rule (fixed before scoring): {BUDGET_RULE}.\nBudget: {budget['verdict']}."
             + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
             + "".join(f"\nint8 rule (fixed before scoring): {INT8_RULE}.\nDecision: {d}.\n" for d in int8_decisions))
     write_text_atomic(text, out / "report.md")
     record = {"decision_rule": DECISION_RULE, "decision": decision, "figures": result, "candidate_budget": budgets,
-              "int8_rule": INT8_RULE, "int8_decisions": int8_decisions}
+              "int8_rule": INT8_RULE, "int8_decisions": int8_decisions, "budget_rule": BUDGET_RULE,
+              "budget": budget}
     write_text_atomic(json.dumps(record, indent=1, default=float).replace("NaN", "null"), out / "report.json")
     print(text)
-    return result
+    return record
 
 
 def main(argv=None) -> int:
@@ -187,6 +233,9 @@ def main(argv=None) -> int:
                         help="the sets the weights are scored on (default all; an ablation arm may skip the tuning "
                         "set, its figures then cross-fitted only)")
     parser.add_argument("--report-only", action="store_true", help="only the report, from the cached records")
+    parser.add_argument("--record-budget", action="store_true",
+                        help="with --report-only: store the candidate budget in the candidate's MANIFEST.json when "
+                        "BUDGET_RULE adopts one (as `valdocmb-tune --record` stores the lesion rule)")
     args = parser.parse_args(argv)
     setup_logging()
     weights = named_folders(args.weights) or {"shipped": Path("weights"), "randomised": Path("weights/randomised")}
@@ -201,8 +250,15 @@ def main(argv=None) -> int:
         if name not in weights or not bases:
             parser.error(f"--int8 {name}: name a weight set, and another one on the same folder without int8")
         int8[name] = bases[0]
+    if args.record_budget and not (args.report_only and args.candidate):
+        parser.error("--record-budget needs --report-only and --candidate")
     if args.report_only:
-        report(args.out, weights, args.candidate, int8)
+        record = report(args.out, weights, args.candidate, int8)
+        if args.record_budget:
+            if record["budget"]["max_candidates"] is None:
+                print(f"no candidate budget recorded: {record['budget']['verdict']}")
+            else:
+                record_budget(weights[args.candidate], record["budget"], record["candidate_budget"], args.candidate)
         return 0
     logs, data, scores = args.out / "logs", args.out / "data", args.out / "scores"
     logs.mkdir(parents=True, exist_ok=True)

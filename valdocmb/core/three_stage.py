@@ -59,6 +59,9 @@ INT8_KEY = "int8_calibration"
 # its entry of the batch-norm reference (adaptation.py): {"weights": version, "moments": {network: [per batch norm
 # (3, channels) count, sum, sum of squares]}, how it was made}; written by `python -m valdocmb.bench.batch_norm`
 BATCH_NORM_KEY = "batch_norm_reference"
+# its entry of the candidate budget: {"weights": version, "max_candidates": K, the rule and its evidence}; written by
+# `python -m valdocmb.bench.weights_eval --record-budget` only where the budget rule holds on both hold-outs
+BUDGET_KEY = "candidate_budget"
 
 WEIGHT_FILES = {
     "screening": "three_stage/screening.pt",
@@ -280,6 +283,8 @@ class ThreeStagePipeline:
         loaded = {name: load_weights(net, weights_dir, WEIGHT_FILES[name]) for name, net in nets.items()}
         metas = {name: meta for name, (meta, _) in loaded.items()}
         digests = {name: sha for name, (_, sha) in loaded.items()}
+        version = version_of(digests)
+        stored = manifest.read(weights_dir)
         if config is None:
             config = ThreeStageConfig(lesion_rule=rule_from_manifest(weights_dir) if lesion_rule else LesionRule(),
                                       precision=precision, runtime=runtime,
@@ -288,11 +293,12 @@ class ThreeStagePipeline:
             config.screening_threshold = metas["screening"].get("screening_threshold", config.screening_threshold)
             config.discrimination_threshold = metas["discrimination"].get("discrimination_threshold",
                                                                           config.discrimination_threshold)
+            budget = stored.get(BUDGET_KEY) or {}
+            if budget.get("weights") == version:          # a budget measured for these weights only
+                config.max_candidates = int(budget["max_candidates"])
         spacing = metas["screening"].get("target_spacing")
         if spacing:
             config.target_spacing = tuple(spacing)  # the grid the networks were trained on
-        version = version_of(digests)
-        stored = manifest.read(weights_dir)
         calibration = stored.get(INT8_KEY) or {}
         ranges = calibration.get("ranges") if calibration.get("weights") == version else None   # for these only
         reference = stored.get(BATCH_NORM_KEY) or {}

@@ -134,6 +134,15 @@ def candidate_budget(records: list[dict], budgets=(250, 500, 750, 1000, 1500, 20
     return rows
 
 
+def smallest_lossless_budget(rows: list[dict]) -> int | None:
+    """The smallest cap of `candidate_budget` rows that holds every microbleed the largest cap holds; None without
+    microbleeds."""
+    if not rows or not rows[0]["microbleeds"]:
+        return None
+    largest = max(rows, key=lambda row: row["budget"])
+    return min(row["budget"] for row in rows if row["held"] >= largest["held"])
+
+
 def stage_scores(record: dict, rule: LesionRule) -> dict:
     """CaseScore per stage; the last two come from the component evidence."""
     subject = record["subject"]

@@ -79,6 +79,9 @@ def test_the_full_run_lists_its_steps_skips_what_is_made_and_stops_at_a_failure(
     ablation = full_run.steps(tmp_path, "full", 1)[-1].command
     assert "hour-standard-only=" + str(tmp_path / "weights-hour-standard-only") in ablation
     assert ablation[-3:] == ["--score-sets", "ood", "holdout"]
+    smoke = full_run.steps(tmp_path, "smoke", 1, ablation_schedule="smoke", cases=(1, 2, 6))
+    assert all("hour" not in step.command for step in smoke) and "smoke" in smoke[-2].command
+    assert smoke[2].command[smoke[2].command.index("--ood-cases") + 1] == "2"
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "curves").touch()
     assert full_run.main(["--work", str(tmp_path), "--dry-run"]) == 0

@@ -1,6 +1,8 @@
 """Issue 31's whole procedure as one resumable command: train from scratch, judge, calibrate, ablate.
 
     python -m valdocmb.bench.full_run --work ~/.cache/valdocmb [--schedule full] [--jobs 1] [--dry-run]
+    python -m valdocmb.bench.full_run --work /tmp/full-run-smoke --schedule smoke --ablation-schedule smoke \
+        --cases 1 1 6     # every step end to end in minutes, on scores that mean nothing
 
 In order, each step writing under WORK (one log per step in WORK/logs/, appended):
 1. `valdocmb-train` on streamed simulation (`--schedule`) into WORK/weights-stream, state in WORK/train-stream;
@@ -45,12 +47,14 @@ class Step:
     action: Callable[[], None] | None = None             # a step done here rather than by a command
 
 
-def steps(work: Path, schedule: str, jobs: int) -> list[Step]:
+def steps(work: Path, schedule: str, jobs: int, ablation_schedule: str = "hour",
+          cases: tuple[int, int, int] = (50, 40, 20)) -> list[Step]:
     weights = default_weights_dir()
     new, evaluation = work / "weights-stream", work / "weights-eval"
     arms = ["--weights", f"new={new}", "--weights", f"shipped={weights}",
             "--weights", f"randomised={weights / 'randomised'}", "--candidate", "new"]
-    evaluate = [*python("valdocmb.bench.weights_eval"), "--out", str(evaluation), "--jobs", str(jobs)]
+    evaluate = [*python("valdocmb.bench.weights_eval"), "--out", str(evaluation), "--jobs", str(jobs),
+                "--holdout-cases", str(cases[0]), "--ood-cases", str(cases[1]), "--tuning-cases", str(cases[2])]
     calibration = work / "int8-data"
 
     def link_calibration_scans() -> None:   # the first 6 tuning scans, as the shipped calibration was made
@@ -92,7 +96,7 @@ def steps(work: Path, schedule: str, jobs: int) -> list[Step]:
                     shutil.copy2(source, target)
             out.append(Step(f"{arm}-screening", once=True, action=copy_screening))
         out.append(Step(arm, [*python("valdocmb.train"), "--out", str(work / f"weights-{arm}"), "--work",
-                              str(arm_work), "--schedule", "hour", "--workers", "1",
+                              str(arm_work), "--schedule", ablation_schedule, "--workers", "1",
                               *[item for o in overrides for item in ("--set", o)]]))
         arms += ["--weights", f"{arm}={work / f'weights-{arm}'}"]
     out.append(Step("evaluate-ablation", [*evaluate, *arms, "--score-sets", "ood", "holdout"]))
@@ -105,11 +109,12 @@ def say(log: Path, text: str) -> None:
     append_line(log, line)
 
 
-def run(work: Path, schedule: str, jobs: int, dry_run: bool = False) -> int:
+def run(work: Path, schedule: str, jobs: int, dry_run: bool = False, ablation_schedule: str = "hour",
+        cases: tuple[int, int, int] = (50, 40, 20)) -> int:
     done, logs = work / "done", work / "logs"
     for folder in (done, logs):
         folder.mkdir(parents=True, exist_ok=True)
-    for step in steps(work, schedule, jobs):
+    for step in steps(work, schedule, jobs, ablation_schedule, cases):
         if step.once and (done / step.name).exists():
             continue
         if dry_run:
@@ -134,9 +139,13 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="where everything is made and resumed from")
     parser.add_argument("--schedule", default="full", help="the main run's schedule (valdocmb-train --schedule)")
     parser.add_argument("--jobs", type=int, default=1, help="scoring processes at a time")
+    parser.add_argument("--ablation-schedule", default="hour", help="the ablation arms' schedule")
+    parser.add_argument("--cases", type=int, nargs=3, default=(50, 40, 20), metavar=("HOLDOUT", "OOD", "TUNING"),
+                        help="cases per set (the tuning set needs at least 6 for the int8 calibration)")
     parser.add_argument("--dry-run", action="store_true", help="print the steps still to run")
     args = parser.parse_args(argv)
-    return run(args.work.expanduser(), args.schedule, args.jobs, args.dry_run)
+    return run(args.work.expanduser(), args.schedule, args.jobs, args.dry_run, args.ablation_schedule,
+               tuple(args.cases))
 
 
 if __name__ == "__main__":

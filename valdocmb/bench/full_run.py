@@ -2,7 +2,8 @@
 
     python -m valdocmb.bench.full_run --work ~/.cache/valdocmb [--schedule full] [--jobs 1] [--dry-run]
     python -m valdocmb.bench.full_run --work /tmp/full-run-smoke --schedule smoke --ablation-schedule smoke \
-        --cases 1 1 6     # every step end to end in minutes, on scores that mean nothing
+        --cases 1 1 6     # every step on 8 scans: a check of the chain, its figures meaningless (its weights
+                          # confirm up to 2,000 candidates a scan, so scoring takes minutes per scan)
 
 In order, each step writing under WORK (one log per step in WORK/logs/, appended):
 1. `valdocmb-train` on streamed simulation (`--schedule`) into WORK/weights-stream, state in WORK/train-stream;

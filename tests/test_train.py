@@ -227,6 +227,36 @@ def test_finetuning_starts_from_the_given_weights_and_leaves_them_as_they_were(d
         assert any(not torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
 
 
+def test_finetuning_keeps_the_thresholds_chosen_for_the_given_weights(data, parent_weights, tmp_path, monkeypatch):
+    """Streamed weights carry their own thresholds (screening about 0.05, not the default 0.1): fine-tuned networks,
+    which start from them at a tenth of the learning rate, keep them, in their files and in the folds' scoring."""
+    import shutil
+
+    from valdocmb.core.weights import save_weights
+
+    finetune_schedule(monkeypatch)
+    parent = tmp_path / "streamed"
+    shutil.copytree(parent_weights, parent)
+    nets = ThreeStagePipeline.from_weights(parent, "cpu")
+    content = json.loads((parent / "MANIFEST.json").read_text())
+    for name, threshold in (("screening", 0.048), ("discrimination", 0.31)):
+        relative = WEIGHT_FILES[name]
+        meta = {"target_spacing": [0.49, 0.49, 0.8], f"{name}_threshold": threshold}
+        content["files"][relative]["sha256"] = save_weights(getattr(nets, name), parent / relative, meta)
+    (parent / "MANIFEST.json").write_text(json.dumps(content))
+    streamed = ThreeStagePipeline.from_weights(parent, "cpu")
+    assert training.carried_thresholds(streamed) == {"screening_threshold": 0.048, "discrimination_threshold": 0.31}
+    config = crossval.fine_tuned_config(streamed, (0.49, 0.49, 0.8))
+    assert (config.screening_threshold, config.discrimination_threshold) == (0.048, 0.31)
+    out = tmp_path / "mine"
+    assert train_main(["--data", str(data), "--init", str(parent), "--out", str(out), "--work", str(tmp_path / "work"),
+                       "--workers", "1"]) == 0
+    tuned = ThreeStagePipeline.from_weights(out, "cpu")
+    assert (tuned.config.screening_threshold, tuned.config.discrimination_threshold) == (0.048, 0.31)
+    assert json.loads((out / "MANIFEST.json").read_text())["three_stage_training"]["screening_threshold"][
+        "chosen_on"] == f"carried from {parent}"
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--freeze-early"], "--freeze-early and --mix apply to fine-tuning"),
     (["--init", "PARENT", "--out", "PARENT"], "is the --init folder"),

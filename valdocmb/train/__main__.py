@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     from ..core.device import resolve_device
     from ..core.three_stage import ThreeStagePipeline
     from .crossval import cross_validate, cross_validate_finetuning
-    from .three_stage import build_pools, networks, pool_cache, train_all, write_weights
+    from .three_stage import build_pools, carried_thresholds, networks, pool_cache, train_all, write_weights
 
     device = resolve_device(args.device)
     if args.data is None:
@@ -268,6 +268,9 @@ def main(argv=None) -> int:
 
     nets, record = train_all(crops, schedule, device, final_work if lesion_rule else args.work, args.seed,
                              init=networks(parent) if parent else None, freeze_early=args.freeze_early)
+    if parent:   # stored with the weights as streamed training stores the thresholds it chose
+        record.update({name: {"threshold": value, "chosen_on": f"carried from {args.init}"}
+                       for name, value in carried_thresholds(parent).items()})
     stage_seconds = sum(e["seconds"] for v in record.values() if isinstance(v, list) for e in v)
     meta = {
         "data": str(args.data), "cases": len(cases), "subjects": [c[0] for c in cases],

@@ -30,7 +30,7 @@ from ..core.preprocess import DEFAULT_TARGET_SPACING
 from ..core.three_stage import ThreeStageConfig, ThreeStagePipeline
 from ..evaluate.scoring import pooled
 from .stagewise import evaluate_stages, stage_scores
-from .three_stage import networks, train_all
+from .three_stage import carried_thresholds, networks, train_all
 from .tune import choose_rule, cross_fit, score_with, with_lesions
 
 log = logging.getLogger("valdocmb.crossval")
@@ -94,8 +94,8 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         jobs.append(({s for s, *_ in test_cases}, test_cases, work / f"fold{fold}", fold))
     if final_work is not None:
         jobs.append((set(), [], final_work, None))
-    running = _start_in_parallel(jobs, crops, parallel, schedule, device, seed, start, freeze_early, target_spacing,
-                                 unchanged.config.precision, work) if parallel > 1 else None
+    running = _start_in_parallel(jobs, crops, parallel, schedule, device, seed, start, freeze_early,
+                                 fine_tuned_config(unchanged, target_spacing), work) if parallel > 1 else None
     # the unchanged weights' results do not depend on the fold: computed once (and cached) for every case
     baseline = {record["subject"]: record
                 for record in with_lesions(evaluate_stages(unchanged, cases, cache=_cache(work, "unchanged")))}
@@ -109,7 +109,7 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         log.info("fold %d/%d: fine-tuning on %d crops, %d test cases", fold + 1, folds, len(train_crops),
                  len(test_cases))
         records = _train_and_score(train_crops, test_cases, schedule, device, fold_work, seed, start, freeze_early,
-                                   target_spacing, unchanged.config.precision, fold)
+                                   fine_tuned_config(unchanged, target_spacing), fold)
         for record in with_lesions(records):
             record["fold"] = fold
             out_of_fold[record["subject"]] = record
@@ -140,15 +140,24 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
     return result
 
 
+def fine_tuned_config(unchanged: ThreeStagePipeline, target_spacing) -> ThreeStageConfig:
+    """How the fine-tuned folds are scored: the unchanged pipeline's precision and thresholds, every component kept
+    (the lesion rule is chosen on their out-of-fold results)."""
+    carried = carried_thresholds(unchanged)
+    return ThreeStageConfig(target_spacing=tuple(target_spacing), precision=unchanged.config.precision,
+                            screening_threshold=carried["screening_threshold"],
+                            discrimination_threshold=carried["discrimination_threshold"])
+
+
 def _train_and_score(train_crops, test_cases, schedule, device, work: Path, seed: int, start: dict,
-                     freeze_early: bool, target_spacing, precision: str, fold: int | None) -> list[dict]:
+                     freeze_early: bool, config: ThreeStageConfig, fold: int | None) -> list[dict]:
     """One fold: its networks fine-tuned from `start` (resuming from the checkpoints under `work`) and its test
     cases' records (cached under `work`/evaluation). `fold` None: the final weights, trained only."""
     nets, _ = train_all(train_crops, schedule, device, work, seed, init=start, freeze_early=freeze_early)
     if fold is None:
         return []
     tuned = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
-                               config=ThreeStageConfig(target_spacing=tuple(target_spacing), precision=precision))
+                               config=copy.deepcopy(config))
     tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}"}
     return evaluate_stages(tuned, test_cases, cache=_cache(work, "evaluation"))
 
@@ -160,8 +169,8 @@ def _parallel_job(job) -> None:
     _train_and_score(crops, test_cases, work=work, fold=fold, **options)
 
 
-def _start_in_parallel(jobs, crops, parallel: int, schedule, device, seed, start, freeze_early, target_spacing,
-                       precision, work: Path):
+def _start_in_parallel(jobs, crops, parallel: int, schedule, device, seed, start, freeze_early,
+                       config: ThreeStageConfig, work: Path):
     """Run `jobs` ((held-out subjects, test cases, work folder, fold) each) `parallel` at a time in processes of
     their own; returns their futures."""
     crops_file = work / "crops.pkl"  # one copy on disk that every process reads, rather than one per job in a pipe
@@ -169,7 +178,7 @@ def _start_in_parallel(jobs, crops, parallel: int, schedule, device, seed, start
     write_pickle_atomic(crops, crops_file)
     options = dict(schedule=schedule, device=str(device), seed=seed,
                    start={k: copy.deepcopy(v).cpu() for k, v in start.items()},  # pickled to the processes
-                   freeze_early=freeze_early, target_spacing=tuple(target_spacing), precision=precision)
+                   freeze_early=freeze_early, config=config)
     log.info("training %d fold(s) %d at a time in separate processes", len(jobs), parallel)
     # spawned, never forked: a child forked from a process whose torch thread pool has run can hang
     executor = ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"))

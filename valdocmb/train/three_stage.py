@@ -122,6 +122,14 @@ def networks(pipeline) -> dict:
             "segmentation": pipeline.segmentation}
 
 
+def carried_thresholds(pipeline) -> dict[str, float]:
+    """The screening and discrimination thresholds networks fine-tuned from `pipeline` keep. Fine-tuning starts from
+    its networks at a tenth of their learning rate, so the scores keep their scale; streamed weights carry thresholds
+    chosen for them (0.048 rather than the default 0.1 for screening), which the defaults would silently replace."""
+    return {"screening_threshold": pipeline.config.screening_threshold,
+            "discrimination_threshold": pipeline.config.discrimination_threshold}
+
+
 def early_layers(net: nn.Module) -> list[nn.Module]:
     """The first two convolution blocks of a network (what `--freeze-early` keeps as given): they see only local
     texture; the layers above decide what a lesion is."""

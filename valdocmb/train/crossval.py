@@ -158,7 +158,9 @@ def _train_and_score(train_crops, test_cases, schedule, device, work: Path, seed
         return []
     tuned = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
                                config=copy.deepcopy(config))
-    tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}"}
+    # cached fold records name the thresholds too: records scored at other thresholds are made again
+    tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}-thresholds-{config.screening_threshold:.4g}-"
+                                     f"{config.discrimination_threshold:.4g}"}
     return evaluate_stages(tuned, test_cases, cache=_cache(work, "evaluation"))
 
 

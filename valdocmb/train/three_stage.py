@@ -125,7 +125,8 @@ def networks(pipeline) -> dict:
 def carried_thresholds(pipeline) -> dict[str, float]:
     """The screening and discrimination thresholds networks fine-tuned from `pipeline` keep. Fine-tuning starts from
     its networks at a tenth of their learning rate, so the scores keep their scale; streamed weights carry thresholds
-    chosen for them (0.048 rather than the default 0.1 for screening), which the defaults would silently replace."""
+    chosen for them (the first full run's screening: 0.048, against the default 0.1), which the defaults would
+    silently replace."""
     return {"screening_threshold": pipeline.config.screening_threshold,
             "discrimination_threshold": pipeline.config.discrimination_threshold}
 

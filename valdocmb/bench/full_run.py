@@ -33,6 +33,8 @@ from typing import Callable
 from ..core.weights import default_weights_dir
 from .jobs import append_line, python, run_logged
 
+ABLATION_SCHEDULE = "hour"
+CASES = (50, 40, 20)  # the hold-out, OOD hold-out and tuning sets' cases (issue 31: all of them)
 ARMS = {  # ablation arm: the `--set` overrides of the `hour` schedule it trains with
     "hour": [],
     "hour-standard-only": ["standard_share=1"],
@@ -48,8 +50,8 @@ class Step:
     action: Callable[[], None] | None = None             # a step done here rather than by a command
 
 
-def steps(work: Path, schedule: str, jobs: int, ablation_schedule: str = "hour",
-          cases: tuple[int, int, int] = (50, 40, 20)) -> list[Step]:
+def steps(work: Path, schedule: str, jobs: int, ablation_schedule: str = ABLATION_SCHEDULE,
+          cases: tuple[int, int, int] = CASES) -> list[Step]:
     weights = default_weights_dir()
     new, evaluation = work / "weights-stream", work / "weights-eval"
     arms = ["--weights", f"new={new}", "--weights", f"shipped={weights}",
@@ -110,8 +112,8 @@ def say(log: Path, text: str) -> None:
     append_line(log, line)
 
 
-def run(work: Path, schedule: str, jobs: int, dry_run: bool = False, ablation_schedule: str = "hour",
-        cases: tuple[int, int, int] = (50, 40, 20)) -> int:
+def run(work: Path, schedule: str, jobs: int, dry_run: bool = False, ablation_schedule: str = ABLATION_SCHEDULE,
+        cases: tuple[int, int, int] = CASES) -> int:
     done, logs = work / "done", work / "logs"
     for folder in (done, logs):
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,8 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="where everything is made and resumed from")
     parser.add_argument("--schedule", default="full", help="the main run's schedule (valdocmb-train --schedule)")
     parser.add_argument("--jobs", type=int, default=1, help="scoring processes at a time")
-    parser.add_argument("--ablation-schedule", default="hour", help="the ablation arms' schedule")
-    parser.add_argument("--cases", type=int, nargs=3, default=(50, 40, 20), metavar=("HOLDOUT", "OOD", "TUNING"),
+    parser.add_argument("--ablation-schedule", default=ABLATION_SCHEDULE, help="the ablation arms' schedule")
+    parser.add_argument("--cases", type=int, nargs=3, default=CASES, metavar=("HOLDOUT", "OOD", "TUNING"),
                         help="cases per set (the tuning set needs at least 6 for the int8 calibration)")
     parser.add_argument("--dry-run", action="store_true", help="print the steps still to run")
     args = parser.parse_args(argv)

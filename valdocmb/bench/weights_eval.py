@@ -141,20 +141,20 @@ def budget_table(budgets: dict[str, list[dict]]) -> list[str]:
 
 def decide_budget(budgets: dict[str, list[dict]], candidate: str | None) -> dict:
     """BUDGET_RULE for the candidate weights: {"max_candidates": K or None, "verdict": text}."""
-    tuning = budgets.get(f"{candidate}_{TUNING}") if candidate else None
-    chosen = smallest_lossless_budget(tuning or [])
+    tuning = budgets.get(f"{candidate}_{TUNING}", []) if candidate else []
+    chosen = smallest_lossless_budget(tuning)
     if chosen is None:
         return {"max_candidates": None, "verdict": "no decision (no tuning-set microbleeds with screening ranks)"}
-    if chosen >= max(row["budget"] for row in tuning or []):
+    if chosen >= max(row["budget"] for row in tuning):
         return {"max_candidates": None, "verdict": f"the tuning set needs the {chosen} cap: no budget"}
     losses = []
     for held in REPORTED:
         rows = {row["budget"]: row for row in budgets.get(f"{candidate}_{held}", [])}
         if not rows or not rows[chosen]["microbleeds"]:
             return {"max_candidates": None, "verdict": f"no decision (no {held} microbleeds with screening ranks)"}
-        lost = rows[max(rows)]["held"] - rows[chosen]["held"]
-        if lost:
-            losses.append(f"{held} loses {lost} of {rows[max(rows)]['held']}")
+        held_by_all = rows[max(rows)]["held"]
+        if lost := held_by_all - rows[chosen]["held"]:
+            losses.append(f"{held} loses {lost} of {held_by_all}")
     if losses:
         return {"max_candidates": None, "verdict": f"K = {chosen} on the tuning set, not kept: {', '.join(losses)}"}
     return {"max_candidates": chosen,

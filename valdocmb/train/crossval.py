@@ -94,8 +94,9 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         jobs.append(({s for s, *_ in test_cases}, test_cases, work / f"fold{fold}", fold))
     if final_work is not None:
         jobs.append((set(), [], final_work, None))
+    config = fine_tuned_config(unchanged, target_spacing)
     running = _start_in_parallel(jobs, crops, parallel, schedule, device, seed, start, freeze_early,
-                                 fine_tuned_config(unchanged, target_spacing), work) if parallel > 1 else None
+                                 config, work) if parallel > 1 else None
     # the unchanged weights' results do not depend on the fold: computed once (and cached) for every case
     baseline = {record["subject"]: record
                 for record in with_lesions(evaluate_stages(unchanged, cases, cache=_cache(work, "unchanged")))}
@@ -109,7 +110,7 @@ def cross_validate_finetuning(cases, crops, folds: int, schedule, device, work: 
         log.info("fold %d/%d: fine-tuning on %d crops, %d test cases", fold + 1, folds, len(train_crops),
                  len(test_cases))
         records = _train_and_score(train_crops, test_cases, schedule, device, fold_work, seed, start, freeze_early,
-                                   fine_tuned_config(unchanged, target_spacing), fold)
+                                   config, fold)
         for record in with_lesions(records):
             record["fold"] = fold
             out_of_fold[record["subject"]] = record
@@ -157,7 +158,7 @@ def _train_and_score(train_crops, test_cases, schedule, device, work: Path, seed
     if fold is None:
         return []
     tuned = ThreeStagePipeline(nets["screening"], nets["discrimination"], nets["segmentation"], device,
-                               config=copy.deepcopy(config))
+                               config=config)   # the pipeline takes a copy
     # cached fold records name the thresholds too: records scored at other thresholds are made again
     tuned.weights_info = {"version": f"fine-tuned-fold{fold + 1}-thresholds-{config.screening_threshold:.4g}-"
                                      f"{config.discrimination_threshold:.4g}"}

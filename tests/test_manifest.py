@@ -66,3 +66,67 @@ def test_weights_folder_default_order_and_a_wheel_without_weights(tmp_path, monk
     monkeypatch.setattr(weights, "SHIPPED_WEIGHTS_DIR", tmp_path / "site-packages-parent" / "weights")
     with pytest.raises(CaseError, match="give --weights DIR or set CMB_WEIGHTS"):
         weights.resolve_weights_dir(None)
+
+
+def _weights_folder(folder, content: bytes, extra: dict, version_tag=True):
+    """A three-stage weights folder with stand-in network files (shipping checks sha256s, never loads them)."""
+    from valdocmb.core.three_stage import WEIGHT_FILES, version_of
+    from valdocmb.core.weights import sha256
+    files, digests = {}, {}
+    for name, relative in WEIGHT_FILES.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(content + name.encode())
+        digests[name] = sha256(folder / relative)
+        files[relative] = {"sha256": digests[name], "stage": name}
+    version = version_of(digests)
+    tagged = {key: {**value, "weights": version} if version_tag else value for key, value in extra.items()}
+    manifest.update(folder, lambda m: (m["files"].update(files), m.update(tagged)))
+    return version
+
+
+def test_shipping_replaces_the_networks_and_every_entry_measured_on_them(tmp_path):
+    from valdocmb.train.ship import main, ship
+    source, shipped = tmp_path / "new", tmp_path / "weights"
+    version = _weights_folder(source, b"new", {"lesion_rule": {"min_probability": 0.7},
+                                               "int8_calibration": {"ranges": {"a": 1}}})
+    _weights_folder(shipped, b"old", {"lesion_rule": {"min_probability": 0.5}, "validation": {"f1": 0.6},
+                                      "int8_calibration": {"ranges": {"a": 2}}})
+    manifest.update(shipped, lambda m: m["files"].update({"nnunet/plans.json": {"sha256": "keep"}}))
+
+    assert main([str(source), "--into", str(shipped), "--dry-run"]) == 0
+    assert (shipped / "three_stage/screening.pt").read_bytes() == b"oldscreening"   # a dry run changes nothing
+
+    summary = ship(source, shipped)
+    assert summary["version"] == version and summary["removed"] == ["validation"]
+    after = manifest.read(shipped)
+    assert (shipped / "three_stage/screening.pt").read_bytes() == b"newscreening"
+    assert after["files"]["nnunet/plans.json"] == {"sha256": "keep"}          # other methods' entries stay
+    assert after["files"]["three_stage/screening.pt"] == manifest.read(source)["files"]["three_stage/screening.pt"]
+    assert after["lesion_rule"]["min_probability"] == 0.7 and after["int8_calibration"]["weights"] == version
+    assert "validation" not in after                                         # measured on the old networks
+    assert not list(shipped.rglob("*.partial"))
+
+
+def test_shipping_refuses_a_changed_file_foreign_entries_and_no_lesion_rule(tmp_path):
+    from valdocmb.train.ship import main, ship
+    target = tmp_path / "weights"
+    _weights_folder(target, b"old", {"lesion_rule": {}})
+    untouched = manifest.read(target)
+
+    no_rule = tmp_path / "no-rule"
+    _weights_folder(no_rule, b"a", {})
+    with pytest.raises(CaseError, match="no 'lesion_rule'"):
+        ship(no_rule, target)
+
+    foreign = tmp_path / "foreign"
+    _weights_folder(foreign, b"b", {"lesion_rule": {}, "candidate_budget": {"weights": "0123456789ab"}},
+                    version_tag=False)
+    with pytest.raises(CaseError, match="'candidate_budget' was made for weights 0123456789ab"):
+        ship(foreign, target)
+
+    changed = tmp_path / "changed"
+    _weights_folder(changed, b"c", {"lesion_rule": {}})
+    (changed / "three_stage/segmentation.pt").write_bytes(b"retrained after the manifest")
+    assert main([str(changed), "--into", str(target)]) == 1
+    assert manifest.read(target) == untouched
+    assert (target / "three_stage/segmentation.pt").read_bytes() == b"oldsegmentation"

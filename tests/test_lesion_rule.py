@@ -153,6 +153,12 @@ def test_stagewise_cache_then_tune_records_a_rule_the_pipeline_applies(tmp_path,
     assert tune.main(["--cache", str(cache), "--weights", str(weights), "--record"]) == 2
     assert stagewise.main(args) == 0
     assert json.loads((cache / "sub-002.json").read_text())["weights"] == stale["weights"]
+    # a record made under another candidate cap (a budget recorded since) is run again too
+    capped = json.loads((cache / "sub-003.json").read_text())
+    assert capped["max_candidates"] == 2000
+    (cache / "sub-003.json").write_text(json.dumps({**capped, "max_candidates": 500, "candidates": -1}))
+    assert stagewise.main(args) == 0
+    assert json.loads((cache / "sub-003.json").read_text())["candidates"] == capped["candidates"]
     stored = json.loads((weights / MANIFEST).read_text())["lesion_rule"]
     assert {"min_probability", "min_volume_mm3", "min_discrimination", "cross_fitted", "folds"} <= set(stored)
     pipeline = ThreeStagePipeline.from_weights(weights, "cpu")

@@ -74,14 +74,15 @@ def test_the_full_run_lists_its_steps_skips_what_is_made_and_stops_at_a_failure(
     from valdocmb.bench import full_run
 
     names = [step.name for step in full_run.steps(tmp_path, "full", 1)]
-    assert names[:3] == ["train", "curves", "evaluate"] and names[-1] == "evaluate-ablation"
+    assert names[:4] == ["train", "curves", "weights-before", "evaluate"] and names[-1] == "evaluate-ablation"
     assert names.index("hour-random-negatives-screening") < names.index("hour-random-negatives")
     ablation = full_run.steps(tmp_path, "full", 1)[-1].command
     assert "hour-standard-only=" + str(tmp_path / "weights-hour-standard-only") in ablation
     assert ablation[-3:] == ["--score-sets", "ood", "holdout"]
     smoke = full_run.steps(tmp_path, "smoke", 1, ablation_schedule="smoke", cases=(1, 2, 6))
     assert all("hour" not in step.command for step in smoke) and "smoke" in smoke[-2].command
-    assert smoke[2].command[smoke[2].command.index("--ood-cases") + 1] == "2"
+    assert smoke[3].command[smoke[3].command.index("--ood-cases") + 1] == "2"
+    assert f"shipped={tmp_path / 'weights-before'}" in smoke[3].command   # a copy: shipping mid-chain changes nothing
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "curves").touch()
     assert full_run.main(["--work", str(tmp_path), "--dry-run"]) == 0
@@ -95,8 +96,17 @@ def test_the_full_run_lists_its_steps_skips_what_is_made_and_stops_at_a_failure(
         return type("Done", (), {"returncode": 3 if "valdocmb.bench.weights_eval" in command else 0})()
     from valdocmb.bench import jobs
     monkeypatch.setattr(jobs.subprocess, "run", fake)
+    shipped = tmp_path / "shipped"
+    for relative in ("MANIFEST.json", "three_stage/screening.pt", "randomised/three_stage/screening.pt",
+                     "nnunet/plans.json"):
+        (shipped / relative).parent.mkdir(parents=True, exist_ok=True)
+        (shipped / relative).write_text(relative)
+    monkeypatch.setattr(full_run, "default_weights_dir", lambda: shipped)
     assert full_run.main(["--work", str(tmp_path)]) == 3           # training "ran", the evaluation failed
     assert len(ran) == 2 and "failed (exit 3)" in (tmp_path / "logs" / "full_run.log").read_text()
+    frozen = tmp_path / "weights-before"
+    assert (frozen / "randomised/three_stage/screening.pt").read_text() == "randomised/three_stage/screening.pt"
+    assert not (frozen / "nnunet").exists() and (tmp_path / "done" / "weights-before").exists()
 
 
 def budget_rows(held_at: dict[int, int], microbleeds: int = 10) -> list[dict]:

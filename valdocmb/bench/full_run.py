@@ -9,7 +9,9 @@ In order, each step writing under WORK (one log per step in WORK/logs/, appended
 1. `valdocmb-train` on streamed simulation (`--schedule`) into WORK/weights-stream, state in WORK/train-stream;
 2. its learning curves (WORK/learning-curves.png);
 3. `bench.weights_eval` into WORK/weights-eval: new, shipped and randomised weights on the in-distribution and
-   out-of-distribution hold-outs and the tuning set, with the decision rule fixed before scoring;
+   out-of-distribution hold-outs and the tuning set, with the decision rule fixed before scoring. Shipped and
+   randomised are a copy made once (WORK/weights-before), so that shipping the new weights into weights/ while
+   the chain goes on does not turn the later evaluations' `shipped` into the new weights;
 4. the new weights' int8 calibration (6 tuning scans) and batch-norm reference (4 standard and 4 randomised
    scans of `--seed 41`, never reported);
 5. the evaluation again with an int8 arm (decided by its own pre-written rule) and a batch-norm arm;
@@ -42,6 +44,17 @@ ARMS = {  # ablation arm: the `--set` overrides of the `hour` schedule it trains
 }
 
 
+def freeze(source: Path, target: Path) -> None:
+    """A copy of the three-stage weights in `source` (with randomised/, without nnU-Net), made once, whole or not
+    at all."""
+    if target.exists():
+        return
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, ignore=shutil.ignore_patterns("nnunet", ".*"))
+    partial.rename(target)
+
+
 @dataclass
 class Step:
     name: str
@@ -52,10 +65,9 @@ class Step:
 
 def steps(work: Path, schedule: str, jobs: int, ablation_schedule: str = ABLATION_SCHEDULE,
           cases: tuple[int, int, int] = CASES) -> list[Step]:
-    weights = default_weights_dir()
-    new, evaluation = work / "weights-stream", work / "weights-eval"
-    arms = ["--weights", f"new={new}", "--weights", f"shipped={weights}",
-            "--weights", f"randomised={weights / 'randomised'}", "--candidate", "new"]
+    new, evaluation, before = work / "weights-stream", work / "weights-eval", work / "weights-before"
+    arms = ["--weights", f"new={new}", "--weights", f"shipped={before}",
+            "--weights", f"randomised={before / 'randomised'}", "--candidate", "new"]
     evaluate = [*python("valdocmb.bench.weights_eval"), "--out", str(evaluation), "--jobs", str(jobs),
                 "--holdout-cases", str(cases[0]), "--ood-cases", str(cases[1]), "--tuning-cases", str(cases[2])]
     calibration = work / "int8-data"
@@ -75,6 +87,7 @@ def steps(work: Path, schedule: str, jobs: int, ablation_schedule: str = ABLATIO
                        "--schedule", schedule, "--workers", "1"]),
         Step("curves", [*python("valdocmb.bench.training"), "--curves", str(work / "train-stream"), "--figure",
                         str(work / "learning-curves.png")], once=True),
+        Step("weights-before", once=True, action=lambda: freeze(default_weights_dir(), before)),
         Step("evaluate", [*evaluate, *arms]),
         Step("int8-data", once=True, action=link_calibration_scans),
         Step("int8", [*python("valdocmb.bench.int8"), "--weights", str(new), "--data", str(calibration)], once=True),

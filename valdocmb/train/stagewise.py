@@ -170,18 +170,21 @@ def evaluate_stages(pipeline, cases, radius_mm: float = 1.5, distance_mm: float 
         cached = cache / f"{subject}.json" if cache else None
         if cached and cached.is_file():
             record = json.loads(cached.read_text())
+            # records from before the cap was recorded were all made with the 2,000 default
             made_with = (record.get("weights"), record.get("evidence", {}).get("version"),
-                         record.get("batch_norm", "trained"))
-            if made_with == (pipeline.weights_info.get("version"), EVIDENCE_VERSION, batch_norm_of(pipeline)):
+                         record.get("batch_norm", "trained"), record.get("max_candidates", 2000))
+            if made_with == (pipeline.weights_info.get("version"), EVIDENCE_VERSION, batch_norm_of(pipeline),
+                             pipeline.config.max_candidates):
                 records.append(record)
                 log.info("[%d/%d] %s: from %s", i, len(cases), subject, cached)
                 continue
-            log.warning("[%d/%d] %s: %s was made with other weights, scoring or batch norm (%s, evidence version "
-                        "%s, %s); running it again", i, len(cases), subject, cached, *made_with)
+            log.warning("[%d/%d] %s: %s was made with other weights, scoring, batch norm or candidate cap (%s, "
+                        "evidence version %s, %s, %s); running it again", i, len(cases), subject, cached, *made_with)
         start = time.perf_counter()
         record = case_record(pipeline, read_scan(scan), read_mask(label, cast=False), radius_mm, distance_mm)
         record.update(subject=subject, grid=grid_of(scan, subject), seconds=time.perf_counter() - start,
-                      weights=pipeline.weights_info.get("version"), batch_norm=batch_norm_of(pipeline))
+                      weights=pipeline.weights_info.get("version"), batch_norm=batch_norm_of(pipeline),
+                      max_candidates=pipeline.config.max_candidates)
         scores = stage_scores(record, pipeline.config.lesion_rule)
         s, r = scores["segmentation"], scores["lesion rule"]
         log.info("[%d/%d] %s %s: ref %d, cand %d, conf %d, seg %d (TP %d FP %d), rule %d (TP %d FP %d)  %.1f s",

@@ -73,9 +73,7 @@ def ship(source: Path, into: Path, dry_run: bool = False) -> dict:
     carried = [key for key in THREE_STAGE_KEYS if key in content]
     before = manifest.read(into)
     removed = [key for key in THREE_STAGE_KEYS if key in before and key not in content]
-    previous = {relative: (before["files"].get(relative) or {}).get("sha256") for relative in WEIGHT_FILES.values()}
-    summary = {"version": version, "carried": carried, "removed": removed, "files": list(WEIGHT_FILES.values()),
-               "previous_sha256": previous}
+    summary = {"version": version, "carried": carried, "removed": removed}
     if dry_run:
         return summary
 

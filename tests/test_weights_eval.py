@@ -46,6 +46,30 @@ def test_budget_table_lists_the_sets_with_microbleeds():
         "Candidate budget: no scored case records screening ranks."]
 
 
+def test_the_training_table_says_how_each_weight_set_was_trained(tmp_path):
+    from valdocmb.core import manifest
+    from valdocmb.train.streamed import learning_curve
+
+    history = [{"step": i, "loss": 0.5, "seconds": 2.0, "items": 16, "items_per_s": 8.0, "regions_seen": i}
+               for i in range(1, 101)] + [{"step": 100, "validation": {"loss": 0.4}}]
+    curve = learning_curve(history, kept_step=100, unit="patches")
+    assert (curve["steps"], curve["items_seen"], curve["unit"]) == (100, 1600, "patches")   # validation not counted
+
+    streamed, pool = tmp_path / "streamed", tmp_path / "pool"
+    meta = {"schedule": "hour", "hardware": "x86_64, 2 threads", "training_s": {"screening": 3600, "discrimination":
+                                                                                   1800, "segmentation": 1800}}
+    manifest.update(streamed, lambda m: m["files"].update(
+        {f"three_stage/{stage}.pt": {"training": meta, "learning_curve": {**curve, "unit": unit}}
+         for stage, unit in (("screening", "positions"), ("discrimination", "windows"), ("segmentation", "patches"))}))
+    detail = {f"{stage}_{what}": n for stage in weights_eval.STAGES for what, n in (("iterations", 2), ("samples", 3))}
+    manifest.update(pool, lambda m: m["files"].update({"three_stage/screening.pt": {"training": {
+        "schedule": "finetune", "parent": {"version": "abc"}, "wall_time_s": 360, "schedule_detail": detail}}}))
+    lines = weights_eval.training_table({"new": streamed, "randomised": pool, "missing": tmp_path / "none"})
+    assert lines[3] == "| new | hour | x86_64, 2 threads | 2.00 | 1,600 positions | 1,600 windows | 1,600 patches |"
+    assert lines[4] == "| randomised | finetune (fine-tuned) | n/a | 0.10 | 6 samples | 6 samples | 6 samples |"
+    assert lines[5] == "| missing | n/a | n/a | n/a | n/a | n/a | n/a |"
+
+
 @pytest.mark.parametrize("int8_ood,verdict", [
     ((0.50, 0.95), "becomes"),          # the same microbleeds, 0.05 more FP per scan: within the rule
     ((0.50, 1.00), "does not become"),  # 0.1 more FP per scan

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import manifest
 from ..core.imageio import write_text_atomic
 from ..core.lesion_rule import LesionRule
 from ..core.logs import setup_logging
@@ -164,7 +165,6 @@ def decide_budget(budgets: dict[str, list[dict]], candidate: str | None) -> dict
 
 def record_budget(folder: Path, budget: dict, budgets: dict[str, list[dict]], candidate: str) -> None:
     """Store an adopted budget in the weights' manifest, for these weights only (ThreeStage.from_weights reads it)."""
-    from ..core import manifest
     from ..core.three_stage import BUDGET_KEY, weights_version  # torch: imported once --help is past
 
     entry = {"weights": weights_version(folder), "max_candidates": budget["max_candidates"], "rule": BUDGET_RULE,
@@ -172,6 +172,44 @@ def record_budget(folder: Path, budget: dict, budgets: dict[str, list[dict]], ca
              "evidence": {held: budgets[f"{candidate}_{held}"] for held in (*REPORTED, TUNING)}}
     manifest.update(folder, lambda content: content.update({BUDGET_KEY: entry}))
     print(f"candidate budget {budget['max_candidates']} recorded in {manifest.manifest_path(folder)}")
+
+
+STAGES = ("screening", "discrimination", "segmentation")
+
+
+def training_summary(folder: Path) -> dict:
+    """How a weight set was trained, from its manifest: schedule, hardware, hours, and items seen per stage
+    (streamed runs count every training step's positions, windows or patches; pool runs iterations x samples)."""
+    files = manifest.read(folder)["files"]
+    entries = {stage: files.get(f"three_stage/{stage}.pt") or {} for stage in STAGES}
+    meta = entries["screening"].get("training") or {}
+    detail = meta.get("schedule_detail") or {}
+    seen: dict[str, str] = {}
+    for stage, entry in entries.items():
+        curve = entry.get("learning_curve") or {}
+        if curve.get("items_seen"):
+            seen[stage] = f"{curve['items_seen']:,} {curve.get('unit') or 'items'}"
+        elif f"{stage}_iterations" in detail:
+            seen[stage] = f"{detail[f'{stage}_iterations'] * detail[f'{stage}_samples']:,} samples"
+        else:
+            seen[stage] = "n/a"
+    seconds = sum((meta.get("training_s") or {}).values()) or meta.get("wall_time_s")
+    schedule = str(meta.get("schedule", "n/a")) + (" (fine-tuned)" if meta.get("parent") else "")
+    return {"schedule": schedule, "hardware": meta.get("hardware", "n/a"),
+            "hours": round(float(seconds) / 3600, 2) if seconds else None, "seen": seen}
+
+
+def training_table(weights: dict[str, Path]) -> list[str]:
+    lines = ["How each weight set was trained (hours: a streamed run's training steps, without validation and "
+             "resumes; a pool run's training process; seen: what each stage's steps saw, in its own unit)",
+             "| weights | schedule | hardware | hours | screening seen | discrimination seen | U-Net seen |",
+             "|" + "---|" * 7]
+    for name, folder in weights.items():
+        t = training_summary(folder)
+        hours = "n/a" if t["hours"] is None else f"{t['hours']:.2f}"
+        lines.append(f"| {name} | {t['schedule']} | {t['hardware']} | {hours} | "
+                     + " | ".join(t["seen"][stage] for stage in STAGES) + " |")
+    return lines
 
 
 def report(out: Path, weights: dict[str, Path], candidate: str | None, int8: dict[str, str] | None = None) -> dict:
@@ -198,12 +236,13 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None, int8: dic
     decision = decide(result, candidate)
     int8_decisions = [decide_int8(result, name, base) for name, base in (int8 or {}).items()]
     budget = decide_budget(budgets, candidate)
-    text = ("\n".join(lines) + "\n\n" + "\n".join(budget_table(budgets))
+    text = ("\n".join(lines) + "\n\n" + "\n".join(training_table(weights)) + "\n\n" + "\n".join(budget_table(budgets))
             + f"\n\nBudget rule (fixed before scoring): {BUDGET_RULE}.\nBudget: {budget['verdict']}."
             + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
             + "".join(f"\nint8 rule (fixed before scoring): {INT8_RULE}.\nDecision: {d}.\n" for d in int8_decisions))
     write_text_atomic(text, out / "report.md")
     record = {"decision_rule": DECISION_RULE, "decision": decision, "figures": result, "candidate_budget": budgets,
+              "training": {name: training_summary(folder) for name, folder in weights.items()},
               "int8_rule": INT8_RULE, "int8_decisions": int8_decisions, "budget_rule": BUDGET_RULE,
               "budget": budget}
     write_text_atomic(json.dumps(record, indent=1, default=float).replace("NaN", "null"), out / "report.json")

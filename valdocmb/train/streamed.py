@@ -697,15 +697,17 @@ def train_streamed(schedule: StreamSchedule, device, work: Path, seed: int, work
     record["segmentation"] = run_stage(stages[2], schedule.segmentation_steps, schedule, seed, work, device, workers,
                                        spacing, sited, cast)
     nets = {"screening": screening, "discrimination": discrimination, "segmentation": segmentation}
-    record["curves"] = {stage.name: learning_curve(record[stage.name], stage.kept_step) for stage in stages}
+    record["curves"] = {stage.name: learning_curve(record[stage.name], stage.kept_step, unit=stage.items)
+                        for stage in stages}
     record["stream"] = {name: {"regions": max([e.get("regions_seen", 0) for e in record[name]] or [0]),
                                "steps": max([e.get("step", 0) for e in record[name]] or [0])} for name in STAGES}
     return {k: v.cpu().eval() for k, v in nets.items()}, record
 
 
-def learning_curve(history: list[dict], kept_step: int | None = None, window: int = 50) -> dict:
-    """A stage's curve for the manifest: training loss averaged over `window` steps, every validation, and the
-    step whose state was kept."""
+def learning_curve(history: list[dict], kept_step: int | None = None, window: int = 50, unit: str = "") -> dict:
+    """A stage's curve for the manifest: training loss averaged over `window` steps, every validation, the step
+    whose state was kept, and the scale: the items (`unit`: positions, windows, patches) every training step saw,
+    steps after the kept state included."""
     train = [e for e in history if "loss" in e and "validation" not in e]
     checks = [e for e in history if "validation" in e]
     means = [{"step": chunk[-1]["step"], "loss": round(float(np.mean([e["loss"] for e in chunk])), 5),
@@ -713,4 +715,5 @@ def learning_curve(history: list[dict], kept_step: int | None = None, window: in
               "regions_seen": chunk[-1]["regions_seen"]}
              for chunk in (train[i:i + window] for i in range(0, len(train), window))]
     return {"training": means, "validation": checks, "kept_step": kept_step,
-            "seconds": round(sum(e["seconds"] for e in train), 1)}
+            "seconds": round(sum(e["seconds"] for e in train), 1), "steps": len(train),
+            "items_seen": int(sum(e.get("items", 0) for e in train)), "unit": unit}

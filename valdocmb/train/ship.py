@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     except CaseError as exc:
         log.error("%s", exc)
         return 1
-    log.info("%s three-stage weights %s into %s; entries carried: %s; removed (none measured on the new "
-             "weights): %s", "would ship" if args.dry_run else "shipped", summary["version"], args.into,
+    log.info("%s three-stage weights %s into %s; entries carried: %s; removed, measured on the old networks "
+             "only: %s", "would ship" if args.dry_run else "shipped", summary["version"], args.into,
              ", ".join(summary["carried"]) or "none", ", ".join(summary["removed"]) or "none")
     return 0
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..core import manifest
 from ..core.errors import CaseError
+from ..core.imageio import write_bytes_checked
 from ..core.lesion_rule import MANIFEST_KEY as LESION_RULE_KEY
 from ..core.logs import setup_logging
 from ..core.three_stage import BATCH_NORM_KEY, BUDGET_KEY, INT8_KEY, WEIGHT_FILES, version_of
@@ -77,12 +78,9 @@ def ship(source: Path, into: Path, dry_run: bool = False) -> dict:
     if dry_run:
         return summary
 
-    for relative in WEIGHT_FILES.values():   # copy beside, then rename: a reader never sees half a file
-        target = into / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        shutil.copyfile(source / relative, partial)
-        partial.replace(target)
+    for relative in WEIGHT_FILES.values():   # the one write path: a reader never sees half a file
+        (into / relative).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_checked(lambda tmp, relative=relative: shutil.copyfile(source / relative, tmp), into / relative)
 
     def change(target: dict) -> None:
         for relative in WEIGHT_FILES.values():

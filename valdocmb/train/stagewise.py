@@ -165,14 +165,16 @@ def batch_norm_of(pipeline) -> str:
 def evaluate_stages(pipeline, cases, radius_mm: float = 1.5, distance_mm: float = 5.0,
                     cache: Path | None = None) -> list[dict]:
     """One record per case (see `case_record`), read from the cache when it has the case."""
+    from ..core.three_stage import ThreeStageConfig  # torch: the pipeline has imported it already
     records = []
     for i, (subject, scan, label) in enumerate(cases, 1):
         cached = cache / f"{subject}.json" if cache else None
         if cached and cached.is_file():
             record = json.loads(cached.read_text())
-            # records from before the cap was recorded were all made with the 2,000 default
+            # records from before the cap was recorded were all made with the default cap
             made_with = (record.get("weights"), record.get("evidence", {}).get("version"),
-                         record.get("batch_norm", "trained"), record.get("max_candidates", 2000))
+                         record.get("batch_norm", "trained"),
+                         record.get("max_candidates", ThreeStageConfig.max_candidates))
             if made_with == (pipeline.weights_info.get("version"), EVIDENCE_VERSION, batch_norm_of(pipeline),
                              pipeline.config.max_candidates):
                 records.append(record)

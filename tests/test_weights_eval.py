@@ -61,10 +61,12 @@ def test_the_training_table_says_how_each_weight_set_was_trained(tmp_path):
     manifest.update(streamed, lambda m: m["files"].update(
         {f"three_stage/{stage}.pt": {"training": meta, "learning_curve": {**curve, "unit": unit}}
          for stage, unit in (("screening", "positions"), ("discrimination", "windows"), ("segmentation", "patches"))}))
-    detail = {f"{stage}_{what}": n for stage in weights_eval.STAGES for what, n in (("iterations", 2), ("samples", 3))}
+    detail = {f"{stage}_{what}": n for stage in ("screening", "discrimination", "segmentation")
+              for what, n in (("iterations", 2), ("samples", 3))}
     manifest.update(pool, lambda m: m["files"].update({"three_stage/screening.pt": {"training": {
         "schedule": "finetune", "parent": {"version": "abc"}, "wall_time_s": 360, "schedule_detail": detail}}}))
-    lines = weights_eval.training_table({"new": streamed, "randomised": pool, "missing": tmp_path / "none"})
+    lines = weights_eval.training_table({name: weights_eval.training_summary(folder) for name, folder in
+                                         (("new", streamed), ("randomised", pool), ("missing", tmp_path / "none"))})
     assert lines[3] == "| new | hour | x86_64, 2 threads | 2.00 | 1,600 positions | 1,600 windows | 1,600 patches |"
     assert lines[4] == "| randomised | finetune (fine-tuned) | n/a | 0.10 | 6 samples | 6 samples | 6 samples |"
     assert lines[5] == "| missing | n/a | n/a | n/a | n/a | n/a | n/a |"

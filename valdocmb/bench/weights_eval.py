@@ -174,14 +174,13 @@ def record_budget(folder: Path, budget: dict, budgets: dict[str, list[dict]], ca
     print(f"candidate budget {budget['max_candidates']} recorded in {manifest.manifest_path(folder)}")
 
 
-STAGES = ("screening", "discrimination", "segmentation")
-
-
 def training_summary(folder: Path) -> dict:
     """How a weight set was trained, from its manifest: schedule, hardware, hours, and items seen per stage
     (streamed runs count every training step's positions, windows or patches; pool runs iterations x samples)."""
+    from ..core.three_stage import WEIGHT_FILES  # torch: imported once --help is past
+
     files = manifest.read(folder)["files"]
-    entries = {stage: files.get(f"three_stage/{stage}.pt") or {} for stage in STAGES}
+    entries = {stage: files.get(relative) or {} for stage, relative in WEIGHT_FILES.items()}
     meta = entries["screening"].get("training") or {}
     detail = meta.get("schedule_detail") or {}
     seen: dict[str, str] = {}
@@ -199,16 +198,16 @@ def training_summary(folder: Path) -> dict:
             "hours": round(float(seconds) / 3600, 2) if seconds else None, "seen": seen}
 
 
-def training_table(weights: dict[str, Path]) -> list[str]:
+def training_table(summaries: dict[str, dict]) -> list[str]:
+    """`training_summary` of every weight set, as a table."""
     lines = ["How each weight set was trained (hours: a streamed run's training steps, without validation and "
              "resumes; a pool run's training process; seen: what each stage's steps saw, in its own unit)",
              "| weights | schedule | hardware | hours | screening seen | discrimination seen | U-Net seen |",
              "|" + "---|" * 7]
-    for name, folder in weights.items():
-        t = training_summary(folder)
+    for name, t in summaries.items():
         hours = "n/a" if t["hours"] is None else f"{t['hours']:.2f}"
-        lines.append(f"| {name} | {t['schedule']} | {t['hardware']} | {hours} | "
-                     + " | ".join(t["seen"][stage] for stage in STAGES) + " |")
+        lines.append(f"| {name} | {t['schedule']} | {t['hardware']} | {hours} | " + " | ".join(t["seen"].values())
+                     + " |")
     return lines
 
 
@@ -236,13 +235,14 @@ def report(out: Path, weights: dict[str, Path], candidate: str | None, int8: dic
     decision = decide(result, candidate)
     int8_decisions = [decide_int8(result, name, base) for name, base in (int8 or {}).items()]
     budget = decide_budget(budgets, candidate)
-    text = ("\n".join(lines) + "\n\n" + "\n".join(training_table(weights)) + "\n\n" + "\n".join(budget_table(budgets))
+    training = {name: training_summary(folder) for name, folder in weights.items()}
+    text = ("\n".join(lines) + "\n\n" + "\n".join(training_table(training)) + "\n\n" + "\n".join(budget_table(budgets))
             + f"\n\nBudget rule (fixed before scoring): {BUDGET_RULE}.\nBudget: {budget['verdict']}."
             + f"\n\nDecision rule (fixed before scoring): {DECISION_RULE}.\nDecision: {decision}.\n"
             + "".join(f"\nint8 rule (fixed before scoring): {INT8_RULE}.\nDecision: {d}.\n" for d in int8_decisions))
     write_text_atomic(text, out / "report.md")
     record = {"decision_rule": DECISION_RULE, "decision": decision, "figures": result, "candidate_budget": budgets,
-              "training": {name: training_summary(folder) for name, folder in weights.items()},
+              "training": training,
               "int8_rule": INT8_RULE, "int8_decisions": int8_decisions, "budget_rule": BUDGET_RULE,
               "budget": budget}
     write_text_atomic(json.dumps(record, indent=1, default=float).replace("NaN", "null"), out / "report.json")
